@@ -1,0 +1,145 @@
+"""`build-image`: the command line, and the one place errors and signals become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from builder import __version__, log
+from builder.boards import format_table, load_catalog
+from builder.cache import Cache, default_cache_dir
+from builder.config import load_config
+from builder.download import Http
+from builder.errors import BuildError, Interrupted
+from builder.pipeline import Context, Options, run_build
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+# Dedicated flags and the settings key each one sets (they win over --config and --set).
+FLAG_KEYS = {
+    "board": "board",
+    "base": "base.source",
+    "base_sha256": "base.sha256",
+    "release": "base.release",
+    "branch": "base.branch",
+    "variant": "base.variant",
+    "armbian_index": "base.armbian_index",
+    "armbian_mirror": "base.armbian_mirror",
+    "gpg_keyring": "base.gpg_keyring",
+    "cache_dir": "cache.dir",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="build-image",
+        description="Turn an Armbian image for an Orange Pi board into a Jupyter workstation.",
+        epilog="Settings: builder/defaults.yaml lists every key; --config and --set change them.",
+    )
+    p.add_argument("--board", metavar="ID", help="board id (see --list-boards); "
+                   "'orangepi' means orangepi5")
+    p.add_argument("--list-boards", action="store_true", help="print the board catalog and exit")
+    p.add_argument("--config", metavar="FILE", type=Path, action="append", default=[],
+                   help="YAML file merged over the defaults (repeatable)")
+    p.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
+                   help="change one setting, e.g. --set jupyter.port=9000 (repeatable)")
+    base = p.add_argument_group("base image")
+    base.add_argument("--base", metavar="armbian|PATH|URL",
+                      help="armbian (default), or a path/URL of .img, .img.xz, .img.gz, .img.zst")
+    base.add_argument("--base-sha256", metavar="HEX", help="expected sha256 of --base PATH/URL")
+    base.add_argument("--release", help="Armbian release, e.g. trixie (default), noble")
+    base.add_argument("--branch", help="kernel branch: current (default), vendor, edge")
+    base.add_argument("--variant", help="minimal (default), server, or a desktop")
+    base.add_argument("--armbian-index", metavar="URL|PATH", help="another Armbian index JSON")
+    base.add_argument("--armbian-mirror", metavar="URL",
+                      help="download dl.armbian.com files from this mirror instead")
+    base.add_argument("--gpg-keyring", metavar="FILE",
+                      help="keyring with Armbian's key: the image's signature must verify")
+    base.add_argument("--cache-dir", metavar="DIR",
+                      help=f"downloads and base images (default {default_cache_dir()})")
+    base.add_argument("--offline", action="store_true",
+                      help="use only what the cache holds; no network")
+    run = p.add_argument_group("what to do")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the plan (board, base image, sha256, cache, steps) and stop")
+    run.add_argument("--fetch-only", action="store_true",
+                     help="stop once the verified base image is in the cache; print its path")
+    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    run.add_argument("--debug", action="store_true", help="show commands and tracebacks")
+    run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI job cancelled, a terminal closed) and SIGINT raise
+    Interrupted, so every cleanup on the way out runs as it does for an error."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Line-buffered stdout keeps results in order with messages on stderr in a shared log.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    args = parser().parse_args(argv)
+    log.setup(quiet=args.quiet, debug=args.debug)
+    try:
+        with signals_as_exceptions():
+            return _main(args)
+    except BuildError as exc:
+        if args.debug:
+            raise
+        print(f"build-image: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"build-image: interrupted by {name}; everything started was cleaned up "
+              f"(a partial download is kept and resumes on the next run)", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def _main(args: argparse.Namespace) -> int:
+    catalog = load_catalog()
+    if args.list_boards:
+        log.result(format_table(catalog))
+        return 0
+    flags = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items()}
+    config = load_config(args.config, args.overrides, flags)
+    if not config.board:
+        raise BuildError("no board given: pass --board ID (`build-image --list-boards` shows "
+                         "them; --board orangepi picks the Orange Pi 5)")
+    board, alias = catalog.lookup(config.board)
+    if alias:
+        log.info(f"board '{alias}' is an alias for {board.id} ({board.name})")
+    if args.dry_run and args.fetch_only:
+        raise BuildError("--dry-run and --fetch-only exclude each other: pick one")
+    cache = Cache(Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir())
+    http = Http(timeout=config.download.timeout, retries=config.download.retries)
+    ctx = Context(
+        config=config,
+        options=Options(dry_run=args.dry_run, fetch_only=args.fetch_only, offline=args.offline),
+        board=board,
+        cache=cache,
+        http=http,
+    )
+    try:
+        run_build(ctx)
+    finally:
+        http.close()
+    return 0

@@ -1,0 +1,464 @@
+"""Settings: defaults.yaml, then --config files, then --set overrides, into frozen dataclasses.
+
+Every value is checked here, before the first download, and a bad one is reported with where it
+came from, its key path, the value and what would be accepted:
+
+    my.yaml: jupyter.port: 'abc' is not a port number (1-65535)
+
+The dataclasses carry no defaults of their own: defaults.yaml is the one place they live.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import ipaddress
+import re
+import types
+import typing
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.errors import BuildError
+
+DEFAULTS_NAME = "defaults.yaml"
+
+Check = Callable[[Any], Any]
+
+
+def checked(check: Check, expect: str | None = None) -> Any:
+    """A dataclass field whose value passes `check`, which returns it (maybe normalised) or
+    raises ValueError with the reason. `expect` names what a value of the wrong type should
+    have been ("a port number"), for a message that helps more than "not a whole number"."""
+    return field(metadata={"check": check, "expect": expect})
+
+
+# Sizes are written "3GiB", "512MiB" or as a number of bytes and kept as bytes.
+ByteSize = typing.NewType("ByteSize", int)
+
+
+# Checks: each receives a value of the right Python type and returns the value to keep.
+
+
+def _port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("is not a port number (1-65535)")
+    return value
+
+
+def _name(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value):
+        raise ValueError("is not a valid name (lower-case letters, digits, '.', '_', '-')")
+    return value
+
+
+def _user(value: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise ValueError("is not a valid user name (e.g. jupyter)")
+    if value == "root":
+        raise ValueError("is not allowed: Jupyter must not run as root")
+    return value
+
+
+def _listen_ip(value: str) -> str:
+    if value in ("*", ""):
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("is not an IP address (or * for every interface)") from None
+    return value
+
+
+def _base_url(value: str) -> str:
+    if not (value.startswith("/") and value.endswith("/")):
+        raise ValueError("must start and end with / (e.g. / or /jupyter/)")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path inside the image (e.g. /opt/jupyter)")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("is not an http(s) URL")
+    return value.rstrip("/")
+
+
+def _url_or_path(value: str) -> str:
+    if "://" in value:
+        return _http_url(value)
+    if not value:
+        raise ValueError("is empty: give a URL or a file path")
+    return value
+
+
+def _source(value: str) -> str:
+    return value if value == "armbian" else _url_or_path(value)
+
+
+def _sha256(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError("is not a sha256 digest (64 hex digits)")
+    return value.lower()
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KIB": 1024, "M": 1024**2, "MIB": 1024**2,
+               "G": 1024**3, "GIB": 1024**3}
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("is not a size (e.g. 3GiB, 512MiB or a number of bytes)")
+    if isinstance(value, int):
+        number = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError("is not a size (e.g. 3GiB, 512MiB or a number of bytes)")
+        number = int(match.group(1)) * _SIZE_UNITS[unit]
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _choice(*allowed: str) -> Check:
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"is not one of {', '.join(allowed)}")
+        return value
+
+    return check
+
+
+def _package_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+\-\[\],<>=!~ ]*", name):
+            raise ValueError(f"has {name!r}, which is not a package name")
+    return value
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    source: str = checked(_source)
+    sha256: str | None = checked(_sha256)
+    release: str = checked(_name)
+    branch: str = checked(_name)
+    variant: str = checked(_name)
+    armbian_index: str = checked(_url_or_path)
+    armbian_mirror: str | None = checked(_http_url)
+    gpg_keyring: str | None = checked(_url_or_path)
+
+
+@dataclass(frozen=True)
+class PackagesConfig:
+    apt: tuple[str, ...] = checked(_package_names)
+    pip: tuple[str, ...] = checked(_package_names)
+
+
+@dataclass(frozen=True)
+class VenvConfig:
+    path: str = checked(_absolute_path)
+    system_site_packages: bool
+
+
+@dataclass(frozen=True)
+class JupyterConfig:
+    user: str = checked(_user)
+    ip: str = checked(_listen_ip)
+    port: int = checked(_port, expect="a port number (1-65535)")
+    base_url: str = checked(_base_url)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    headroom: ByteSize
+    compression: str = checked(_choice("xz", "zstd", "gzip", "none"))
+    compression_level: int
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    timeout: float = checked(_positive, expect="a number of seconds")
+    retries: int = checked(_non_negative, expect="a whole number of retries")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    board: str | None
+    base: BaseConfig
+    packages: PackagesConfig
+    venv: VenvConfig
+    jupyter: JupyterConfig
+    image: ImageConfig
+    download: DownloadConfig
+    cache: CacheConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for the JSON handed to customize.d scripts."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+_COMPRESSION_LEVELS = {"xz": (0, 9), "zstd": (1, 19), "gzip": (1, 9), "none": (0, 0)}
+
+
+def _check_across_keys(config: Config, origin: Callable[[str], str]) -> None:
+    """Rules that involve more than one key."""
+    low, high = _COMPRESSION_LEVELS[config.image.compression]
+    level = config.image.compression_level
+    if not low <= level <= high:
+        raise BuildError(
+            f"{origin('image.compression_level')}image.compression_level: {level!r} is out of "
+            f"range for {config.image.compression} ({low}-{high})"
+        )
+
+
+# Loading and merging.
+
+
+class _Layers:
+    """The merged settings and, for each key path, the name of the layer that set it last, so
+    errors can say which file (or --set) a bad value came from."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.origins: dict[str, str] = {}
+
+    def merge(self, overlay: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        _check_keys(overlay, prefix, source)
+        _merge_into(self.data, overlay, prefix, source, self.origins)
+
+    def origin(self, path: str) -> str:
+        source = self.origins.get(path)
+        if source == "--set":
+            return "--set "
+        return f"{source}: " if source and source != DEFAULTS_NAME else ""
+
+
+def _merge_into(
+    target: dict[str, Any],
+    overlay: Mapping[str, Any],
+    prefix: str,
+    source: str,
+    origins: dict[str, str],
+) -> None:
+    for key, value in overlay.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value, f"{path}.", source, origins)
+        else:
+            target[key] = copy.deepcopy(value)
+            origins[path] = source
+
+
+def _schema_at(prefix: str) -> type[Any] | None:
+    """The dataclass that describes the section at `prefix` ("" is the top)."""
+    cls: type[Any] = Config
+    for part in filter(None, prefix.rstrip(".").split(".")):
+        hint = typing.get_type_hints(cls).get(part)
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            return None
+        cls = hint
+    return cls
+
+
+def _check_keys(data: Mapping[str, Any], prefix: str, source: str) -> None:
+    """Reject keys the schema does not know, with the closest known key as a hint."""
+    cls = _schema_at(prefix)
+    if cls is None:
+        return
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(known)}"
+            where = "--set " if source == "--set" else f"{source}: "
+            raise BuildError(f"{where}{prefix}{key}: unknown key ({hint})")
+        if isinstance(value, Mapping):
+            _check_keys(value, f"{prefix}{key}.", source)
+
+
+def read_yaml_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BuildError(f"config file {path} not found: check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BuildError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BuildError(
+            f"config file {path} must hold a mapping of settings (key: value), "
+            f"not a {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`jupyter.port=9000` → {"jupyter": {"port": 9000}}; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise BuildError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set jupyter.port=9000")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    result: dict[str, Any] = {}
+    node = result
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return result
+
+
+def load_config(
+    files: Iterable[Path] = (),
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults.yaml, the --config files in order, --set overrides and flags, then check.
+
+    `flags` maps key paths ("base.release") to values given by dedicated command-line options.
+    """
+    layers = _Layers()
+    defaults = resources.files("builder").joinpath(DEFAULTS_NAME).read_text(encoding="utf-8")
+    layers.merge(yaml.safe_load(defaults), DEFAULTS_NAME)
+    for path in files:
+        layers.merge(read_yaml_file(path), str(path))
+    for text in overrides:
+        layers.merge(parse_override(text), "--set")
+    for path, value in (flags or {}).items():
+        if value is not None:
+            _set_path(layers, path, value)
+    config = _build(Config, layers.data, "", layers)
+    _check_across_keys(config, layers.origin)
+    return config
+
+
+def _set_path(layers: _Layers, path: str, value: Any) -> None:
+    node = layers.data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+    layers.origins[path] = "command line"
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict | list) else type(value).__name__
+
+
+def _build(cls: type[Any], data: Any, prefix: str, layers: _Layers) -> Any:
+    section = prefix.rstrip(".") or "settings"
+    if not isinstance(data, dict):
+        raise BuildError(
+            f"{layers.origin(section)}{section}: {_describe(data)} is not a section "
+            f"(expected key: value lines under it)"
+        )
+    values: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if f.name not in data:
+            raise BuildError(f"{path}: missing from the settings (is {DEFAULTS_NAME} intact?)")
+        values[f.name] = _convert(data[f.name], hints[f.name], path, f.metadata, layers)
+    return cls(**values)
+
+
+def _convert(
+    value: Any, hint: Any, path: str, metadata: Mapping[str, Any], layers: _Layers
+) -> Any:
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{path}.", layers)
+    where = f"{layers.origin(path)}{path}"
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    check: Check | None = metadata.get("check")
+    try:
+        try:
+            converted = _convert_type(value, hint)
+        except ValueError:
+            if metadata.get("expect"):
+                raise ValueError(f"is not {metadata['expect']}") from None
+            raise
+        return check(converted) if check else converted
+    except ValueError as exc:
+        raise BuildError(f"{where}: {_describe(value)} {exc}") from None
+
+
+def _convert_type(value: Any, hint: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError("is not true or false")
+        return value
+    if hint is ByteSize:
+        return parse_size(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("is not a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("is not a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError("is not a string (quote it in YAML)")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("is not a list of strings")
+        return tuple(value)
+    raise TypeError(f"unsupported type in the settings schema: {hint!r}")

@@ -1,0 +1,102 @@
+"""Messages and progress bars.
+
+Everything for people goes to stderr; stdout carries only results that scripts read (the plan,
+the path printed by --fetch-only), so `path=$(build-image --fetch-only ...)` works.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+from tqdm import tqdm
+
+_quiet = False
+_debug = False
+
+
+def setup(*, quiet: bool = False, debug: bool = False) -> None:
+    global _quiet, _debug
+    _quiet, _debug = quiet, debug
+
+
+def is_debug() -> bool:
+    return _debug
+
+
+def _write(line: str, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    # tqdm.write keeps an active progress bar intact instead of printing through it.
+    tqdm.write(line, file=stream)
+
+
+def info(message: str) -> None:
+    if not _quiet:
+        _write(message)
+
+
+def warn(message: str) -> None:
+    _write(f"warning: {message}")
+
+
+def debug(message: str) -> None:
+    if _debug:
+        _write(message)
+
+
+def result(line: str) -> None:
+    """A line on stdout, printed even with --quiet."""
+    _write(line, sys.stdout)
+
+
+class _Progress:
+    """The part of tqdm's interface the builder uses; a no-op when bars are off."""
+
+    def __init__(self, bar: tqdm[None] | None) -> None:
+        self._bar = bar
+
+    def update(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+
+@contextmanager
+def progress(description: str, total: int | None, initial: int = 0) -> Iterator[_Progress]:
+    """A byte progress bar on stderr, only when stderr is a terminal and not --quiet.
+
+    CI logs and pipes get one line at the start instead of thousands of carriage returns.
+    """
+    if _quiet:
+        yield _Progress(None)
+        return
+    if not sys.stderr.isatty():
+        size = f" ({human_size(total)})" if total else ""
+        _write(f"{description}{size}")
+        yield _Progress(None)
+        return
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.stderr,
+    )
+    try:
+        yield _Progress(bar)
+    finally:
+        bar.close()
+
+
+def human_size(n: int | float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,186 @@
+"""The build, step by step. Each step is a function of the build context, run in this order:
+
+    check_host          everything that can be checked before the first download
+    resolve_base_image  which file to start from (Armbian's index, or --base PATH/URL)
+    fetch_base_image    download, verify and decompress it into the cache  (fetch.py)
+
+The image engine (mount, customize.d, overlays, output) comes after fetch_base_image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import armbian, fetch, log
+from builder.boards import Board
+from builder.cache import Cache, CachedImage
+from builder.config import Config
+from builder.download import Http
+from builder.errors import BuildError
+from builder.run import require_programs
+
+
+@dataclass(frozen=True)
+class Options:
+    """How this run behaves, as opposed to what it builds (that is Config)."""
+
+    dry_run: bool = False
+    fetch_only: bool = False
+    offline: bool = False
+
+
+@dataclass
+class Context:
+    """What changes while a build runs. Config stays frozen; this fills in step by step."""
+
+    config: Config
+    options: Options
+    board: Board
+    cache: Cache
+    http: Http
+    keyring: Path | None = None
+    source: fetch.BaseSource | None = None
+    base: CachedImage | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    summary: str
+    run: Callable[[Context], None]
+
+
+def check_host(ctx: Context) -> None:
+    base = ctx.config.base
+    if base.gpg_keyring:
+        keyring = Path(base.gpg_keyring).expanduser().absolute()
+        if not keyring.is_file():
+            raise BuildError(f"GPG keyring {keyring} not found: check --gpg-keyring "
+                             f"(export Armbian's key with gpg --export KEYID > FILE)")
+        require_programs("gpg", "gpgv")
+        ctx.keyring = keyring
+    suffix = ".img.xz" if base.source == "armbian" else fetch.image_suffix(base.source)
+    require_programs(fetch.COMPRESSIONS[suffix][0])
+    if ctx.board.support in ("eos", "wip", "tvbox"):
+        log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
+                 f"images may be missing or broken")
+
+
+def resolve_base_image(ctx: Context) -> None:
+    base = ctx.config.base
+    if base.source != "armbian":
+        ctx.source = fetch.source_from_location(base.source, base.sha256)
+        return
+    cache = ctx.cache if not ctx.options.dry_run or ctx.cache.root.exists() else None
+    if cache is not None and not ctx.options.dry_run:
+        cache.prepare()
+    assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=cache,
+                                offline=ctx.options.offline)
+    image = armbian.find_image(assets, board=ctx.board.id, release=base.release,
+                               branch=base.branch, variant=base.variant,
+                               mirror=base.armbian_mirror)
+    source = fetch.source_from_armbian(image)
+    if base.sha256:
+        source = fetch.BaseSource(**{**source.__dict__, "sha256": base.sha256})
+    ctx.source = source
+    log.info(f"base image: {image.label}")
+
+
+def fetch_base_image(ctx: Context) -> None:
+    assert ctx.source is not None
+    if ctx.options.offline and ctx.source.is_remote:
+        known = ctx.source.sha256 or ctx.cache.sha_for_url(ctx.source.location)
+        if not known or ctx.cache.image(known) is None:
+            raise BuildError(f"--offline: {ctx.source.filename} is not in the cache "
+                             f"{ctx.cache.root}: run once with network access")
+    ctx.base = fetch.fetch_base_image(ctx.source, cache=ctx.cache, http=ctx.http,
+                                      keyring=ctx.keyring)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("check-host", "check host tools, keyring and settings before any download", check_host),
+    Step("resolve-base-image", "find the base image (Armbian's index or --base)",
+         resolve_base_image),
+    Step("fetch-base-image", "download, verify (sha256, signature) and decompress into the cache",
+         fetch_base_image),
+)
+
+# Steps of the image engine, shown in the plan so users see the whole road. They arrive with
+# the engine; until then a build stops after fetch-base-image.
+PLANNED_STEPS: tuple[tuple[str, str], ...] = ()
+
+
+def run_build(ctx: Context) -> None:
+    for step in STEPS:
+        if ctx.options.dry_run and step.name == "fetch-base-image":
+            print_plan(ctx)
+            return
+        log.debug(f"step {step.name}")
+        step.run(ctx)
+    assert ctx.base is not None
+    if ctx.options.fetch_only:
+        log.result(str(ctx.base.path))
+        return
+    log.info("the image engine (mount, customize.d, overlays, output) is not part of this "
+             "version yet: the build stops with the verified base image")
+    log.result(str(ctx.base.path))
+
+
+def _cache_status(ctx: Context, sha256: str | None) -> str:
+    source = ctx.source
+    assert source is not None
+    if source.used_in_place:
+        return "not used: the local raw image is read in place"
+    entry = ctx.cache.image(sha256) if sha256 and ctx.cache.root.exists() else None
+    if entry is not None:
+        return f"cached: {entry.path} (no download)"
+    size = f" {log.human_size(source.size)}" if source.size else ""
+    if source.is_remote:
+        return f"not cached: will download{size} into {ctx.cache.root}"
+    return f"not cached: will decompress{size} into {ctx.cache.root}"
+
+
+def print_plan(ctx: Context) -> None:
+    """What a build would do, from facts only: the index and checksum are read, the image
+    itself is not downloaded."""
+    source = ctx.source
+    assert source is not None
+    board = ctx.board
+    cache = ctx.cache if ctx.cache.root.exists() else None
+    sha256 = fetch.expected_sha256(source, ctx.http, cache) if not source.used_in_place \
+        else source.sha256
+    if source.sha256:
+        sha_note = "given with --base-sha256"
+    elif cache is not None and source.is_remote and cache.sha_for_url(source.location):
+        sha_note = "as verified before, from the cache"
+    elif source.sha256_url:
+        sha_note = f"from {source.sha256_url}"
+    else:
+        sha_note = "computed on use; nothing to check it against (pass --base-sha256)"
+    if ctx.keyring:
+        signature = f"checked against {ctx.keyring} ({source.signature_url})"
+    else:
+        signature = "not checked (pass --gpg-keyring FILE to check it)"
+    rows = [
+        ("board", f"{board.id}: {board.name}, {board.soc}, {board.arch}, family {board.family}, "
+                  f"{board.support} support"),
+        ("consoles", ", ".join(f"{c.device} at {c.baud} baud" for c in board.consoles)),
+        ("base image", source.label),
+        ("from", source.location),
+        ("size", log.human_size(source.size) if source.size else "unknown"),
+        ("sha256", f"{sha256 or 'unknown'} ({sha_note})"),
+        ("signature", signature),
+        ("cache", _cache_status(ctx, sha256)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    log.result("Plan (dry run: nothing is downloaded or changed)")
+    for key, value in rows:
+        log.result(f"  {key.ljust(width)}  {value}")
+    log.result("  steps:")
+    steps = [(s.name, s.summary) for s in STEPS] + list(PLANNED_STEPS)
+    for number, (name, summary) in enumerate(steps, 1):
+        log.result(f"    {number}. {name.ljust(20)} {summary}")
+

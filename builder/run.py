@@ -1,0 +1,115 @@
+"""The one way the builder starts programs.
+
+argv lists only (never a shell string), stdin from /dev/null unless input is given, the command
+shown in --debug output, and a failure turned into a one-line BuildError that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import IO
+
+from builder import log
+from builder.errors import BuildError
+
+# Host programs the builder calls, and the Debian package that provides each, so a missing
+# program is reported with the command that installs it.
+HOST_PACKAGES: dict[str, str] = {
+    "gpg": "gpg",
+    "gpgv": "gpgv",
+    "xz": "xz-utils",
+    "zstd": "zstd",
+    "gzip": "gzip",
+}
+
+
+def install_hint(program: str) -> str:
+    package = HOST_PACKAGES.get(program, program)
+    return f"install it with: apt-get install {package}"
+
+
+def require_programs(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        names = ", ".join(missing)
+        packages = " ".join(sorted({HOST_PACKAGES.get(p, p) for p in missing}))
+        raise BuildError(f"{names} not found on this host: install with: apt-get install {packages}")
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+    capture: bool = False,
+    check: bool = True,
+    what: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run argv and wait. With capture, stdout and stderr are returned instead of shown.
+
+    `what` names the action for the error message ("verify the signature of X").
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ " + shlex.join(args))
+    try:
+        proc = subprocess.run(
+            args,
+            env=dict(env) if env is not None else None,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise BuildError(f"{args[0]} not found on this host: {install_hint(args[0])}") from None
+    if check and proc.returncode != 0:
+        detail = last_line(proc.stderr) if capture else ""
+        action = what or shlex.join(args)
+        suffix = f": {detail}" if detail else ""
+        raise BuildError(f"could not {action} ({args[0]} exited {proc.returncode}){suffix}")
+    return proc
+
+
+def last_line(output: bytes | None) -> str:
+    lines = (output or b"").decode(errors="replace").strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+@contextmanager
+def spawn(
+    argv: Sequence[str | os.PathLike[str]], *, stdin: IO[bytes], what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start argv with its stdout as a pipe for the caller to read; on leaving, wait for it
+    and turn a non-zero exit into a BuildError carrying its last line of stderr.
+
+    stderr goes to a temporary file, not a pipe: a chatty program cannot then block on a
+    full pipe that nobody reads. If the caller's block raises, the program is killed.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("+ " + shlex.join(args))
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=errors)
+        except FileNotFoundError:
+            raise BuildError(f"{args[0]} not found on this host: {install_hint(args[0])}") from None
+        try:
+            yield proc
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
+        code = proc.wait()
+        if code != 0:
+            errors.seek(0)
+            detail = last_line(errors.read())
+            raise BuildError(f"could not {what} ({args[0]} exited {code}): {detail}")

@@ -1,0 +1,81 @@
+"""Checking what was downloaded: sha256 digests and Armbian's detached OpenPGP signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+
+from builder import log
+from builder.errors import BuildError
+from builder.run import run
+
+# Armbian's own signing keys, to name them in messages. Trust comes only from the keyring the
+# user gives: a signature is accepted when it verifies against that keyring, whatever the key.
+ARMBIAN_KEYS = {
+    "DF00FAF1C577104B50BF1D0093D6889F9F0E78D5": "Igor Pecovnik (Armbian, older images)",
+    "8CFA83D13EB2181EEF5843E41EB30FAF236099FE": "Armbian Repository Signing Key (2025)",
+}
+
+
+def sha256_file(path: Path, what: str | None = None) -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, log.progress(f"checking {what or path.name}", size) as bar:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def parse_sha_file(data: bytes, what: str) -> str:
+    """The digest in an Armbian .sha file: `<hex> <name>` or, before 2025, `<hex> */build/path`.
+
+    Only the first token matters; the name after it is whatever the build machine had.
+    """
+    tokens = data.decode("ascii", errors="replace").split()
+    if not tokens or not re.fullmatch(r"[0-9a-fA-F]{64}", tokens[0]):
+        raise BuildError(f"{what} does not start with a sha256 digest: the checksum file is damaged")
+    return tokens[0].lower()
+
+
+def check_digest(actual: str, expected: str, what: str, removed: Path | None) -> None:
+    if actual != expected:
+        gone = f"; {removed} was removed, rerun to download it again" if removed else ""
+        raise BuildError(f"sha256 mismatch for {what}: expected {expected}, got {actual}{gone}")
+
+
+def verify_signature(data: Path, signature: Path, keyring: Path) -> str:
+    """Verify a detached signature with gpgv against `keyring`; return the signer's fingerprint.
+
+    gpgv is made for exactly this: it trusts every key in the keyring it is given and nothing
+    else, and never touches the user's ~/.gnupg. It reads only binary keyrings, so an armored
+    export (what Armbian publishes) is converted first.
+    """
+    with tempfile.TemporaryDirectory(prefix="build-image-gpg-") as tmp:
+        binary = keyring
+        if keyring.read_bytes()[:64].lstrip().startswith(b"-----BEGIN PGP"):
+            binary = Path(tmp) / "keyring.gpg"
+            run(["gpg", "--batch", "--yes", "--homedir", tmp, "--dearmor", "--output", binary,
+                 keyring], capture=True, what=f"read the armored keyring {keyring}")
+        proc = run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", binary,
+                    signature, data], capture=True, check=False)
+    status = proc.stdout.decode(errors="replace")
+    valid = re.search(r"^\[GNUPG:\] VALIDSIG (\S+)", status, re.MULTILINE)
+    if proc.returncode == 0 and valid:
+        fingerprint = valid.group(1)
+        log.info(f"signature good: {data.name} signed by {fingerprint} "
+                 f"{ARMBIAN_KEYS.get(fingerprint, '')}".rstrip())
+        return fingerprint
+    if "NO_PUBKEY" in status:
+        key = re.search(r"NO_PUBKEY (\S+)", status)
+        raise BuildError(
+            f"signature of {data.name} is by key {key.group(1) if key else '?'}, which is not in "
+            f"{keyring}: add Armbian's key to the keyring (or check --gpg-keyring)"
+        )
+    if "BADSIG" in status:
+        raise BuildError(f"BAD signature on {data.name}: the file is not what Armbian signed; "
+                         f"do not use it (it was removed from the cache)")
+    raise BuildError(f"could not verify the signature of {data.name} with {keyring}: "
+                     f"{status.strip().splitlines()[-1] if status.strip() else 'gpgv failed'}")
