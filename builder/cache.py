@@ -51,7 +51,6 @@ class CachedImage:
     source: str              # URL or path it came from
     filename: str
     raw_size: int
-    raw_sha256: str
     raw_mtime_ns: int
     signature: str | None    # fingerprint of the key that signed it, when checked
 

@@ -107,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"build-image: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"build-image: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except Interrupted as exc:
         name = signal.Signals(exc.signum).name
         print(f"build-image: interrupted by {name}; everything started was cleaned up "

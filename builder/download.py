@@ -21,7 +21,9 @@ from builder import __version__, log
 from builder.errors import BuildError
 
 USER_AGENT = f"orangepi-jupyter/{__version__} (build-image)"
-CHUNK = 1 << 20
+# Small enough that a dropped connection loses little: the bytes of the read in progress when
+# it breaks are gone, and the resume starts after the last whole chunk.
+CHUNK = 64 << 10
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 T = TypeVar("T")
@@ -148,6 +150,7 @@ class Http:
                 self._receive(response, state, offset, total, what)
 
         self._attempts(what, attempt)
+        state.done()
 
     def _receive(self, response: requests.Response, state: _PartState, offset: int,
                  total: int | None, what: str) -> None:

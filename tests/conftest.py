@@ -1,0 +1,202 @@
+"""Shared fixtures: a fake Armbian mirror on loopback, a real gpg key, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mirror import Mirror  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SNAPSHOT = REPO.parent / "shared" / "data" / "armbian-images.json"
+BUILD_IMAGE = [sys.executable, "-m", "builder"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (loop devices, mounts): run the tests with sudo")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_raw_image(seed: int, size: int = 6 << 20) -> bytes:
+    """A stand-in disk image: incompressible data at both ends (so downloads take real bytes)
+    and zeros in between (so sparse decompression has something to skip)."""
+    rng = random.Random(seed)
+    edge = 1 << 20
+    return rng.randbytes(edge) + bytes(size - 2 * edge) + rng.randbytes(edge)
+
+
+@dataclass
+class Published:
+    asset: dict[str, Any]
+    raw: bytes
+    compressed: bytes
+    path: str            # URL path of the .img.xz on the mirror
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.compressed).hexdigest()
+
+
+@dataclass
+class FakeArmbian:
+    """Armbian's layout on a local server: /<board>/archive/<file>.img.xz with .sha and .asc,
+    and /armbian-images.json listing them with URLs that point at the server."""
+
+    mirror: Mirror
+    root: Path
+    gpg: Gpg | None = None
+    assets: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def index_url(self) -> str:
+        return f"{self.mirror.url}/armbian-images.json"
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "armbian-images.json"
+
+    def publish(self, board: str, version: str = "26.5.1", distro: str = "trixie",
+                branch: str = "current", variant: str = "minimal", *, seed: int = 1,
+                repository: str = "archive", application: str = "",
+                sign: bool = True) -> Published:
+        raw = make_raw_image(seed)
+        compressed = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=0)
+        suffix = "" if variant == "server" else f"_{variant}"
+        name = f"Armbian_{version}_{board.capitalize()}_{distro}_{branch}_6.18.33{suffix}.img.xz"
+        path = f"/{board}/archive/{name}"
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(compressed)
+        digest = hashlib.sha256(compressed).hexdigest()
+        target.with_name(name + ".sha").write_text(f"{digest} {name}\n")
+        if sign and self.gpg is not None:
+            self.gpg.sign(target)
+        url = self.mirror.url + path
+        asset = {
+            "board_slug": board, "board_name": board, "board_vendor": "xunlong",
+            "board_support": "conf", "armbian_version": version, "file_url": url,
+            "file_url_asc": url + ".asc", "file_url_sha": url + ".sha",
+            "file_url_torrent": url + ".torrent",
+            "redi_url": f"{self.mirror.url}/{board}/{distro.capitalize()}_{branch}_{variant}",
+            "file_size": str(len(compressed)), "file_date": "2026-05-20T10:00:00Z",
+            "distro": distro, "branch": branch, "variant": variant,
+            "file_application": application, "promoted": "false",
+            "download_repository": repository, "file_extension": "img.xz",
+            "kernel_version": "6.18.33",
+        }
+        self.assets.append(asset)
+        self.write_index()
+        return Published(asset=asset, raw=raw, compressed=compressed, path=path)
+
+    def write_index(self) -> None:
+        self.index_path.write_text(json.dumps({"assets": self.assets}, indent=1))
+
+
+class Gpg:
+    """A real OpenPGP key made for the test session in a throwaway GNUPGHOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(mode=0o700)
+        self.env = {**os.environ, "GNUPGHOME": str(home)}
+        self._gpg("--quick-gen-key", "Armbian Test <test@invalid>", "ed25519", "sign", "never")
+        self.keyring = home.parent / "armbian-test.gpg"
+        self.keyring.write_bytes(self._gpg("--export"))
+        self.armored_keyring = home.parent / "armbian-test.asc"
+        self.armored_keyring.write_bytes(self._gpg("--export", "--armor"))
+
+    def _gpg(self, *args: str) -> bytes:
+        return subprocess.run(["gpg", "--batch", "--passphrase", "", *args], env=self.env,
+                              check=True, capture_output=True).stdout
+
+    def sign(self, path: Path) -> Path:
+        asc = path.with_name(path.name + ".asc")
+        asc.unlink(missing_ok=True)
+        self._gpg("--armor", "--detach-sign", "--output", str(asc), str(path))
+        return asc
+
+    def close(self) -> None:
+        subprocess.run(["gpgconf", "--kill", "all"], env=self.env, check=False)
+
+
+@pytest.fixture(scope="session")
+def gpg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gpg]:
+    if shutil.which("gpg") is None:
+        pytest.skip("gpg is not installed: apt-get install gpg (ci/setup-host does)")
+    key = Gpg(tmp_path_factory.mktemp("gpg") / "home")
+    yield key
+    key.close()
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Iterator[Mirror]:
+    root = tmp_path / "srv"
+    root.mkdir()
+    with Mirror(root) as server:
+        yield server
+
+
+@pytest.fixture
+def armbian(mirror: Mirror, gpg: Gpg) -> FakeArmbian:
+    return FakeArmbian(mirror=mirror, root=mirror.root, gpg=gpg)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def run_cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+            timeout: float = 120, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """build-image as users run it: a separate process, output captured as text."""
+    argv = [*BUILD_IMAGE, *map(os.fspath, args)]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(argv, cwd=REPO, env=env or cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Files under the cache that look finished or half-written; a failed fetch must leave
+    neither (partial downloads kept for resuming are listed separately by the tests)."""
+    found = []
+    for sub in ("downloads", "images"):
+        base = cache / sub
+        if base.exists():
+            found += [str(p.relative_to(cache)) for p in base.rglob("*") if p.is_file()]
+    return found
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one-line error a failed run must end with: no traceback, exit status 1."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("build-image: error: "), result.stderr
+    assert sum(line.startswith("build-image: error:") for line in lines) == 1
+    return lines[-1]
