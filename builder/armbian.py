@@ -8,6 +8,7 @@ Home Assistant or OMV builds) for the wanted release, branch and variant, and ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import urllib.parse
@@ -87,10 +88,9 @@ def read_index(location: str, *, http: Http, cache: Cache | None, offline: bool
             raise BuildError(f"{exc}{hint}") from None
     assets = parse_index(data, location)
     if copy is not None and "://" in location and not offline:
-        try:
+        # Remembering the index is a convenience for --offline, never a reason to fail.
+        with contextlib.suppress(OSError):
             write_atomic(copy, data)
-        except OSError:
-            pass  # remembering the index is a convenience for --offline, never a reason to fail
     return assets
 
 

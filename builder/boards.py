@@ -80,7 +80,8 @@ def _parse_board(raw: dict[str, Any]) -> Board:
     if raw["arch"] not in ARCHES:
         raise ValueError(f"board {ident}: arch {raw['arch']!r} is not one of {ARCHES}")
     if raw["support"] not in SUPPORT_LEVELS:
-        raise ValueError(f"board {ident}: support {raw['support']!r} is not one of {SUPPORT_LEVELS}")
+        raise ValueError(
+            f"board {ident}: support {raw['support']!r} is not one of {SUPPORT_LEVELS}")
     if raw["partition_table"] not in ("msdos", "gpt"):
         raise ValueError(f"board {ident}: partition_table must be msdos or gpt")
     consoles = tuple(Console(str(c["device"]), int(c["baud"])) for c in raw["consoles"])
@@ -113,7 +114,8 @@ def load_catalog() -> Catalog:
         raise ValueError("boards.yaml: duplicate board ids")
     for alias, target in aliases.items():
         if target not in ids or alias in ids:
-            raise ValueError(f"boards.yaml: alias {alias} -> {target} is not a board, or shadows one")
+            raise ValueError(
+                f"boards.yaml: alias {alias} -> {target} is not a board, or shadows one")
     return Catalog(boards=boards, aliases=aliases)
 
 

@@ -19,10 +19,10 @@ import types
 import typing
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
@@ -33,11 +33,15 @@ DEFAULTS_NAME = "defaults.yaml"
 Check = Callable[[Any], Any]
 
 
-def checked(check: Check, expect: str | None = None) -> Any:
-    """A dataclass field whose value passes `check`, which returns it (maybe normalised) or
-    raises ValueError with the reason. `expect` names what a value of the wrong type should
-    have been ("a port number"), for a message that helps more than "not a whole number"."""
-    return field(metadata={"check": check, "expect": expect})
+@dataclass(frozen=True)
+class Rule:
+    """Attached to a field as Annotated[type, Rule(...)]: the value must pass `check`, which
+    returns it (maybe normalised) or raises ValueError with the reason. `expect` names what a
+    value of the wrong type should have been ("a port number"), a better message than "is not
+    a whole number"."""
+
+    check: Check
+    expect: str | None = None
 
 
 # Sizes are written "3GiB", "512MiB" or as a number of bytes and kept as bytes.
@@ -155,56 +159,60 @@ def _choice(*allowed: str) -> Check:
     return check
 
 
+class BadItem(ValueError):
+    """One element of a list is wrong: the message names the element, not the whole list."""
+
+
 def _package_names(value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+\-\[\],<>=!~ ]*", name):
-            raise ValueError(f"has {name!r}, which is not a package name")
+            raise BadItem(f"{name!r} is not a package name (or version requirement)")
     return value
 
 
 @dataclass(frozen=True)
 class BaseConfig:
-    source: str = checked(_source)
-    sha256: str | None = checked(_sha256)
-    release: str = checked(_name)
-    branch: str = checked(_name)
-    variant: str = checked(_name)
-    armbian_index: str = checked(_url_or_path)
-    armbian_mirror: str | None = checked(_http_url)
-    gpg_keyring: str | None = checked(_url_or_path)
+    source: Annotated[str, Rule(_source)]
+    sha256: Annotated[str | None, Rule(_sha256)]
+    release: Annotated[str, Rule(_name)]
+    branch: Annotated[str, Rule(_name)]
+    variant: Annotated[str, Rule(_name)]
+    armbian_index: Annotated[str, Rule(_url_or_path)]
+    armbian_mirror: Annotated[str | None, Rule(_http_url)]
+    gpg_keyring: Annotated[str | None, Rule(_url_or_path)]
 
 
 @dataclass(frozen=True)
 class PackagesConfig:
-    apt: tuple[str, ...] = checked(_package_names)
-    pip: tuple[str, ...] = checked(_package_names)
+    apt: Annotated[tuple[str, ...], Rule(_package_names)]
+    pip: Annotated[tuple[str, ...], Rule(_package_names)]
 
 
 @dataclass(frozen=True)
 class VenvConfig:
-    path: str = checked(_absolute_path)
+    path: Annotated[str, Rule(_absolute_path)]
     system_site_packages: bool
 
 
 @dataclass(frozen=True)
 class JupyterConfig:
-    user: str = checked(_user)
-    ip: str = checked(_listen_ip)
-    port: int = checked(_port, expect="a port number (1-65535)")
-    base_url: str = checked(_base_url)
+    user: Annotated[str, Rule(_user)]
+    ip: Annotated[str, Rule(_listen_ip)]
+    port: Annotated[int, Rule(_port, "a port number (1-65535)")]
+    base_url: Annotated[str, Rule(_base_url)]
 
 
 @dataclass(frozen=True)
 class ImageConfig:
     headroom: ByteSize
-    compression: str = checked(_choice("xz", "zstd", "gzip", "none"))
+    compression: Annotated[str, Rule(_choice("xz", "zstd", "gzip", "none"))]
     compression_level: int
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    timeout: float = checked(_positive, expect="a number of seconds")
-    retries: int = checked(_non_negative, expect="a whole number of retries")
+    timeout: Annotated[float, Rule(_positive, "a number of seconds")]
+    retries: Annotated[int, Rule(_non_negative, "a whole number of retries")]
 
 
 @dataclass(frozen=True)
@@ -225,7 +233,8 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for the JSON handed to customize.d scripts."""
-        return _plain(dataclasses.asdict(self))
+        plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        return plain
 
 
 def _plain(value: Any) -> Any:
@@ -319,7 +328,8 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BuildError(f"config file {path} not found: check the path given to --config") from None
+        raise BuildError(
+            f"config file {path} not found: check the path given to --config") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BuildError(f"config file {path} cannot be read: {exc}") from None
     try:
@@ -347,9 +357,13 @@ def parse_override(text: str) -> dict[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise BuildError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set jupyter.port=9000")
+    # The value is YAML so that numbers, booleans, null and [lists] work, but only a scalar or
+    # a [flow] / {flow} collection: "::" or "a: b" mean the string the user typed.
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict | list) and not raw.strip().startswith(("[", "{")):
         value = raw
     result: dict[str, Any] = {}
     node = result
@@ -372,14 +386,14 @@ def load_config(
     layers = _Layers()
     defaults = resources.files("builder").joinpath(DEFAULTS_NAME).read_text(encoding="utf-8")
     layers.merge(yaml.safe_load(defaults), DEFAULTS_NAME)
-    for path in files:
-        layers.merge(read_yaml_file(path), str(path))
+    for file in files:
+        layers.merge(read_yaml_file(file), str(file))
     for text in overrides:
         layers.merge(parse_override(text), "--set")
     for path, value in (flags or {}).items():
         if value is not None:
             _set_path(layers, path, value)
-    config = _build(Config, layers.data, "", layers)
+    config: Config = _build(Config, layers.data, "", layers)
     _check_across_keys(config, layers.origin)
     return config
 
@@ -405,18 +419,19 @@ def _build(cls: type[Any], data: Any, prefix: str, layers: _Layers) -> Any:
             f"(expected key: value lines under it)"
         )
     values: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         if f.name not in data:
             raise BuildError(f"{path}: missing from the settings (is {DEFAULTS_NAME} intact?)")
-        values[f.name] = _convert(data[f.name], hints[f.name], path, f.metadata, layers)
+        hint, rule = hints[f.name], None
+        if typing.get_origin(hint) is Annotated:
+            hint, rule = typing.get_args(hint)[0], typing.get_args(hint)[1]
+        values[f.name] = _convert(data[f.name], hint, path, rule, layers)
     return cls(**values)
 
 
-def _convert(
-    value: Any, hint: Any, path: str, metadata: Mapping[str, Any], layers: _Layers
-) -> Any:
+def _convert(value: Any, hint: Any, path: str, rule: Rule | None, layers: _Layers) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{path}.", layers)
     where = f"{layers.origin(path)}{path}"
@@ -425,15 +440,16 @@ def _convert(
         if value is None:
             return None
         (hint,) = [a for a in args if a is not type(None)]
-    check: Check | None = metadata.get("check")
     try:
         try:
             converted = _convert_type(value, hint)
         except ValueError:
-            if metadata.get("expect"):
-                raise ValueError(f"is not {metadata['expect']}") from None
+            if rule is not None and rule.expect:
+                raise ValueError(f"is not {rule.expect}") from None
             raise
-        return check(converted) if check else converted
+        return rule.check(converted) if rule else converted
+    except BadItem as exc:
+        raise BuildError(f"{where}: {exc}") from None
     except ValueError as exc:
         raise BuildError(f"{where}: {_describe(value)} {exc}") from None
 

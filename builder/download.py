@@ -11,6 +11,7 @@ import errno
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -227,7 +228,7 @@ def _content_range(value: str) -> tuple[int | None, int | None]:
 
 
 def _host(url: str) -> str:
-    return requests.utils.urlparse(url).netloc or url
+    return urllib.parse.urlsplit(url).netloc or url
 
 
 def _reason(exc: Exception) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -54,7 +54,7 @@ def result(line: str) -> None:
 class _Progress:
     """The part of tqdm's interface the builder uses; a no-op when bars are off."""
 
-    def __init__(self, bar: tqdm[None] | None) -> None:
+    def __init__(self, bar: tqdm[Any] | None) -> None:
         self._bar = bar
 
     def update(self, n: int) -> None:

@@ -39,7 +39,8 @@ def require_programs(*programs: str) -> None:
     if missing:
         names = ", ".join(missing)
         packages = " ".join(sorted({HOST_PACKAGES.get(p, p) for p in missing}))
-        raise BuildError(f"{names} not found on this host: install with: apt-get install {packages}")
+        raise BuildError(
+            f"{names} not found on this host: install with: apt-get install {packages}")
 
 
 def run(

@@ -36,7 +36,8 @@ def parse_sha_file(data: bytes, what: str) -> str:
     """
     tokens = data.decode("ascii", errors="replace").split()
     if not tokens or not re.fullmatch(r"[0-9a-fA-F]{64}", tokens[0]):
-        raise BuildError(f"{what} does not start with a sha256 digest: the checksum file is damaged")
+        raise BuildError(
+            f"{what} does not start with a sha256 digest: the checksum file is damaged")
     return tokens[0].lower()
 
 

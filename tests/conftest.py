@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mirror import Mirror  # noqa: E402
+from mirror import Mirror
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO.parent / "shared" / "data" / "armbian-images.json"

@@ -1,0 +1,142 @@
+"""build-image as a command: the plan of --dry-run, and bad input on the command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import BUILD_IMAGE, REPO, FakeArmbian, cli_env, error_line, run_cli
+
+NOBODY = 65534
+
+
+def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    armbian.publish("orangepi5", version="26.2.1", seed=5)  # older: must not be chosen
+    result = run_cli("--board", "orangepi", "--dry-run", "--armbian-index", armbian.index_url,
+                     "--cache-dir", cache_dir)
+    assert result.returncode == 0, result.stderr
+    combined = (result.stderr + result.stdout).splitlines()
+    assert combined[0] == "board 'orangepi' is an alias for orangepi5 (Orange Pi 5)"
+    plan = result.stdout
+    assert "Plan (dry run: nothing is downloaded or changed)" in plan
+    assert "orangepi5: Orange Pi 5, Rockchip RK3588S, arm64, family rockchip-rk3588" in plan
+    assert "ttyS2 at 1500000 baud" in plan
+    assert "Armbian 26.5.1 trixie current minimal" in plan
+    assert f"{armbian.mirror.url}{pub.path}" in plan
+    assert f"sha256      {pub.sha256} (from {armbian.mirror.url}{pub.path}.sha)" in plan
+    assert "not cached: will download" in plan
+    assert "1. check-host" in plan and "3. fetch-base-image" in plan
+    # Only the index and the checksum were read; the image itself was not downloaded.
+    assert armbian.mirror.hits(pub.path) == []
+    assert {r.path for r in armbian.mirror.requests} == {"/armbian-images.json",
+                                                          pub.path + ".sha"}
+    assert not (cache_dir / "images").exists()
+
+
+def test_dry_run_after_a_fetch_says_cached(armbian: FakeArmbian, cache_dir: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    args = ("--board", "orangepi5", "--armbian-index", armbian.index_url, "--cache-dir",
+            cache_dir)
+    assert run_cli(*args, "--fetch-only").returncode == 0
+    result = run_cli(*args, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert f"cached: {cache_dir}/images/{pub.sha256}.img (no download)" in result.stdout
+
+
+@pytest.fixture
+def world_readable_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="build-image-nobody-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.root
+def test_dry_run_and_fetch_only_work_without_root(armbian: FakeArmbian,
+                                                  world_readable_tmp: Path) -> None:
+    """Run as the unprivileged user nobody: planning and fetching need no root."""
+    python = Path(os.path.realpath(REPO / ".venv" / "bin" / "python"))
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                            "--clear-groups", str(python), "-c",
+                            f"import os; os.listdir({str(REPO)!r})"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the checkout or its Python is not readable by user nobody: {probe.stderr!r}")
+    pub = armbian.publish("orangepi5")
+    cache = world_readable_tmp / "cache"
+    args = ("--board", "orangepi", "--armbian-index", armbian.index_url, "--cache-dir", cache)
+    plan = run_cli(*args, "--dry-run", user=NOBODY)
+    assert plan.returncode == 0, plan.stderr
+    assert pub.sha256 in plan.stdout
+    fetched = run_cli(*args, "--fetch-only", user=NOBODY)
+    assert fetched.returncode == 0, fetched.stderr
+    path = Path(fetched.stdout.splitlines()[-1])
+    assert path.read_bytes() == pub.raw and path.stat().st_uid == NOBODY
+
+
+def test_no_board() -> None:
+    assert "no board given: pass --board ID" in error_line(run_cli("--dry-run"))
+
+
+def test_dry_run_and_fetch_only_together() -> None:
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--fetch-only"))
+    assert "exclude each other" in line
+
+
+def test_invalid_yaml_on_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  port: [1\n")
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
+    assert f"config file {path} is not valid YAML at line" in line
+
+
+def test_unknown_key_on_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  token: abc\n")
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
+    assert line == f"build-image: error: {path}: jupyter.token: unknown key " \
+                   "(known: user, ip, port, base_url)"
+
+
+def test_bad_value_is_reported_before_any_network(armbian: FakeArmbian) -> None:
+    armbian.publish("orangepi5")
+    line = error_line(run_cli("--board", "orangepi5", "--fetch-only", "--armbian-index",
+                              armbian.index_url, "--set", "jupyter.port=abc"))
+    assert line == "build-image: error: --set jupyter.port: 'abc' is not a port number (1-65535)"
+    assert armbian.mirror.requests == []
+
+
+def test_base_that_is_not_an_image(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    line = error_line(run_cli("--board", "orangepipc", "--dry-run", "--base", path))
+    assert "is not an .img, .img.xz, .img.gz or .img.zst file" in line
+
+
+def test_missing_local_base(tmp_path: Path) -> None:
+    line = error_line(run_cli("--board", "orangepipc", "--dry-run", "--base",
+                              tmp_path / "gone.img.xz"))
+    assert "gone.img.xz not found" in line
+
+
+def test_sigterm_is_a_clean_stop(armbian: FakeArmbian, cache_dir: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    armbian.mirror.throttle(pub.path, 128 * 1024)
+    proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--fetch-only",
+                             "--armbian-index", armbian.index_url, "--cache-dir", str(cache_dir)],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while armbian.mirror.bytes_served(pub.path) < 100_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err

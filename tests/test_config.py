@@ -1,0 +1,159 @@
+"""Settings: defaults, --config files, --set, flags; every bad value is one message that names
+where it came from, the key path, the value and what would do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.config import load_config, parse_size
+from builder.errors import BuildError
+
+
+def test_defaults_are_the_appliance() -> None:
+    config = load_config()
+    assert config.board is None
+    assert config.base.source == "armbian"
+    assert (config.base.release, config.base.branch, config.base.variant) == \
+        ("trixie", "current", "minimal")
+    assert config.jupyter.port == 8888 and config.jupyter.user == "jupyter"
+    assert config.venv.path == "/opt/jupyter" and config.venv.system_site_packages is True
+    assert config.image.headroom == 3 << 30
+    for package in ("build-essential", "python3-dev", "libzmq3-dev", "python3-numpy",
+                    "python3-geopandas", "python3-osmnx"):
+        assert package in config.packages.apt
+    assert "jupyterlab" in config.packages.pip and "notebook" in config.packages.pip
+    with pytest.raises(AttributeError):
+        config.jupyter.port = 1  # type: ignore[misc]
+
+
+BAD_OVERRIDES = [
+    ("jupyter.port=abc", "--set jupyter.port: 'abc' is not a port number (1-65535)"),
+    ("jupyter.port=70000", "--set jupyter.port: 70000 is not a port number (1-65535)"),
+    ("jupyter.port=true", "--set jupyter.port: True is not a port number (1-65535)"),
+    ("jupyter.prot=9000", "--set jupyter.prot: unknown key (did you mean jupyter.port?)"),
+    ("jupyter.user=root",
+     "--set jupyter.user: 'root' is not allowed: Jupyter must not run as root"),
+    ("jupyter.user=Bad User", "--set jupyter.user: 'Bad User' is not a valid user name"),
+    ("jupyter.base_url=lab", "--set jupyter.base_url: 'lab' must start and end with /"),
+    ("jupyter.ip=everywhere", "--set jupyter.ip: 'everywhere' is not an IP address"),
+    ("image.headroom=3GB", "--set image.headroom: '3GB' is not a size"),
+    ("image.compression=rar", "--set image.compression: 'rar' is not one of xz, zstd, gzip, none"),
+    ("image.compression_level=12",
+     "--set image.compression_level: 12 is out of range for xz (0-9)"),
+    ("venv.path=opt/jupyter", "--set venv.path: 'opt/jupyter' must be an absolute path"),
+    ("venv.system_site_packages=maybe", "--set venv.system_site_packages: 'maybe' is not true"),
+    ("venv=3", "--set venv: 3 is not a section"),
+    ("packages.apt=vim", "--set packages.apt: 'vim' is not a list of strings"),
+    ("packages.pip=[ok, 'bad;rm -rf /']",
+     "--set packages.pip: 'bad;rm -rf /' is not a package name"),
+    ("base.sha256=abc", "--set base.sha256: 'abc' is not a sha256 digest"),
+    ("base.armbian_mirror=ftp://x", "--set base.armbian_mirror: 'ftp://x' is not an http(s) URL"),
+    ("base.release=Trixie!", "--set base.release: 'Trixie!' is not a valid name"),
+    ("download.timeout=0", "--set download.timeout: 0 must be greater than 0"),
+    ("download.retries=-1", "--set download.retries: -1 must be 0 or more"),
+    ("download.retries=many", "--set download.retries: 'many' is not a whole number of retries"),
+    ("nothing=1", "--set nothing: unknown key (known: board, base, packages"),
+    ("jupyter", "--set 'jupyter': expected KEY.PATH=VALUE"),
+    ("jupyter..port=1", "--set 'jupyter..port=1': expected KEY.PATH=VALUE"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_OVERRIDES)
+def test_bad_override(override: str, message: str) -> None:
+    with pytest.raises(BuildError) as error:
+        load_config(overrides=[override])
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+GOOD_OVERRIDES = [
+    ("jupyter.port=9000", lambda c: c.jupyter.port == 9000),
+    ("jupyter.ip=::", lambda c: c.jupyter.ip == "::"),
+    ("jupyter.base_url=/lab/", lambda c: c.jupyter.base_url == "/lab/"),
+    ("image.headroom=512MiB", lambda c: c.image.headroom == 512 << 20),
+    ("image.headroom=1048576", lambda c: c.image.headroom == 1 << 20),
+    ("packages.pip=[jupyterlab, 'numba>=0.60']", lambda c: c.packages.pip[1] == "numba>=0.60"),
+    ("base.sha256=" + "AB" * 32, lambda c: c.base.sha256 == "ab" * 32),
+    ("base.armbian_mirror=http://mirror.local/armbian/",
+     lambda c: c.base.armbian_mirror == "http://mirror.local/armbian"),
+    ("download.timeout=2.5", lambda c: c.download.timeout == 2.5),
+    ("cache.dir=/var/cache/x", lambda c: c.cache.dir == "/var/cache/x"),
+]
+
+
+@pytest.mark.parametrize(("override", "check"), GOOD_OVERRIDES)
+def test_good_override(override: str, check) -> None:  # type: ignore[no-untyped-def]
+    assert check(load_config(overrides=[override]))
+
+
+def test_config_file_merges_key_by_key(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("board: orangepipc\njupyter:\n  port: 9999\npackages:\n  pip: [jupyterlab]\n")
+    config = load_config([path])
+    assert config.board == "orangepipc"
+    assert config.jupyter.port == 9999
+    assert config.jupyter.user == "jupyter"          # untouched keys keep their default
+    assert config.packages.pip == ("jupyterlab",)    # a list replaces the whole list
+    assert "python3-numpy" in config.packages.apt
+
+
+def test_precedence_file_then_set_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text("base:\n  release: bookworm\n  branch: edge\n  variant: server\n")
+    later = tmp_path / "b.yaml"
+    later.write_text("base:\n  variant: xfce\n")
+    config = load_config([path, later], ["base.branch=vendor"], {"base.release": "noble",
+                                                                 "base.variant": None})
+    assert (config.base.release, config.base.branch, config.base.variant) == \
+        ("noble", "vendor", "xfce")
+
+
+def test_bad_value_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  port: abc\n")
+    with pytest.raises(BuildError, match=rf"^{path}: jupyter.port: 'abc' is not a port number"):
+        load_config([path])
+
+
+def test_unknown_key_in_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  passwd: x\n")
+    with pytest.raises(BuildError, match=rf"^{path}: jupyter.passwd: unknown key"):
+        load_config([path])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("jupyter:\n  port: 1\n bad", "is not valid YAML at line 3"),
+    ("- a\n- b\n", "must hold a mapping of settings"),
+    ("jupyter: [1, 2]\n", "jupyter: list is not a section"),
+])
+def test_broken_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(BuildError, match=message):
+        load_config([path])
+
+
+def test_empty_file_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    assert load_config([path]) == load_config()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="not found: check the path given to --config"):
+        load_config([tmp_path / "nope.yaml"])
+
+
+def test_to_dict_is_plain_data() -> None:
+    data = load_config().to_dict()
+    assert isinstance(data["packages"]["apt"], list)
+    assert data["jupyter"]["port"] == 8888
+
+
+@pytest.mark.parametrize(("text", "size"), [("0", 0), ("10K", 10240), ("2 GiB", 2 << 30),
+                                            ("7MiB", 7 << 20), (42, 42)])
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
