@@ -59,11 +59,12 @@ def version_key(version: str) -> tuple[tuple[int, ...], int, tuple[tuple[int, in
     return numbers, 0 if pre else 1, pre_parts
 
 
-def read_index(location: str, *, http: Http, cache: Cache | None, offline: bool
-               ) -> list[dict[str, Any]]:
-    """The index's records, from a URL (remembered in the cache) or a local file.
+def read_index(location: str, *, http: Http, cache: Cache | None, offline: bool,
+               remember: bool = True) -> list[dict[str, Any]]:
+    """The index's records, from a URL or a local file.
 
-    Offline, the copy remembered from the last successful read of that URL is used.
+    With `remember`, a copy of what a URL served is kept in the cache; offline, that copy is
+    used instead of the network.
     """
     copy = cache.index / f"{key_of(location)}.json" if cache else None
     if "://" not in location:
@@ -87,7 +88,7 @@ def read_index(location: str, *, http: Http, cache: Cache | None, offline: bool
                     if copy and copy.exists() else "")
             raise BuildError(f"{exc}{hint}") from None
     assets = parse_index(data, location)
-    if copy is not None and "://" in location and not offline:
+    if remember and copy is not None and "://" in location and not offline:
         # Remembering the index is a convenience for --offline, never a reason to fail.
         with contextlib.suppress(OSError):
             write_atomic(copy, data)

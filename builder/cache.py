@@ -83,6 +83,20 @@ class Cache:
                 f"cache directory {self.root} is not usable ({exc.strerror}): "
                 f"pass --cache-dir DIR with a directory you can write"
             ) from None
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove half-written images left by builds that were killed (SIGKILL, power cut):
+        an image whose lock nobody holds is not being written any more."""
+        for tmp in self.images.glob(".*.img.tmp"):
+            digest = tmp.name[1:].removesuffix(".img.tmp")
+            with open(self.locks / f"{digest}.lock", "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # another build is writing it right now
+                log.info(f"removing {tmp}, left by a build that was killed")
+                tmp.unlink(missing_ok=True)
 
     @contextmanager
     def lock(self, key: str, what: str) -> Iterator[None]:

@@ -12,8 +12,10 @@ stops half-way leaves a `.part` to resume, or nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import shutil
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,14 +135,15 @@ def fetch_base_image(source: BaseSource, *, cache: Cache, http: Http,
         if source.sha256:
             check_digest(digest, source.sha256, source.filename, removed=None)
         signature = _check_local_signature(download, keyring)
-    entry = cache.image(digest)
-    if entry is not None and (keyring is None or entry.signature):
-        log.info(f"base image in cache: {entry.path}")
-        return entry
     with cache.lock(digest, source.filename):
         entry = cache.image(digest)
         if entry is None:
             entry = _decompress(download, source, digest, signature, cache)
+        else:
+            log.info(f"base image in cache: {entry.path}")
+        if signature and entry.signature != signature:
+            entry = dataclasses.replace(entry, signature=signature)
+            cache.store_image(entry)
     return entry
 
 
@@ -196,6 +199,14 @@ def _download_and_check(source: BaseSource, expected: str | None, *, cache: Cach
     if expected is None:
         log.warn(f"no checksum for {source.filename}: it cannot be verified "
                  f"(pass --base-sha256 to check it)")
+    if source.size is not None:
+        have = part.stat().st_size if part.exists() else 0
+        free = shutil.disk_usage(cache.partial).free
+        if free < source.size - have:
+            raise BuildError(
+                f"not enough space in {cache.root} to download {source.filename}: it needs "
+                f"{log.human_size(source.size - have)}, {log.human_size(free)} is free; free "
+                f"some space or point --cache-dir at a larger disk")
     http.download(source.location, part, source.filename)
     digest = sha256_file(part, source.filename)
     if expected is not None and digest != expected:

@@ -74,11 +74,11 @@ def resolve_base_image(ctx: Context) -> None:
     if base.source != "armbian":
         ctx.source = fetch.source_from_location(base.source, base.sha256)
         return
-    cache = ctx.cache if not ctx.options.dry_run or ctx.cache.root.exists() else None
-    if cache is not None and not ctx.options.dry_run:
-        cache.prepare()
-    assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=cache,
-                                offline=ctx.options.offline)
+    # A dry run reads the cache if there is one but changes nothing in it.
+    if not ctx.options.dry_run:
+        ctx.cache.prepare()
+    assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=ctx.cache,
+                                offline=ctx.options.offline, remember=not ctx.options.dry_run)
     image = armbian.find_image(assets, board=ctx.board.id, release=base.release,
                                branch=base.branch, variant=base.variant,
                                mirror=base.armbian_mirror)

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,8 @@ def test_signature_checked_for_an_entry_cached_without_one(armbian: FakeArmbian,
     assert result.returncode == 0, result.stderr
     assert [r.status for r in armbian.mirror.hits(pub.path + ".asc")] == [200]
     assert armbian.mirror.bytes_served(pub.path) == len(pub.compressed)  # not downloaded again
+    meta = json.loads((cache_dir / "images" / f"{pub.sha256}.json").read_text())
+    assert meta["signature"], "the checked signature is recorded on the entry"
 
 
 def test_bad_signature_stops_and_leaves_nothing(armbian: FakeArmbian, gpg: Gpg,
@@ -363,19 +366,48 @@ def test_two_builds_share_one_download(armbian: FakeArmbian, cache_dir: Path) ->
     assert armbian.mirror.bytes_served(pub.path) == len(pub.compressed)
 
 
-@pytest.mark.root
-def test_disk_full_while_downloading(armbian: FakeArmbian, tmp_path: Path) -> None:
-    """A real full filesystem: a 1 MiB tmpfs as the cache."""
-    pub = armbian.publish("orangepi5")
+def test_image_left_by_a_killed_build_is_swept(armbian: FakeArmbian, cache_dir: Path) -> None:
+    armbian.publish("orangepi5")
+    stale = cache_dir / "images" / f".{'e' * 64}.img.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half an image")
+    result = fetch(armbian, cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert "left by a build that was killed" in result.stderr
+
+
+@pytest.fixture
+def tiny_cache(tmp_path: Path) -> Iterator[Path]:
+    """A real, nearly full filesystem: a 1 MiB tmpfs."""
     cache = tmp_path / "tiny"
     cache.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(cache)], check=True)
     try:
-        result = fetch(armbian, cache)
-        line = error_line(result)
-        assert "no space left on device" in line and "--cache-dir" in line
-        assert leftovers(cache) == []
-        assert not list((cache / "partial").iterdir())
+        yield cache
     finally:
         subprocess.run(["umount", str(cache)], check=True)
+
+
+@pytest.mark.root
+def test_disk_full_while_downloading(armbian: FakeArmbian, tiny_cache: Path) -> None:
+    # A plain URL: the size is not known beforehand, so the disk fills up mid-download.
+    pub = armbian.publish("orangepi5")
+    result = run_cli("--board", "orangepi5", "--fetch-only", "--cache-dir", tiny_cache,
+                     "--base", armbian.mirror.url + pub.path, "--base-sha256", pub.sha256)
+    line = error_line(result)
+    assert "no space left on device" in line and "--cache-dir" in line
+    assert leftovers(tiny_cache) == []
+    assert not list((tiny_cache / "partial").iterdir())
     assert armbian.mirror.bytes_served(pub.path) > 0
+
+
+@pytest.mark.root
+def test_too_little_space_is_found_before_downloading(armbian: FakeArmbian,
+                                                      tiny_cache: Path) -> None:
+    # From the index the size is known: no byte of the image is fetched.
+    pub = armbian.publish("orangepi5")
+    line = error_line(fetch(armbian, tiny_cache))
+    assert "not enough space in" in line and "--cache-dir" in line
+    assert armbian.mirror.hits(pub.path) == []
+    assert leftovers(tiny_cache) == []
