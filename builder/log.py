@@ -6,6 +6,7 @@ the path printed by --fetch-only), so `path=$(build-image --fetch-only ...)` wor
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,13 @@ def progress(description: str, total: int | None, initial: int = 0) -> Iterator[
         _write(f"{description}{size}")
         yield _Progress(None)
         return
+    # A serial console or `script` may report a size of 0 x 0, with which tqdm draws nothing
+    # at all: fall back to 80 x 24.
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        width_known = size.columns > 0 and size.lines > 0
+    except OSError:
+        width_known = False
     bar = tqdm(
         total=total,
         initial=initial,
@@ -83,8 +91,9 @@ def progress(description: str, total: int | None, initial: int = 0) -> Iterator[
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        dynamic_ncols=True,
-        leave=False,
+        dynamic_ncols=width_known,
+        ncols=None if width_known else 80,
+        nrows=None if width_known else 24,
         file=sys.stderr,
     )
     try:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +144,43 @@ def test_sigterm_is_a_clean_stop(armbian: FakeArmbian, cache_dir: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM" in err and "Traceback" not in err
+
+
+def run_in_terminal(*args: str | os.PathLike[str]) -> str:
+    """Run build-image on a pseudo-terminal that reports 0 x 0 like a bare serial console."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    proc = subprocess.Popen([*BUILD_IMAGE, *map(os.fspath, args)], cwd=REPO, env=cli_env(),
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output = bytearray()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the program closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert proc.wait(timeout=30) == 0, output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_and_plain_lines_in_a_log(armbian: FakeArmbian,
+                                                              cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    armbian.publish("orangepi5")
+    args = ("--board", "orangepi5", "--fetch-only", "--armbian-index", armbian.index_url,
+            "--cache-dir", cache_dir)
+    screen = run_in_terminal(*args)
+    assert "downloading Armbian_26.5.1" in screen and "100%|" in screen
+    assert "decompressing Armbian_26.5.1" in screen
+    logged = run_cli(*args[:-1], tmp_path / "other-cache")
+    assert logged.returncode == 0
+    assert "downloading Armbian_26.5.1" in logged.stderr
+    assert "\r" not in logged.stderr and "%|" not in logged.stderr
+    quiet = run_cli(*args[:-1], tmp_path / "third-cache", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout.strip().endswith(".img")
