@@ -80,8 +80,8 @@ def progress(description: str, total: int | None, initial: int = 0) -> Iterator[
     # A serial console or `script` may report a size of 0 x 0, with which tqdm draws nothing
     # at all: fall back to 80 x 24.
     try:
-        size = os.get_terminal_size(sys.stderr.fileno())
-        width_known = size.columns > 0 and size.lines > 0
+        terminal = os.get_terminal_size(sys.stderr.fileno())
+        width_known = terminal.columns > 0 and terminal.lines > 0
     except OSError:
         width_known = False
     bar = tqdm(
