@@ -10,7 +10,7 @@ The image engine (mount, customize.d, overlays, output) comes after fetch_base_i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder import armbian, fetch, log
@@ -43,7 +43,6 @@ class Context:
     keyring: Path | None = None
     source: fetch.BaseSource | None = None
     base: CachedImage | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,24 +99,28 @@ def fetch_base_image(ctx: Context) -> None:
                                       keyring=ctx.keyring)
 
 
-STEPS: tuple[Step, ...] = (
+# Steps that only look: a dry run runs these, then prints the plan.
+PLAN_STEPS: tuple[Step, ...] = (
     Step("check-host", "check host tools, keyring and settings before any download", check_host),
     Step("resolve-base-image", "find the base image (Armbian's index or --base)",
          resolve_base_image),
+)
+# Steps that download or change something.
+BUILD_STEPS: tuple[Step, ...] = (
     Step("fetch-base-image", "download, verify (sha256, signature) and decompress into the cache",
          fetch_base_image),
 )
-
-# Steps of the image engine, shown in the plan so users see the whole road. They arrive with
-# the engine; until then a build stops after fetch-base-image.
-PLANNED_STEPS: tuple[tuple[str, str], ...] = ()
+STEPS = PLAN_STEPS + BUILD_STEPS
 
 
 def run_build(ctx: Context) -> None:
-    for step in STEPS:
-        if ctx.options.dry_run and step.name == "fetch-base-image":
-            print_plan(ctx)
-            return
+    for step in PLAN_STEPS:
+        log.debug(f"step {step.name}")
+        step.run(ctx)
+    if ctx.options.dry_run:
+        print_plan(ctx)
+        return
+    for step in BUILD_STEPS:
         log.debug(f"step {step.name}")
         step.run(ctx)
     assert ctx.base is not None
@@ -180,7 +183,6 @@ def print_plan(ctx: Context) -> None:
     for key, value in rows:
         log.result(f"  {key.ljust(width)}  {value}")
     log.result("  steps:")
-    steps = [(s.name, s.summary) for s in STEPS] + list(PLANNED_STEPS)
-    for number, (name, summary) in enumerate(steps, 1):
-        log.result(f"    {number}. {name.ljust(20)} {summary}")
+    for number, step in enumerate(STEPS, 1):
+        log.result(f"    {number}. {step.name.ljust(20)} {step.summary}")
 
