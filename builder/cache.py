@@ -14,6 +14,7 @@ final name is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -143,29 +144,35 @@ class Cache:
 
         Cheap on purpose (no re-hashing of gigabytes): the size and modification time recorded
         when the verified image was renamed into place must still match.
+        It only reads: an entry that fails the check is replaced by the next build that takes
+        its lock, never removed by a look (a dry run, a build waiting for the lock).
         """
-        meta = self.images / f"{sha256}.json"
         try:
-            data = json.loads(meta.read_text())
-            data["path"] = Path(data["path"])
+            data = json.loads(self.image_record(sha256).read_text())
+            # The path is where this cache keeps the entry now, whatever it was called when
+            # written: a cache reached by another path (a symlink, a moved disk) still works.
+            data["path"] = self.image_path(sha256)
             entry = CachedImage(**data)
             stat = entry.path.stat()
         except (OSError, ValueError, TypeError, KeyError):
             return None
-        if (entry.sha256 != sha256 or entry.path != self.image_path(sha256)
-                or stat.st_size != entry.raw_size or stat.st_mtime_ns != entry.raw_mtime_ns):
-            log.warn(f"cached image {entry.path} changed since it was verified; making it again")
-            self.drop_image(sha256)
+        if (entry.sha256 != sha256 or stat.st_size != entry.raw_size
+                or stat.st_mtime_ns != entry.raw_mtime_ns):
             return None
         return entry
+
+    def image_record(self, sha256: str) -> Path:
+        return self.images / f"{sha256}.json"
 
     def store_image(self, entry: CachedImage) -> None:
         write_atomic(self.images / f"{entry.sha256}.json",
                      json.dumps(entry.to_json(), indent=2).encode())
 
-    def drop_image(self, sha256: str) -> None:
-        (self.images / f"{sha256}.json").unlink(missing_ok=True)
-        self.image_path(sha256).unlink(missing_ok=True)
+    def drop_download(self, sha256: str, filename: str) -> None:
+        path = self.download_path(sha256, filename)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -110,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if args.debug:
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"build-image: error:{where}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"build-image: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except Interrupted as exc:
         name = signal.Signals(exc.signum).name
@@ -135,7 +135,9 @@ def _main(args: argparse.Namespace) -> int:
         log.info(f"board '{alias}' is an alias for {board.id} ({board.name})")
     if args.dry_run and args.fetch_only:
         raise BuildError("--dry-run and --fetch-only exclude each other: pick one")
-    cache = Cache(Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir())
+    # Absolute, so the path printed by --fetch-only does not depend on the working directory.
+    root = Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir()
+    cache = Cache(root.absolute())
     http = Http(timeout=config.download.timeout, retries=config.download.retries)
     ctx = Context(
         config=config,

@@ -108,6 +108,12 @@ def _url_or_path(value: str) -> str:
     return value
 
 
+def _local_path(value: str) -> str:
+    if not value or "://" in value:
+        raise ValueError("is not a local file path (download the file first)")
+    return value
+
+
 def _source(value: str) -> str:
     return value if value == "armbian" else _url_or_path(value)
 
@@ -179,7 +185,7 @@ class BaseConfig:
     variant: Annotated[str, Rule(_name)]
     armbian_index: Annotated[str, Rule(_url_or_path)]
     armbian_mirror: Annotated[str | None, Rule(_http_url)]
-    gpg_keyring: Annotated[str | None, Rule(_url_or_path)]
+    gpg_keyring: Annotated[str | None, Rule(_local_path)]
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,11 @@ def _merge_into(
         path = f"{prefix}{key}"
         if isinstance(value, Mapping) and isinstance(target.get(key), dict):
             _merge_into(target[key], value, f"{path}.", source, origins)
+        elif isinstance(target.get(key), dict):
+            # Replacing a whole section by a value would lose every key in it.
+            where = "--set " if source == "--set" else f"{source}: "
+            raise BuildError(f"{where}{path}: {_describe(value)} is not a section "
+                             f"(expected key: value lines under it)")
         else:
             target[key] = copy.deepcopy(value)
             origins[path] = source
@@ -365,13 +376,7 @@ def parse_override(text: str) -> dict[str, Any]:
         value = raw
     if isinstance(value, dict | list) and not raw.strip().startswith(("[", "{")):
         value = raw
-    result: dict[str, Any] = {}
-    node = result
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return result
+    return _nested(key, value)
 
 
 def load_config(
@@ -392,19 +397,21 @@ def load_config(
         layers.merge(parse_override(text), "--set")
     for path, value in (flags or {}).items():
         if value is not None:
-            _set_path(layers, path, value)
+            layers.merge(_nested(path, value), "command line")
     config: Config = _build(Config, layers.data, "", layers)
     _check_across_keys(config, layers.origin)
     return config
 
 
-def _set_path(layers: _Layers, path: str, value: Any) -> None:
-    node = layers.data
+def _nested(path: str, value: Any) -> dict[str, Any]:
+    """"a.b.c", 1 → {"a": {"b": {"c": 1}}}"""
+    result: dict[str, Any] = {}
+    node = result
     parts = path.split(".")
     for part in parts[:-1]:
-        node = node[part]
+        node = node.setdefault(part, {})
     node[parts[-1]] = value
-    layers.origins[path] = "command line"
+    return result
 
 
 def _describe(value: Any) -> str:

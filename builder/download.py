@@ -26,12 +26,22 @@ USER_AGENT = f"orangepi-jupyter/{__version__} (build-image)"
 # it breaks are gone, and the resume starts after the last whole chunk.
 CHUNK = 64 << 10
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# Failures to connect that another attempt will not fix.
+PERMANENT = ("Name or service not known", "No address associated with hostname")
 
 T = TypeVar("T")
 
 
 class _Retry(Exception):
-    """A failure worth another attempt (the connection, not the request, was at fault)."""
+    """A failure worth another attempt (the connection, not the request, was at fault).
+
+    `progressed`: the attempt received data before it failed. A long download over a flaky
+    link may lose its connection many times; only attempts that got nowhere use up retries.
+    """
+
+    def __init__(self, reason: str, progressed: bool = False) -> None:
+        super().__init__(reason)
+        self.progressed = progressed
 
 
 class HttpError(BuildError):
@@ -59,21 +69,24 @@ class Http:
         self.session.close()
 
     def _attempts(self, what: str, attempt: Callable[[], T]) -> T:
-        """Call `attempt` until it succeeds, fails for good, or the retries are used up."""
-        for number in range(self.retries + 1):
+        """Call `attempt` until it succeeds, fails for good, or `retries` attempts in a row
+        got nowhere."""
+        failures = 0
+        while True:
             try:
                 return attempt()
             except _Retry as exc:
-                if number == self.retries:
+                failures = 1 if exc.progressed else failures + 1
+                if failures > self.retries:
                     raise BuildError(
-                        f"could not download {what} after {number + 1} attempts ({exc}): "
+                        f"could not download {what} after {failures} "
+                        f"attempt{'s' if failures > 1 else ''} ({exc}): "
                         f"check the network or the mirror, then rerun (a download resumes)"
                     ) from None
-                delay = min(self.backoff * 2**number, 30.0)
+                delay = min(self.backoff * 2 ** (failures - 1), 30.0)
                 log.warn(f"{what}: {exc}; retrying in {delay:g} s "
-                         f"(attempt {number + 2} of {self.retries + 1})")
+                         f"(attempt {failures + 1} of {self.retries + 1})")
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
     def _get(self, url: str, what: str, headers: dict[str, str] | None = None,
              allow: tuple[int, ...] = ()) -> requests.Response:
@@ -81,10 +94,20 @@ class Http:
             response = self.session.get(
                 url, stream=True, timeout=(self.timeout, self.timeout), headers=headers or {}
             )
-        except requests.exceptions.InvalidURL:
-            raise BuildError(f"{what}: {url!r} is not a valid URL") from None
+        except requests.exceptions.SSLError as exc:
+            raise BuildError(
+                f"{what}: TLS check of {_host(url)} failed ({_reason(exc)}): behind an "
+                f"intercepting proxy, point REQUESTS_CA_BUNDLE at its CA certificate") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retry(_reason(exc)) from None
+            reason = _reason(exc)
+            if reason in PERMANENT:
+                raise BuildError(f"{what}: {reason} for {_host(url)}: check the URL, DNS or "
+                                 f"proxy settings") from None
+            raise _Retry(reason) from None
+        except requests.RequestException as exc:
+            # Too many redirects, a scheme requests cannot speak, a malformed URL: trying again
+            # changes nothing.
+            raise BuildError(f"{what}: {_reason(exc)} ({url})") from None
         if response.status_code in RETRY_STATUS:
             response.close()
             raise _Retry(f"HTTP {response.status_code} from {_host(url)}")
@@ -118,13 +141,17 @@ class Http:
         """Download url into `part`, resuming what an earlier attempt or run left there.
 
         On success `part` holds the whole file. On failure or interruption it keeps what
-        arrived, for the next run to resume; only a full disk removes it.
+        arrived, for the next run to resume; only a full disk removes it. The caller ends the
+        part's life with forget_partial() once it has checked and moved the file: until then
+        a rerun can resume (or, for a complete part, skip) the download.
         """
         state = _PartState(part, url)
 
         def attempt() -> None:
             offset = state.resume_offset()
-            headers = {}
+            # The bytes on disk must be the bytes on the server: no transparent gzip, whose
+            # decoded length would not match the Range offsets.
+            headers = {"Accept-Encoding": "identity"}
             if offset:
                 headers["Range"] = f"bytes={offset}-"
                 if state.validator:
@@ -151,11 +178,11 @@ class Http:
                 self._receive(response, state, offset, total, what)
 
         self._attempts(what, attempt)
-        state.done()
 
     def _receive(self, response: requests.Response, state: _PartState, offset: int,
                  total: int | None, what: str) -> None:
         mode = "ab" if offset else "wb"
+        start = offset
         try:
             with open(state.part, mode) as out, \
                     log.progress(f"downloading {what}", total, initial=offset) as bar:
@@ -167,7 +194,8 @@ class Http:
                 except (requests.ConnectionError, requests.Timeout,
                         requests.exceptions.ChunkedEncodingError) as exc:
                     raise _Retry(
-                        f"connection lost after {log.human_size(offset)}: {_reason(exc)}"
+                        f"connection lost after {log.human_size(offset)}: {_reason(exc)}",
+                        progressed=offset > start,
                     ) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -175,7 +203,8 @@ class Http:
                 raise disk_full_error(state.part, exc) from None
             raise
         if total is not None and offset < total:
-            raise _Retry(f"connection closed after {offset} of {total} bytes")
+            raise _Retry(f"connection closed after {offset} of {total} bytes",
+                         progressed=offset > start)
 
 
 class _PartState:
@@ -213,8 +242,10 @@ class _PartState:
         self.meta.unlink(missing_ok=True)
         self.validator = None
 
-    def done(self) -> None:
-        self.meta.unlink(missing_ok=True)
+
+def forget_partial(part: Path) -> None:
+    """A partial download is finished with (moved into the cache, or found bad)."""
+    _PartState(part, "").discard()
 
 
 def _content_range(value: str) -> tuple[int | None, int | None]:
@@ -235,9 +266,12 @@ def _reason(exc: Exception) -> str:
     """The most telling part of a requests/urllib3 exception chain, which nests the cause
     several levels deep."""
     text = str(exc)
-    for marker in ("Connection refused", "Name or service not known",
-                   "Temporary failure in name resolution", "timed out", "Connection reset",
-                   "IncompleteRead", "Connection broken", "Remote end closed"):
+    certificate = re.search(r"certificate verify failed: [^'\")(]*", text)
+    if certificate:
+        return certificate.group(0).strip()
+    for marker in ("Connection refused", *PERMANENT, "Temporary failure in name resolution",
+                   "timed out", "Connection reset", "IncompleteRead", "Connection broken",
+                   "Remote end closed", "Exceeded 30 redirects"):
         if marker in text:
             return marker
     return text.splitlines()[0][:200] if text else type(exc).__name__

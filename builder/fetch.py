@@ -16,17 +16,26 @@ import dataclasses
 import errno
 import os
 import shutil
+import tempfile
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
 from builder.armbian import ArmbianImage
 from builder.cache import Cache, CachedImage, key_of
-from builder.download import Http, disk_full_error
+from builder.download import Http, disk_full_error, forget_partial
 from builder.errors import BuildError
 from builder.run import spawn
-from builder.verify import check_digest, parse_sha_file, sha256_file, verify_signature
+from builder.verify import (
+    BadSignature,
+    check_digest,
+    keyring_fingerprints,
+    parse_sha_file,
+    sha256_file,
+    verify_signature,
+)
 
 # File suffix → decompressing command (reads stdin, writes stdout). Separate processes, not
 # Python's lzma: xz decompresses the multi-block files Armbian publishes on every core.
@@ -86,11 +95,18 @@ def source_from_armbian(image: ArmbianImage) -> BaseSource:
     )
 
 
+def location_name(location: str) -> str:
+    """The file name in a path or URL (without a URL's ?query or #fragment)."""
+    if "://" in location:
+        return urllib.parse.unquote(urllib.parse.urlsplit(location).path.rsplit("/", 1)[-1])
+    return Path(location).name
+
+
 def source_from_location(location: str, sha256: str | None) -> BaseSource:
     """A base given as --base PATH or --base URL. The file must exist now, not after a
     download or two."""
     if "://" in location:
-        name = urllib.parse.unquote(urllib.parse.urlsplit(location).path.rsplit("/", 1)[-1])
+        name = location_name(location)
         suffix = image_suffix(name)
         return BaseSource(location=location, filename=name, suffix=suffix, sha256=sha256,
                           sha256_url=None, signature_url=location + ".asc", size=None,
@@ -106,44 +122,91 @@ def source_from_location(location: str, sha256: str | None) -> BaseSource:
                       size=path.stat().st_size, label=f"local file {path}")
 
 
-def expected_sha256(source: BaseSource, http: Http, cache: Cache | None) -> str | None:
-    """The digest the download must have: the user's, the one a URL served before (from the
-    cache, no network), or the publisher's .sha file."""
+@dataclass(frozen=True)
+class Trust:
+    """What a signature must be made by: any key of the user's keyring."""
+
+    keyring: Path
+    fingerprints: frozenset[str]
+
+    @classmethod
+    def load(cls, keyring: Path) -> Trust:
+        return cls(keyring, frozenset(keyring_fingerprints(keyring)))
+
+    def check_known_signer(self, fingerprint: str, filename: str) -> None:
+        """A signature checked earlier was made by `fingerprint`: it verifies with this
+        keyring exactly when the keyring holds that key. No file needs reading."""
+        if fingerprint not in self.fingerprints:
+            raise BuildError(f"signature of {filename} is by key {fingerprint}, which is not in "
+                             f"{self.keyring}: add Armbian's key to the keyring "
+                             f"(or check --gpg-keyring)")
+
+
+def publisher_sha256(source: BaseSource, http: Http) -> str | None:
+    """The digest the download must have: the user's, or the one in the publisher's .sha."""
     if source.sha256:
         return source.sha256
-    if cache is not None and source.is_remote:
-        known = cache.sha_for_url(source.location)
-        if known:
-            return known
     if source.sha256_url:
         data = http.get_bytes(source.sha256_url, f"the checksum of {source.filename}")
         return parse_sha_file(data, source.sha256_url)
     return None
 
 
-def fetch_base_image(source: BaseSource, *, cache: Cache, http: Http,
-                     keyring: Path | None) -> CachedImage:
+def cached_image(source: BaseSource, cache: Cache) -> CachedImage | None:
+    """The cache entry a remote source produced before, found without the network."""
+    digest = source.sha256 or cache.sha_for_url(source.location)
+    return cache.image(digest) if digest else None
+
+
+def fetch_base_image(source: BaseSource, *, cache: Cache, http: Http, trust: Trust | None,
+                     offline: bool = False) -> CachedImage:
     """The verified, decompressed base image; downloaded only if the cache lacks it."""
     if source.used_in_place:
         return _use_local_raw_image(source)
     cache.prepare()
+    downloaded = False
     if source.is_remote:
-        digest, download, signature = _download(source, cache=cache, http=http, keyring=keyring)
+        entry = cached_image(source, cache)
+        if entry is not None and (trust is None or entry.signature):
+            if trust is not None and entry.signature:
+                trust.check_known_signer(entry.signature, source.filename)
+            log.info(f"base image in cache: {entry.path}")
+            return entry
+        if offline:
+            why = "was never checked against a keyring" if entry else "is not in the cache"
+            raise BuildError(f"--offline: {source.filename} {why} ({cache.root}): run once "
+                             f"with network access")
+        digest, compressed, signature = _download(source, cache=cache, http=http, trust=trust)
+        downloaded = True
     else:
-        download = Path(source.location)
-        digest = sha256_file(download, source.filename)
+        compressed = Path(source.location)
+        digest = sha256_file(compressed, source.filename)
         if source.sha256:
             check_digest(digest, source.sha256, source.filename, removed=None)
-        signature = _check_local_signature(download, keyring)
+        signature = _check_local_signature(compressed, trust)
     with cache.lock(digest, source.filename):
         entry = cache.image(digest)
         if entry is None:
-            entry = _decompress(download, source, digest, signature, cache)
+            if cache.image_record(digest).exists():
+                log.warn(f"cached image {cache.image_path(digest)} changed since it was "
+                         f"verified; making it again")
+            try:
+                entry = _decompress(compressed, source, digest, signature, cache)
+            except BuildError as exc:
+                if not downloaded:
+                    raise
+                # Kept, the file would fail every later build the same way.
+                cache.drop_download(digest, source.filename)
+                raise BuildError(f"{exc}; the download was removed, rerun to fetch it "
+                                 f"again") from None
         else:
             log.info(f"base image in cache: {entry.path}")
         if signature and entry.signature != signature:
             entry = dataclasses.replace(entry, signature=signature)
             cache.store_image(entry)
+    if source.is_remote:
+        # Only now, with an image that decompressed, may a later build skip the network.
+        cache.remember_url(source.location, digest)
     return entry
 
 
@@ -158,85 +221,82 @@ def _use_local_raw_image(source: BaseSource) -> CachedImage:
                        raw_size=stat.st_size, raw_mtime_ns=stat.st_mtime_ns, signature=None)
 
 
-def _check_local_signature(path: Path, keyring: Path | None) -> str | None:
-    if keyring is None:
+def _check_local_signature(path: Path, trust: Trust | None) -> str | None:
+    if trust is None:
         return None
     asc = path.with_name(path.name + ".asc")
     if not asc.is_file():
         raise BuildError(f"--gpg-keyring given but {asc} does not exist: put the image's "
                          f"detached signature next to it")
-    return verify_signature(path, asc, keyring)
+    return verify_signature(path, asc, trust.keyring)
 
 
-def _download(source: BaseSource, *, cache: Cache, http: Http, keyring: Path | None
+def _download(source: BaseSource, *, cache: Cache, http: Http, trust: Trust | None
               ) -> tuple[str, Path, str | None]:
-    """Download (or find in the cache) the file as published; return its sha256, its path in
-    the cache and the fingerprint of its signature when one was checked."""
-    url = source.location
-    known = source.sha256 or cache.sha_for_url(url)
-    if known:
-        entry = cache.image(known)
-        if entry is not None and (keyring is None or entry.signature):
-            return known, cache.download_path(known, source.filename), entry.signature
-    with cache.lock(key_of(url), source.filename):
-        expected = expected_sha256(source, http, cache)
+    """Download (or find in the cache) the file as published, check it, and move it to its
+    place in the cache. Returns its sha256, its path and the signer's fingerprint when a
+    signature was checked. Nothing reaches its final name before every check passed."""
+    with cache.lock(key_of(source.location), source.filename):
+        expected = publisher_sha256(source, http)
         if expected and cache.download_path(expected, source.filename).is_file():
             path = cache.download_path(expected, source.filename)
             log.info(f"download in cache: {path}")
-            digest = expected
-        else:
-            digest, path = _download_and_check(source, expected, cache=cache, http=http)
+            signature = None
+            if trust is not None:
+                signature = _check_remote_signature(
+                    source, path, trust, http,
+                    discard=lambda: cache.drop_download(expected, source.filename))
+            return expected, path, signature
+        part = cache.partial / f"{key_of(source.location)}-{source.filename}.part"
+        _check_space(source, part, cache)
+        if expected is None:
+            log.warn(f"no checksum for {source.filename}: it cannot be verified "
+                     f"(pass --base-sha256 to check it)")
+        http.download(source.location, part, source.filename)
+        digest = sha256_file(part, source.filename)
+        if expected is not None:
+            if digest != expected:
+                forget_partial(part)
+            check_digest(digest, expected, source.filename, removed=part)
+            log.info(f"sha256 verified: {source.filename} {digest}")
         signature = None
-        if keyring is not None:
-            signature = _fetch_and_verify_signature(source, path, keyring, http, cache, digest)
-        cache.remember_url(url, digest)
-    return digest, path, signature
+        if trust is not None:
+            signature = _check_remote_signature(source, part, trust, http,
+                                                discard=lambda: forget_partial(part))
+        final = cache.download_path(digest, source.filename)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        forget_partial(part)
+        return digest, final, signature
 
 
-def _download_and_check(source: BaseSource, expected: str | None, *, cache: Cache,
-                        http: Http) -> tuple[str, Path]:
-    part = cache.partial / f"{key_of(source.location)}-{source.filename}.part"
-    if expected is None:
-        log.warn(f"no checksum for {source.filename}: it cannot be verified "
-                 f"(pass --base-sha256 to check it)")
-    if source.size is not None:
-        have = part.stat().st_size if part.exists() else 0
-        free = shutil.disk_usage(cache.partial).free
-        if free < source.size - have:
-            raise BuildError(
-                f"not enough space in {cache.root} to download {source.filename}: it needs "
-                f"{log.human_size(source.size - have)}, {log.human_size(free)} is free; free "
-                f"some space or point --cache-dir at a larger disk")
-    http.download(source.location, part, source.filename)
-    digest = sha256_file(part, source.filename)
-    if expected is not None and digest != expected:
-        part.unlink(missing_ok=True)
-        check_digest(digest, expected, source.filename, removed=part)
-    final = cache.download_path(digest, source.filename)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(part, final)
-    log.info(f"sha256 verified: {source.filename} {digest}")
-    return digest, final
+def _check_space(source: BaseSource, part: Path, cache: Cache) -> None:
+    if source.size is None:
+        return
+    have = part.stat().st_size if part.exists() else 0
+    free = shutil.disk_usage(cache.partial).free
+    if free < source.size - have:
+        raise BuildError(
+            f"not enough space in {cache.root} to download {source.filename}: it needs "
+            f"{log.human_size(source.size - have)}, {log.human_size(free)} is free; free "
+            f"some space or point --cache-dir at a larger disk")
 
 
-def _fetch_and_verify_signature(source: BaseSource, path: Path, keyring: Path, http: Http,
-                                cache: Cache, digest: str) -> str:
+def _check_remote_signature(source: BaseSource, path: Path, trust: Trust, http: Http,
+                            discard: Callable[[], None]) -> str:
+    """Fetch the detached signature and check `path` with it. A file with a bad signature
+    is discarded; one whose signer is merely unknown is kept (the keyring may be wrong)."""
     if not source.signature_url:
         raise BuildError(f"--gpg-keyring given but {source.filename} has no signature to check")
-    asc = path.with_name(path.name + ".asc")
-    asc_tmp = asc.with_name(asc.name + ".tmp")
-    asc_tmp.write_bytes(http.get_bytes(source.signature_url,
-                                       f"the signature of {source.filename}"))
-    try:
-        fingerprint = verify_signature(path, asc_tmp, keyring)
-    except BuildError:
-        # A file that fails its signature must not be reused by a later build.
-        path.unlink(missing_ok=True)
-        cache.drop_image(digest)
-        raise
-    finally:
-        asc_tmp.unlink(missing_ok=True)
-    return fingerprint
+    signature = http.get_bytes(source.signature_url, f"the signature of {source.filename}")
+    with tempfile.TemporaryDirectory(prefix="build-image-asc-") as tmp:
+        asc = Path(tmp) / f"{source.filename}.asc"
+        asc.write_bytes(signature)
+        try:
+            return verify_signature(path, asc, trust.keyring)
+        except BadSignature as exc:
+            discard()
+            raise BuildError(f"{exc} (it was removed from the cache)") from None
 
 
 ZEROS = bytes(1 << 20)

@@ -40,7 +40,7 @@ class Context:
     board: Board
     cache: Cache
     http: Http
-    keyring: Path | None = None
+    trust: fetch.Trust | None = None
     source: fetch.BaseSource | None = None
     base: CachedImage | None = None
 
@@ -60,8 +60,9 @@ def check_host(ctx: Context) -> None:
             raise BuildError(f"GPG keyring {keyring} not found: check --gpg-keyring "
                              f"(export Armbian's key with gpg --export KEYID > FILE)")
         require_programs("gpg", "gpgv")
-        ctx.keyring = keyring
-    suffix = ".img.xz" if base.source == "armbian" else fetch.image_suffix(base.source)
+        ctx.trust = fetch.Trust.load(keyring)
+    suffix = (".img.xz" if base.source == "armbian"
+              else fetch.image_suffix(fetch.location_name(base.source)))
     require_programs(fetch.COMPRESSIONS[suffix][0])
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
@@ -90,13 +91,8 @@ def resolve_base_image(ctx: Context) -> None:
 
 def fetch_base_image(ctx: Context) -> None:
     assert ctx.source is not None
-    if ctx.options.offline and ctx.source.is_remote:
-        known = ctx.source.sha256 or ctx.cache.sha_for_url(ctx.source.location)
-        if not known or ctx.cache.image(known) is None:
-            raise BuildError(f"--offline: {ctx.source.filename} is not in the cache "
-                             f"{ctx.cache.root}: run once with network access")
     ctx.base = fetch.fetch_base_image(ctx.source, cache=ctx.cache, http=ctx.http,
-                                      keyring=ctx.keyring)
+                                      trust=ctx.trust, offline=ctx.options.offline)
 
 
 # Steps that only look: a dry run runs these, then prints the plan.
@@ -132,12 +128,32 @@ def run_build(ctx: Context) -> None:
     log.result(str(ctx.base.path))
 
 
-def _cache_status(ctx: Context, sha256: str | None) -> str:
+def _plan_sha256(ctx: Context) -> tuple[str | None, str, CachedImage | None]:
+    """The digest the plan shows, where it comes from, and the cache entry if there is one.
+    A checksum that cannot be fetched is shown as such: a plan still helps without it."""
+    source = ctx.source
+    assert source is not None
+    if source.used_in_place:
+        note = "given with --base-sha256" if source.sha256 else "not checked (read in place)"
+        return source.sha256, note, None
+    entry = fetch.cached_image(source, ctx.cache) if source.is_remote else None
+    if entry is not None:
+        return entry.sha256, "as verified before, from the cache", entry
+    if source.sha256:
+        return source.sha256, "given with --base-sha256", None
+    if source.sha256_url:
+        try:
+            return fetch.publisher_sha256(source, ctx.http), f"from {source.sha256_url}", None
+        except BuildError as exc:
+            return None, f"could not be read: {exc}", None
+    return None, "computed on use; nothing to check it against (pass --base-sha256)", None
+
+
+def _cache_status(ctx: Context, entry: CachedImage | None) -> str:
     source = ctx.source
     assert source is not None
     if source.used_in_place:
         return "not used: the local raw image is read in place"
-    entry = ctx.cache.image(sha256) if sha256 and ctx.cache.root.exists() else None
     if entry is not None:
         return f"cached: {entry.path} (no download)"
     size = f" {log.human_size(source.size)}" if source.size else ""
@@ -148,23 +164,13 @@ def _cache_status(ctx: Context, sha256: str | None) -> str:
 
 def print_plan(ctx: Context) -> None:
     """What a build would do, from facts only: the index and checksum are read, the image
-    itself is not downloaded."""
+    itself is not downloaded, nothing is written."""
     source = ctx.source
     assert source is not None
     board = ctx.board
-    cache = ctx.cache if ctx.cache.root.exists() else None
-    sha256 = fetch.expected_sha256(source, ctx.http, cache) if not source.used_in_place \
-        else source.sha256
-    if source.sha256:
-        sha_note = "given with --base-sha256"
-    elif cache is not None and source.is_remote and cache.sha_for_url(source.location):
-        sha_note = "as verified before, from the cache"
-    elif source.sha256_url:
-        sha_note = f"from {source.sha256_url}"
-    else:
-        sha_note = "computed on use; nothing to check it against (pass --base-sha256)"
-    if ctx.keyring:
-        signature = f"checked against {ctx.keyring} ({source.signature_url})"
+    sha256, sha_note, entry = _plan_sha256(ctx)
+    if ctx.trust is not None:
+        signature = f"checked against {ctx.trust.keyring} ({source.signature_url})"
     else:
         signature = "not checked (pass --gpg-keyring FILE to check it)"
     rows = [
@@ -176,7 +182,7 @@ def print_plan(ctx: Context) -> None:
         ("size", log.human_size(source.size) if source.size else "unknown"),
         ("sha256", f"{sha256 or 'unknown'} ({sha_note})"),
         ("signature", signature),
-        ("cache", _cache_status(ctx, sha256)),
+        ("cache", _cache_status(ctx, entry)),
     ]
     width = max(len(k) for k, _ in rows)
     log.result("Plan (dry run: nothing is downloaded or changed)")
@@ -185,4 +191,3 @@ def print_plan(ctx: Context) -> None:
     log.result("  steps:")
     for number, step in enumerate(STEPS, 1):
         log.result(f"    {number}. {step.name.ljust(20)} {step.summary}")
-

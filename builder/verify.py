@@ -47,8 +47,31 @@ def check_digest(actual: str, expected: str, what: str, removed: Path | None) ->
         raise BuildError(f"sha256 mismatch for {what}: expected {expected}, got {actual}{gone}")
 
 
+class BadSignature(BuildError):
+    """The signature does not match the file: the file must not be used."""
+
+
+def keyring_fingerprints(keyring: Path) -> set[str]:
+    """Fingerprints of every key and subkey in a keyring file (binary or armored).
+
+    Read in a throwaway home directory: the user's ~/.gnupg is never read or changed. A
+    fingerprint is a hash of the key material, so a signature that verified with a key of a
+    given fingerprint verifies with any keyring holding that fingerprint.
+    """
+    with tempfile.TemporaryDirectory(prefix="build-image-gpg-") as home:
+        proc = run(["gpg", "--homedir", home, "--batch", "--with-colons", "--show-keys",
+                    keyring], capture=True, check=False)
+    found = {line.split(":")[9] for line in proc.stdout.decode(errors="replace").splitlines()
+             if line.startswith("fpr:")}
+    if not found:
+        raise BuildError(f"GPG keyring {keyring} holds no OpenPGP public key: export one with "
+                         f"gpg --export KEYID > FILE (or --armor) and pass that file")
+    return found
+
+
 def verify_signature(data: Path, signature: Path, keyring: Path) -> str:
-    """Verify a detached signature with gpgv against `keyring`; return the signer's fingerprint.
+    """Verify a detached signature with gpgv against `keyring`; return the fingerprint of the
+    key that made it.
 
     gpgv is made for exactly this: it trusts every key in the keyring it is given and nothing
     else, and never touches the user's ~/.gnupg. It reads only binary keyrings, so an armored
@@ -60,6 +83,7 @@ def verify_signature(data: Path, signature: Path, keyring: Path) -> str:
             binary = Path(tmp) / "keyring.gpg"
             run(["gpg", "--batch", "--yes", "--homedir", tmp, "--dearmor", "--output", binary,
                  keyring], capture=True, what=f"read the armored keyring {keyring}")
+        log.info(f"checking the signature of {data.name}")
         proc = run(["gpgv", "--homedir", tmp, "--status-fd", "1", "--keyring", binary,
                     signature, data], capture=True, check=False)
     status = proc.stdout.decode(errors="replace")
@@ -76,7 +100,7 @@ def verify_signature(data: Path, signature: Path, keyring: Path) -> str:
             f"{keyring}: add Armbian's key to the keyring (or check --gpg-keyring)"
         )
     if "BADSIG" in status:
-        raise BuildError(f"BAD signature on {data.name}: the file is not what Armbian signed; "
-                         f"do not use it (it was removed from the cache)")
+        raise BadSignature(f"BAD signature on {data.name}: the file is not what its publisher "
+                           f"signed; do not use it")
     raise BuildError(f"could not verify the signature of {data.name} with {keyring}: "
                      f"{status.strip().splitlines()[-1] if status.strip() else 'gpgv failed'}")

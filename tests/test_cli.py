@@ -85,6 +85,50 @@ def test_dry_run_and_fetch_only_work_without_root(armbian: FakeArmbian,
     assert path.read_bytes() == pub.raw and path.stat().st_uid == NOBODY
 
 
+def test_no_image_for_the_filters(armbian: FakeArmbian) -> None:
+    armbian.publish("orangepi5")
+    line = error_line(run_cli("--board", "orangepi", "--dry-run", "--release", "bookworm",
+                              "--armbian-index", armbian.index_url))
+    assert line.endswith("no Armbian image for orangepi5 with release bookworm, branch current, "
+                         "variant minimal; the index has: --release trixie --branch current "
+                         "--variant minimal")
+
+
+def test_dry_run_changes_nothing_in_the_cache(armbian: FakeArmbian, cache_dir: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    args = ("--board", "orangepi5", "--armbian-index", armbian.index_url, "--cache-dir",
+            cache_dir)
+    assert run_cli(*args, "--fetch-only").returncode == 0
+    image = cache_dir / "images" / f"{pub.sha256}.img"
+    with open(image, "r+b") as f:
+        f.write(b"tampered")
+    files = sorted(p for p in cache_dir.rglob("*"))
+    result = run_cli(*args, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "not cached: will download" in result.stdout
+    assert sorted(p for p in cache_dir.rglob("*")) == files and image.exists()
+
+
+def test_relative_cache_dir_prints_an_absolute_path(armbian: FakeArmbian,
+                                                    tmp_path: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    result = subprocess.run([*BUILD_IMAGE, "--board", "orangepi5", "--fetch-only",
+                             "--armbian-index", armbian.index_url, "--cache-dir", "rel-cache"],
+                            cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == \
+        f"{tmp_path}/rel-cache/images/{pub.sha256}.img"
+
+
+def test_url_with_a_query_string(armbian: FakeArmbian, cache_dir: Path) -> None:
+    pub = armbian.publish("orangepi5")
+    result = run_cli("--board", "orangepi5", "--fetch-only", "--cache-dir", cache_dir, "--base",
+                     f"{armbian.mirror.url}{pub.path}?download=1", "--base-sha256", pub.sha256)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[-1]).read_bytes() == pub.raw
+
+
 def test_no_board() -> None:
     assert "no board given: pass --board ID" in error_line(run_cli("--dry-run"))
 

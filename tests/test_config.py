@@ -110,6 +110,22 @@ def test_precedence_file_then_set_then_flags(tmp_path: Path) -> None:
         ("noble", "vendor", "xfce")
 
 
+def test_a_section_replaced_by_a_value(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("base: armbian\n")
+    with pytest.raises(BuildError, match=rf"^{path}: base: 'armbian' is not a section"):
+        load_config([path], flags={"base.release": "noble"})
+    with pytest.raises(BuildError, match=r"^--set base: 'x' is not a section"):
+        load_config(overrides=["base=x"], flags={"base.release": "noble"})
+
+
+def test_flag_values_are_checked_too() -> None:
+    with pytest.raises(BuildError, match=r"^command line: base.release: 'Trixie!' is not a"):
+        load_config(flags={"base.release": "Trixie!"})
+    with pytest.raises(BuildError, match=r"base.gpg_keyring: 'https://x/k.gpg' is not a local"):
+        load_config(flags={"base.gpg_keyring": "https://x/k.gpg"})
+
+
 def test_bad_value_in_a_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "site.yaml"
     path.write_text("jupyter:\n  port: abc\n")
