@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,8 @@ from builder.cache import Cache, default_cache_dir
 from builder.config import load_config
 from builder.download import Http
 from builder.errors import BuildError, Interrupted
+from builder.ledger import clean_stale
+from builder.mount import is_root
 from builder.pipeline import Context, Options, run_build
 
 EXIT_ERROR = 1
@@ -33,7 +36,11 @@ FLAG_KEYS = {
     "armbian_mirror": "base.armbian_mirror",
     "gpg_keyring": "base.gpg_keyring",
     "cache_dir": "cache.dir",
+    "output": "output.dir",
+    "apt_proxy": "apt.proxy",
 }
+# Repeatable flags that add to a list setting.
+LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,11 +72,26 @@ def parser() -> argparse.ArgumentParser:
                       help=f"downloads and base images (default {default_cache_dir()})")
     base.add_argument("--offline", action="store_true",
                       help="use only what the cache holds; no network")
+    image = p.add_argument_group("the image")
+    image.add_argument("--output", metavar="DIR", help="where the image and its files go "
+                       "(default ./out)")
+    image.add_argument("--customize", metavar="DIR", action="append", default=[],
+                       help="more customize.d scripts, after the built-in ones (repeatable)")
+    image.add_argument("--overlay", metavar="DIR", action="append", default=[],
+                       help="more overlay files, after the built-in ones (repeatable)")
+    image.add_argument("--apt-proxy", metavar="URL",
+                       help="apt proxy for the image's apt during the build, e.g. "
+                            "http://127.0.0.1:3142")
+    image.add_argument("--keep-workspace", action="store_true",
+                       help="keep the working copy of the image for debugging")
     run = p.add_argument_group("what to do")
     run.add_argument("--dry-run", action="store_true",
                      help="print the plan (board, base image, sha256, cache, steps) and stop")
     run.add_argument("--fetch-only", action="store_true",
                      help="stop once the verified base image is in the cache; print its path")
+    run.add_argument("--cleanup", action="store_true",
+                     help="undo what builds that were killed left behind (loop devices, "
+                          "mounts, work files) and exit")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     run.add_argument("--debug", action="store_true", help="show commands and tracebacks")
     run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -125,8 +147,19 @@ def _main(args: argparse.Namespace) -> int:
     if args.list_boards:
         log.result(format_table(catalog))
         return 0
+    if args.cleanup:
+        if not is_root():
+            raise BuildError("--cleanup needs root (it detaches loop devices and unmounts)")
+        undone = clean_stale()
+        log.result(f"cleaned up after {undone} killed build(s)" if undone
+                   else "nothing to clean up")
+        return 0
     flags = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items()}
-    config = load_config(args.config, args.overrides, flags)
+    overrides = list(args.overrides)
+    for attr, key in LIST_FLAGS.items():
+        if getattr(args, attr):
+            overrides.append(f"{key}={json.dumps(getattr(args, attr))}")
+    config = load_config(args.config, overrides, flags)
     if not config.board:
         raise BuildError("no board given: pass --board ID (`build-image --list-boards` shows "
                          "them; --board orangepi picks the Orange Pi 5)")
@@ -141,11 +174,15 @@ def _main(args: argparse.Namespace) -> int:
     http = Http(timeout=config.download.timeout, retries=config.download.retries)
     ctx = Context(
         config=config,
-        options=Options(dry_run=args.dry_run, fetch_only=args.fetch_only, offline=args.offline),
+        options=Options(dry_run=args.dry_run, fetch_only=args.fetch_only, offline=args.offline,
+                        keep_workspace=args.keep_workspace),
         board=board,
         cache=cache,
         http=http,
     )
+    if ctx.options.builds_image and is_root():
+        # A build killed earlier with SIGKILL may still hold loop devices and mounts.
+        clean_stale()
     try:
         run_build(ctx)
     finally:

@@ -108,6 +108,12 @@ def _url_or_path(value: str) -> str:
     return value
 
 
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty")
+    return value
+
+
 def _local_path(value: str) -> str:
     if not value or "://" in value:
         raise ValueError("is not a local file path (download the file first)")
@@ -211,8 +217,26 @@ class JupyterConfig:
 @dataclass(frozen=True)
 class ImageConfig:
     headroom: ByteSize
+    free_space: ByteSize
     compression: Annotated[str, Rule(_choice("xz", "zstd", "gzip", "none"))]
     compression_level: int
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: Annotated[str, Rule(_non_empty)]
+    product: Annotated[str, Rule(_name)]
+
+
+@dataclass(frozen=True)
+class CustomizeConfig:
+    scripts: tuple[str, ...]
+    overlays: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AptConfig:
+    proxy: Annotated[str | None, Rule(_http_url)]
 
 
 @dataclass(frozen=True)
@@ -234,6 +258,9 @@ class Config:
     venv: VenvConfig
     jupyter: JupyterConfig
     image: ImageConfig
+    output: OutputConfig
+    customize: CustomizeConfig
+    apt: AptConfig
     download: DownloadConfig
     cache: CacheConfig
 

@@ -10,12 +10,14 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 _quiet = False
 _debug = False
+_build_log: TextIO | None = None
 
 
 def setup(*, quiet: bool = False, debug: bool = False) -> None:
@@ -27,15 +29,34 @@ def is_debug() -> bool:
     return _debug
 
 
-def _write(line: str, stream: TextIO | None = None) -> None:
-    stream = stream or sys.stderr
-    # tqdm.write keeps an active progress bar intact instead of printing through it.
-    tqdm.write(line, file=stream)
+@contextmanager
+def build_log(path: Path) -> Iterator[None]:
+    """Copy every message, and all output of scripts, into `path` while the block runs."""
+    global _build_log
+    with open(path, "w", encoding="utf-8") as f:
+        _build_log = f
+        try:
+            yield
+        finally:
+            _build_log = None
+
+
+def _write(line: str, stream: TextIO | None = None, *, show: bool = True) -> None:
+    if _build_log is not None:
+        _build_log.write(line + "\n")
+        _build_log.flush()
+    if show:
+        # tqdm.write keeps an active progress bar intact instead of printing through it.
+        tqdm.write(line, file=stream or sys.stderr)
 
 
 def info(message: str) -> None:
-    if not _quiet:
-        _write(message)
+    _write(message, show=not _quiet)
+
+
+def step_output(line: str) -> None:
+    """A line of a customize script's output."""
+    _write(line, show=not _quiet)
 
 
 def warn(message: str) -> None:
@@ -43,8 +64,7 @@ def warn(message: str) -> None:
 
 
 def debug(message: str) -> None:
-    if _debug:
-        _write(message)
+    _write(message, show=_debug) if _debug else None
 
 
 def result(line: str) -> None:

@@ -1,24 +1,40 @@
 """The build, step by step. Each step is a function of the build context, run in this order:
 
-    check_host          everything that can be checked before the first download
+    check_host          everything that can be checked before the first download or mount
     resolve_base_image  which file to start from (Armbian's index, or --base PATH/URL)
-    fetch_base_image    download, verify and decompress it into the cache  (fetch.py)
+    fetch_base_image    download, verify and decompress it into the cache    (fetch.py)
+    copy_base_image     a working copy of it, the cache entry stays as it is
+    grow_image          room for the packages: file, partition, filesystem   (image.py)
+    mount_root          the root filesystem on a loop device                 (mount.py)
+    customize_image     customize.d/ scripts and overlays/, in a chroot      (customize.py)
+    finalize_image      build-only state out, unmount, shrink                (image.py)
+    write_outputs       compressed image, .sha256, .bmap, manifest, log      (output.py)
 
-The image engine (mount, customize.d, overlays, output) comes after fetch_base_image.
+Resources that live across steps (loop devices, mounts, work files) are entered on the
+context's ExitStack and recorded in the ledger, so any failure or signal unwinds them all.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import shutil
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from builder import armbian, fetch, log
+from builder import __version__, armbian, customize, fetch, image, log, output
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
+from builder.chroot import QEMU, binfmt_status, chroot_session, static_qemu
 from builder.config import Config
 from builder.download import Http
 from builder.errors import BuildError
+from builder.ledger import Ledger
+from builder.mount import is_root, loop_device, mounted, work_path
 from builder.run import require_programs
 
 
@@ -29,6 +45,11 @@ class Options:
     dry_run: bool = False
     fetch_only: bool = False
     offline: bool = False
+    keep_workspace: bool = False
+
+    @property
+    def builds_image(self) -> bool:
+        return not (self.dry_run or self.fetch_only)
 
 
 @dataclass
@@ -40,9 +61,21 @@ class Context:
     board: Board
     cache: Cache
     http: Http
+    stack: ExitStack = field(default_factory=ExitStack)
+    ledger: Ledger = field(default_factory=Ledger)
     trust: fetch.Trust | None = None
     source: fetch.BaseSource | None = None
     base: CachedImage | None = None
+    scripts: list[customize.Script] = field(default_factory=list)
+    overlay_dirs: list[Path] = field(default_factory=list)
+    rendered: dict[Path, str] = field(default_factory=dict)
+    workspace: Path | None = None
+    work_image: Path | None = None
+    root: image.Partition | None = None
+    root_dir: Path | None = None
+    root_mount: ExitStack | None = None
+    outputs: output.Outputs | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,54 @@ def check_host(ctx: Context) -> None:
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
                  f"images may be missing or broken")
+    # What customizing needs, checked now rather than after a 10-minute download.
+    cfg = ctx.config
+    ctx.scripts = customize.find_scripts(
+        [customize.BUILTIN_CUSTOMIZE, *map(_user_dir, cfg.customize.scripts)])
+    ctx.overlay_dirs = [customize.BUILTIN_OVERLAYS, *map(_user_dir, cfg.customize.overlays)]
+    ctx.rendered = customize.render_templates(
+        ctx.overlay_dirs, customize.template_context(cfg, ctx.board))
+    if not ctx.options.builds_image:
+        return
+    if not is_root():
+        raise BuildError("building an image needs root (loop devices, mounts, chroot): run it "
+                         "with sudo, or use --dry-run / --fetch-only, which do not")
+    require_programs("losetup", "sfdisk", "blkid", "e2fsck", "resize2fs", "dumpe2fs",
+                     "debugfs", "mount", "umount", "chroot", "fstrim", "bmaptool",
+                     "dpkg-query", *(output.COMPRESSORS[cfg.image.compression][1][:1]))
+    if ctx.board.arch not in QEMU:
+        raise BuildError(f"{ctx.board.id} is {ctx.board.arch}: this builder emulates only "
+                         f"{', '.join(QEMU)}")
+    ok, why = binfmt_status(ctx.board.arch)
+    if not ok:
+        if static_qemu(ctx.board.arch) is None:
+            raise BuildError(f"cannot run {ctx.board.arch} programs on this host: {why}")
+        log.warn(f"{why}; copying qemu into the image for the build instead")
+    _check_free_space(ctx)
+
+
+def _user_dir(value: str) -> Path:
+    return Path(value).expanduser().absolute()
+
+
+def _check_free_space(ctx: Context) -> None:
+    """Room for the working copy (the base, or a guess of 4 GiB before it is known), the
+    headroom, and the compressed output."""
+    cfg = ctx.config
+    base = ctx.base.raw_size if ctx.base else 4 << 30
+    work = ctx.cache.root / "work"
+    need = base + cfg.image.headroom
+    free = shutil.disk_usage(_existing(work)).free
+    if free < need:
+        raise BuildError(f"not enough space for the build in {ctx.cache.root}: it needs about "
+                         f"{log.human_size(need)}, {log.human_size(free)} is free; free some "
+                         f"or use --cache-dir on a larger disk")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def resolve_base_image(ctx: Context) -> None:
@@ -95,37 +176,187 @@ def fetch_base_image(ctx: Context) -> None:
                                       trust=ctx.trust, offline=ctx.options.offline)
 
 
+def copy_base_image(ctx: Context) -> None:
+    assert ctx.base is not None
+    workspace = ctx.cache.root / "work" / f"build-{os.getpid()}"
+    if ctx.options.keep_workspace:
+        workspace.mkdir(parents=True, exist_ok=True)
+    else:
+        ctx.stack.enter_context(work_path(ctx.ledger, workspace))
+        workspace.mkdir(parents=True)
+    ctx.workspace = workspace
+    ctx.work_image = workspace / "image.img"
+    log.info(f"copying the base image to {ctx.work_image}")
+    image.copy_sparse(ctx.base.path, ctx.work_image)
+
+
+def grow_image(ctx: Context) -> None:
+    assert ctx.work_image is not None
+    table = image.read_table(ctx.work_image)
+    root = image.find_root(ctx.ledger, ctx.work_image, table)
+    ctx.root = image.grow(ctx.ledger, ctx.work_image, table, root, ctx.config.image.headroom)
+
+
+def mount_root(ctx: Context) -> None:
+    assert ctx.work_image is not None and ctx.root is not None and ctx.workspace is not None
+    mounts = ExitStack()
+    ctx.stack.push(mounts.__exit__)
+    device = mounts.enter_context(loop_device(ctx.ledger, ctx.work_image, ctx.root.start,
+                                              ctx.root.size))
+    ctx.root_dir = mounts.enter_context(mounted(ctx.ledger, device, ctx.workspace / "root",
+                                                fstype="ext4"))
+    ctx.root_mount = mounts
+
+
+def customize_image(ctx: Context) -> None:
+    assert ctx.root_dir is not None
+    cfg = ctx.config
+    apt_cache = ctx.cache.root / "apt" / f"{cfg.base.release}-{ctx.board.arch}"
+    with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
+                        apt_proxy=cfg.apt.proxy, env={}) as session:
+        customize.run_scripts(ctx.scripts, session, cfg, ctx.board, host_env=_host_env())
+        files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
+        log.info(f"laid {files} overlay files into the image")
+
+
+def _host_env() -> dict[str, str]:
+    """Host scripts get the host's PATH and proxies, and nothing of the builder's own."""
+    keep = ("PATH", "HOME", "LANG", "TERM", "http_proxy", "https_proxy", "no_proxy",
+            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+# Files that make each card unique, or that only the build needed. None of them may be
+# shared by every card flashed from the image.
+BUILD_ONLY = (
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/lib/systemd/credential.secret",
+    "var/cache/apt/pkgcache.bin",
+    "var/cache/apt/srcpkgcache.bin",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/lib/dpkg/status-old",
+)
+
+
+def finalize_image(ctx: Context) -> None:
+    assert ctx.root_dir is not None and ctx.root_mount is not None
+    assert ctx.work_image is not None and ctx.root is not None
+    root = ctx.root_dir
+    for relative in BUILD_ONLY:
+        (root / relative).unlink(missing_ok=True)
+    machine_id = root / "etc/machine-id"
+    if machine_id.exists():
+        # Empty, not absent: systemd then makes a new one at first boot.
+        machine_id.write_text("")
+    # Freed blocks go back to the sparse file as holes: zeros that compress to nothing.
+    image.trim(root)
+    ctx.root_mount.close()
+    ctx.root_dir = None
+    ctx.root = image.current_partition(ctx.work_image, ctx.root.number)
+    image.shrink(ctx.ledger, ctx.work_image, ctx.root, ctx.config.image.free_space)
+
+
+def write_outputs(ctx: Context) -> None:
+    assert ctx.work_image is not None and ctx.base is not None and ctx.source is not None
+    assert ctx.outputs is not None
+    cfg, out = ctx.config, ctx.outputs
+    compressed = output.write_image(ctx.work_image, out, cfg.image.compression_level)
+    output.write_checksum(compressed, out)
+    output.write_bmap(ctx.work_image, out)
+
+
+def _manifest(ctx: Context, packages: list[dict[str, str]]) -> dict[str, Any]:
+    assert ctx.source is not None and ctx.base is not None
+    return {
+        "builder": {"name": "orangepi-jupyter", "version": __version__},
+        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "board": customize.template_context(ctx.config, ctx.board)["board"],
+        "base": {"label": ctx.source.label, "url": ctx.source.location,
+                 "sha256": ctx.base.sha256, "signature": ctx.base.signature},
+        "config": ctx.config.to_dict(),
+        "packages": packages,
+        "steps": {name: round(seconds, 1) for name, seconds in ctx.timings.items()},
+    }
+
+
 # Steps that only look: a dry run runs these, then prints the plan.
 PLAN_STEPS: tuple[Step, ...] = (
-    Step("check-host", "check host tools, keyring and settings before any download", check_host),
+    Step("check-host", "check host tools, keyring, scripts and templates before any download",
+         check_host),
     Step("resolve-base-image", "find the base image (Armbian's index or --base)",
          resolve_base_image),
 )
-# Steps that download or change something.
-BUILD_STEPS: tuple[Step, ...] = (
+FETCH_STEPS: tuple[Step, ...] = (
     Step("fetch-base-image", "download, verify (sha256, signature) and decompress into the cache",
          fetch_base_image),
 )
-STEPS = PLAN_STEPS + BUILD_STEPS
+# Steps that make the image.
+IMAGE_STEPS: tuple[Step, ...] = (
+    Step("copy-base-image", "copy the base image to a workspace (the cache stays untouched)",
+         copy_base_image),
+    Step("grow-image", "add headroom: file, root partition, filesystem", grow_image),
+    Step("mount-root", "mount the root filesystem on a loop device", mount_root),
+    Step("customize-image", "run customize.d/ in a qemu chroot, lay in overlays/",
+         customize_image),
+    Step("finalize-image", "remove build-only state, unmount, shrink", finalize_image),
+    Step("write-outputs", "compress, sha256, bmap, manifest, build log", write_outputs),
+)
+STEPS = PLAN_STEPS + FETCH_STEPS + IMAGE_STEPS
+
+
+def _run_steps(ctx: Context, steps: tuple[Step, ...]) -> None:
+    for step in steps:
+        log.debug(f"step {step.name}")
+        started = time.monotonic()
+        step.run(ctx)
+        ctx.timings[step.name] = time.monotonic() - started
 
 
 def run_build(ctx: Context) -> None:
-    for step in PLAN_STEPS:
-        log.debug(f"step {step.name}")
-        step.run(ctx)
-    if ctx.options.dry_run:
-        print_plan(ctx)
-        return
-    for step in BUILD_STEPS:
-        log.debug(f"step {step.name}")
-        step.run(ctx)
-    assert ctx.base is not None
-    if ctx.options.fetch_only:
-        log.result(str(ctx.base.path))
-        return
-    log.info("the image engine (mount, customize.d, overlays, output) is not part of this "
-             "version yet: the build stops with the verified base image")
-    log.result(str(ctx.base.path))
+    with ctx.stack:
+        _run_steps(ctx, PLAN_STEPS)
+        if ctx.options.dry_run:
+            print_plan(ctx)
+            return
+        _run_steps(ctx, FETCH_STEPS)
+        assert ctx.base is not None
+        if ctx.options.fetch_only:
+            log.result(str(ctx.base.path))
+            return
+        _build_image(ctx)
+
+
+def _build_image(ctx: Context) -> None:
+    cfg = ctx.config
+    _check_free_space(ctx)
+    date = datetime.date.today().strftime("%Y%m%d")
+    name = f"{cfg.output.product}-{ctx.board.id}-{cfg.base.release}-{date}"
+    out = ctx.stack.enter_context(output.outputs(ctx.ledger, _user_dir(cfg.output.dir), name,
+                                                 cfg.image.compression))
+    ctx.outputs = out
+    with log.build_log(out.temporary(".build.log")):
+        assert ctx.source is not None
+        log.info(f"building {name} for {ctx.board.name} from {ctx.source.label}")
+        _run_steps(ctx, IMAGE_STEPS)
+        assert ctx.root_dir is None and ctx.workspace is not None
+        packages = _packages_of(ctx)
+        output.write_manifest(out, _manifest(ctx, packages))
+        log.info(f"image written: {out.final(out.image_suffix)}")
+    published = out.publish()
+    for path in published:
+        log.result(str(path))
+
+
+def _packages_of(ctx: Context) -> list[dict[str, str]]:
+    """The packages in the finished image, read from its root filesystem once more."""
+    assert ctx.work_image is not None and ctx.root is not None and ctx.workspace is not None
+    root = image.current_partition(ctx.work_image, ctx.root.number)
+    with loop_device(ctx.ledger, ctx.work_image, root.start, root.size, read_only=True) as dev, \
+            mounted(ctx.ledger, dev, ctx.workspace / "final", fstype="ext4",
+                    options=("ro",)) as final:
+        return output.installed_packages(final)
 
 
 def _plan_sha256(ctx: Context) -> tuple[str | None, str, CachedImage | None]:

@@ -1,0 +1,211 @@
+"""Running programs inside the image: a chroot under qemu-user-static, kept hygienic.
+
+While a chroot session is open:
+  - proc, sysfs, /dev, /dev/pts are mounted, and tmpfs on /run and /tmp;
+  - /usr/sbin/policy-rc.d answers 101, so package scripts start no services;
+  - /etc/resolv.conf is a real file with the host's resolvers (Armbian ships a symlink into
+    /run/systemd, which dangles in a chroot);
+  - an apt proxy, when configured, is set in /etc/apt/apt.conf.d;
+  - the host's apt archive cache is bind-mounted on /var/cache/apt/archives, so a rebuild
+    downloads no .deb twice.
+On the way out every one of these is put back exactly as it was (a symlink stays a symlink).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder import log
+from builder.errors import BuildError
+from builder.ledger import Ledger
+from builder.mount import mounted
+
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Debian architecture → what `uname -m` says and the qemu-user binary that emulates it.
+QEMU = {
+    "arm64": ("aarch64", "qemu-aarch64"),
+    "armhf": ("armv7l", "qemu-arm"),
+    "riscv64": ("riscv64", "qemu-riscv64"),
+}
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+PROXY_CONF = "etc/apt/apt.conf.d/00build-image-proxy"
+
+
+def binfmt_status(arch: str) -> tuple[bool, str]:
+    """Whether the host runs `arch` binaries in a chroot by itself, and if not, why.
+
+    The kernel needs a binfmt_misc entry for the architecture with the F (fix binary) flag:
+    then it opens qemu when the entry is registered and a chroot needs no copy of it."""
+    _, qemu = QEMU[arch]
+    entry = BINFMT_DIR / qemu
+    if not (BINFMT_DIR / "status").exists():
+        return False, (f"binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc "
+                       f"{BINFMT_DIR}, then register qemu (apt-get install qemu-user-static)")
+    try:
+        text = entry.read_text()
+    except OSError:
+        return False, (f"no binfmt entry for {arch} ({entry}): apt-get install "
+                       f"qemu-user-static, then systemd-binfmt or update-binfmts --enable {qemu}")
+    if not text.startswith("enabled"):
+        return False, f"the binfmt entry {entry} is disabled: echo 1 > {entry}"
+    flags = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("flags:")), "")
+    if "F" not in flags:
+        return False, f"the binfmt entry {entry} lacks the F flag (flags: {flags or 'none'})"
+    return True, ""
+
+
+def static_qemu(arch: str) -> Path | None:
+    """The host's static qemu for `arch`, under either name distributions use."""
+    _, qemu = QEMU[arch]
+    for name in (f"{qemu}-static", qemu):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+@dataclass
+class Chroot:
+    root: Path
+    arch: str
+    env: dict[str, str]
+    log_lines: list[str] = field(default_factory=list)
+
+    def path(self, inside: str) -> Path:
+        return self.root / inside.lstrip("/")
+
+    def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+            prefix: str | None = None, what: str | None = None) -> None:
+        """Run argv inside the image with a clean environment, streaming its output."""
+        stream(["chroot", str(self.root), *argv], env={**self.env, **(env or {})},
+               prefix=prefix, what=what or " ".join(argv))
+
+
+def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
+           what: str, cwd: Path | None = None) -> None:
+    """Run argv, showing each line of its output as it comes, prefixed with `[prefix]`.
+    A failure is a BuildError with the exit code, after the last lines were shown."""
+    log.debug("+ " + " ".join(argv))
+    tail: list[str] = []
+    proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail = [*tail[-19:], line]
+            log.step_output(f"[{prefix}] {line}" if prefix else line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        if code == 127 and not tail:
+            raise BuildError(f"{what}: command not found")
+        log.info(f"last lines of {what}:")
+        for line in tail[-10:]:
+            log.info(f"  | {line}")
+        raise BuildError(f"{what} failed with exit code {code}")
+
+
+def clean_env(extra: Mapping[str, str] | None = None, proxy: str | None = None) -> dict[str, str]:
+    """The whole environment of a program in the image: nothing inherited from the host
+    (no PIP_*, no proxy, no locale the image lacks) unless configured."""
+    env = {
+        "PATH": PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": "/root",
+        "TERM": os.environ.get("TERM", "dumb"),
+        "DEBIAN_FRONTEND": "noninteractive",
+        "DEBCONF_NONINTERACTIVE_SEEN": "true",
+    }
+    if proxy:
+        env.update(http_proxy=proxy, https_proxy=proxy)
+    env.update(extra or {})
+    return env
+
+
+@contextmanager
+def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
+    """`path` holds `content` for a while; then exactly what was there before comes back:
+    the same file, the same symlink, or nothing."""
+    saved: tuple[str, bytes | str, int] | None = None
+    if path.is_symlink():
+        saved = ("link", os.readlink(path), 0)
+    elif path.exists():
+        st = path.stat()
+        saved = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.write_bytes(content)
+    path.chmod(mode)
+    try:
+        yield
+    finally:
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        if saved is not None:
+            kind, data, old_mode = saved
+            if kind == "link":
+                os.symlink(data, path)
+            else:
+                assert isinstance(data, bytes)
+                path.write_bytes(data)
+                path.chmod(old_mode)
+
+
+def host_resolv_conf() -> bytes:
+    try:
+        return Path("/etc/resolv.conf").read_bytes()
+    except OSError:
+        return b""
+
+
+@contextmanager
+def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | None,
+                   apt_proxy: str | None, env: Mapping[str, str]) -> Iterator[Chroot]:
+    with ExitStack() as stack:
+        ok, why = binfmt_status(arch)
+        if not ok:
+            # Without the F flag the interpreter must exist inside the chroot, at the path
+            # the entry names; copying the static binary there is the classic workaround.
+            qemu = static_qemu(arch)
+            if qemu is None:
+                raise BuildError(f"cannot run {arch} programs: {why}")
+            copy = root / "usr/bin" / qemu.name
+            stack.enter_context(_replaced_file(copy, qemu.read_bytes(), 0o755))
+        for source, target, fstype, options in (
+            ("proc", "proc", "proc", ("nosuid", "nodev", "noexec")),
+            ("sysfs", "sys", "sysfs", ("nosuid", "nodev", "noexec", "ro")),
+            ("/dev", "dev", None, ()),
+            ("devpts", "dev/pts", "devpts", ("gid=5", "mode=620", "ptmxmode=666")),
+            ("tmpfs", "run", "tmpfs", ("mode=755", "nosuid", "nodev")),
+            ("tmpfs", "tmp", "tmpfs", ("mode=1777", "nosuid", "nodev")),
+        ):
+            stack.enter_context(mounted(ledger, source, root / target, fstype=fstype,
+                                        options=options, bind=fstype is None))
+        stack.enter_context(_replaced_file(root / "usr/sbin/policy-rc.d",
+                                           b"#!/bin/sh\n# build-image: no services now\nexit 101\n",
+                                           0o755))
+        stack.enter_context(_replaced_file(root / "etc/resolv.conf", host_resolv_conf(), 0o644))
+        if apt_proxy:
+            conf = f'Acquire::http::Proxy "{apt_proxy}";\nAcquire::https::Proxy "{apt_proxy}";\n'
+            stack.enter_context(_replaced_file(root / PROXY_CONF, conf.encode(), 0o644))
+        if apt_cache is not None:
+            apt_cache.mkdir(parents=True, exist_ok=True)
+            (apt_cache / "partial").mkdir(exist_ok=True)
+            stack.enter_context(mounted(ledger, str(apt_cache),
+                                        root / "var/cache/apt/archives", bind=True))
+        yield Chroot(root=root, arch=arch, env=clean_env(env, apt_proxy))

@@ -1,0 +1,188 @@
+"""Where scripts run and files are laid into the image: customize.d/ and overlays/.
+
+customize.d/ scripts run in the order of their names. The name says where a script runs:
+
+    NN-name.chroot[.sh|.py|...]   inside the image (chroot, under qemu-user-static)
+    NN-name.host[.sh|.py|...]     on the build host, with the mounted image at $IMAGE_ROOT
+
+Files ending in `.disabled` and dotfiles are skipped; any other name, or a script that is not
+executable, is an error before the build starts. Every script gets this environment:
+
+    IMAGE_BOARD    board id (orangepi5)          IMAGE_ARCH     armhf | arm64
+    IMAGE_RELEASE  trixie, noble, ...            IMAGE_FAMILY   Armbian family (rockchip-rk3588)
+    IMAGE_CONFIG   the resolved settings as JSON (inside the image for .chroot scripts)
+    IMAGE_ROOT     the mounted root filesystem   (.host scripts only)
+
+overlays/ is copied into the root filesystem with modes and symlinks kept, owned by root.
+A file ending in `.j2` is a Jinja2 template: it is rendered with `config` (the settings) and
+`board` (the catalog entry) and written without the suffix. An unknown variable is an error,
+found before the build starts by rendering every template once.
+
+--customize DIR and --overlay DIR add directories after the built-in ones; a user script
+with the same name as a built-in one replaces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from builder import log
+from builder.boards import Board
+from builder.chroot import Chroot, stream
+from builder.config import Config
+from builder.errors import BuildError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"
+BUILTIN_OVERLAYS = REPO_ROOT / "overlays"
+CONFIG_IN_IMAGE = "/tmp/build-image/config.json"
+
+
+@dataclass(frozen=True)
+class Script:
+    path: Path
+    where: str          # "chroot" or "host"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name.endswith(".disabled") or name in ("README.md",)
+
+
+def find_scripts(dirs: Sequence[Path]) -> list[Script]:
+    """The scripts to run, in order; a later directory's script replaces one of the same
+    name. Checked completely before anything runs."""
+    chosen: dict[str, Script] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise BuildError(f"customize directory {directory} does not exist")
+        for path in sorted(directory.iterdir()):
+            if _skipped(path.name) or path.is_dir():
+                continue
+            suffixes = path.suffixes
+            where = ("chroot" if ".chroot" in suffixes else
+                     "host" if ".host" in suffixes else None)
+            if where is None:
+                raise BuildError(f"{path}: a customize script's name must say where it runs: "
+                                 f"NN-name.chroot (in the image) or NN-name.host (on the host); "
+                                 f"rename it, or add .disabled to skip it")
+            if not os.access(path, os.X_OK):
+                raise BuildError(f"{path} is not executable: chmod +x {path}")
+            with open(path, "rb") as f:
+                if f.read(2) != b"#!":
+                    raise BuildError(f"{path} has no #! line: start it with #!/bin/sh "
+                                     f"(or the interpreter it needs)")
+            chosen[path.name] = Script(path, where)
+    return [chosen[name] for name in sorted(chosen)]
+
+
+def script_env(config: Config, board: Board, config_json: str) -> dict[str, str]:
+    return {
+        "IMAGE_BOARD": board.id,
+        "IMAGE_ARCH": board.arch,
+        "IMAGE_RELEASE": config.base.release,
+        "IMAGE_FAMILY": board.family,
+        "IMAGE_CONFIG": config_json,
+    }
+
+
+def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board: Board,
+                host_env: Mapping[str, str]) -> None:
+    """Run each script, streaming its output with its name in front."""
+    inside = chroot.path(CONFIG_IN_IMAGE)
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_text(json.dumps(template_context(config, board), indent=2))
+    for script in scripts:
+        log.info(f"running customize.d/{script.name} ({script.where})")
+        if script.where == "chroot":
+            copy = chroot.path(f"/tmp/build-image/{script.name}")
+            shutil.copyfile(script.path, copy)
+            copy.chmod(0o755)
+            chroot.run([f"/tmp/build-image/{script.name}"],
+                       env=script_env(config, board, CONFIG_IN_IMAGE),
+                       prefix=script.name, what=f"customize.d/{script.name}")
+        else:
+            env = {**host_env, **script_env(config, board, str(inside)),
+                   "IMAGE_ROOT": str(chroot.root)}
+            stream([str(script.path)], env=env, prefix=script.name,
+                   what=f"customize.d/{script.name}", cwd=script.path.parent)
+
+
+def template_context(config: Config, board: Board) -> dict[str, Any]:
+    board_data = dataclasses.asdict(board)
+    board_data["consoles"] = [dataclasses.asdict(c) for c in board.consoles]
+    return {"config": config.to_dict(), "board": board_data}
+
+
+def _environment(directory: Path) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(directory)),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+def render_templates(dirs: Sequence[Path], context: Mapping[str, Any]) -> dict[Path, str]:
+    """Render every .j2 file of the overlays; a template error names the file and line."""
+    rendered: dict[Path, str] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            raise BuildError(f"overlay directory {directory} does not exist")
+        env = _environment(directory)
+        for path in sorted(directory.rglob("*.j2")):
+            name = path.relative_to(directory).as_posix()
+            try:
+                rendered[path] = env.get_template(name).render(**context)
+            except jinja2.TemplateError as exc:
+                line = getattr(exc, "lineno", None)
+                where = f"{path}:{line}" if line else str(path)
+                raise BuildError(f"overlay template {where}: {exc}") from None
+    return rendered
+
+
+def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str]) -> int:
+    """Copy each overlay tree into root, later trees over earlier ones; return file count."""
+    count = 0
+    for directory in dirs:
+        for source in sorted(directory.rglob("*")):
+            relative = source.relative_to(directory)
+            if any(part.startswith(".") for part in relative.parts) or \
+                    relative.as_posix() == "README.md":
+                continue
+            target = root / relative
+            if source.is_symlink():
+                if target.is_symlink() or target.exists():
+                    target.unlink()
+                os.symlink(os.readlink(source), target)
+                os.lchown(target, 0, 0)
+            elif source.is_dir():
+                # A directory the image already has (/etc, /tmp) keeps its own mode.
+                if not target.exists():
+                    target.mkdir()
+                    target.chmod(stat.S_IMODE(source.stat().st_mode))
+                    os.chown(target, 0, 0)
+            else:
+                mode = stat.S_IMODE(source.stat().st_mode)
+                if source.suffix == ".j2":
+                    target = target.with_suffix("")
+                    data = rendered[source].encode()
+                else:
+                    data = source.read_bytes()
+                if target.is_symlink():
+                    target.unlink()
+                target.write_bytes(data)
+                target.chmod(mode)
+                os.chown(target, 0, 0)
+                count += 1
+    return count

@@ -1,0 +1,207 @@
+"""The image file: its partition table, its root partition, growing and shrinking it.
+
+Only the partition table itself and the root partition are ever written. The gap between the
+table and the first partition holds the board's bootloader (U-Boot at 8 KiB on Allwinner,
+32 KiB on Rockchip) and is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log
+from builder.errors import BuildError
+from builder.ledger import Ledger
+from builder.mount import loop_device
+from builder.run import run
+
+SECTOR = 512
+# A GPT keeps a copy of itself in the last 33 sectors (header + 128 entries of 128 bytes).
+GPT_BACKUP_SECTORS = 33
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start: int          # bytes
+    size: int           # bytes
+    type: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+@dataclass(frozen=True)
+class Table:
+    label: str          # "dos" or "gpt"
+    partitions: tuple[Partition, ...]
+
+    @property
+    def last(self) -> Partition:
+        return max(self.partitions, key=lambda p: p.start)
+
+
+def read_table(image: Path) -> Table:
+    proc = run(["sfdisk", "--json", image], capture=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"{image} has no partition table (sfdisk: "
+                         f"{proc.stderr.decode(errors='replace').strip()}): is it a disk image?")
+    table = json.loads(proc.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", SECTOR))
+    parts = []
+    for p in table.get("partitions", []):
+        number = int(re.sub(r".*?(\d+)$", r"\1", p["node"]))
+        parts.append(Partition(number, int(p["start"]) * sector, int(p["size"]) * sector,
+                               str(p.get("type", ""))))
+    if not parts:
+        raise BuildError(f"{image} has a partition table but no partitions: not a system image")
+    return Table(str(table["label"]), tuple(parts))
+
+
+@dataclass(frozen=True)
+class RootFs:
+    partition: Partition
+    label: str
+
+
+def find_root(ledger: Ledger, image: Path, table: Table) -> RootFs:
+    """The root partition, by what is in it: ext4 holding /etc/os-release; Armbian's label
+    armbi_root first. Not by number: boards with a separate /boot partition put root second."""
+    candidates: list[RootFs] = []
+    for part in table.partitions:
+        with loop_device(ledger, image, part.start, part.size, read_only=True) as dev:
+            probe = run(["blkid", "--probe", "--output", "export", dev], capture=True,
+                        check=False)
+            fields = dict(line.split("=", 1) for line in
+                          probe.stdout.decode(errors="replace").splitlines() if "=" in line)
+            if fields.get("TYPE") != "ext4":
+                continue
+            # debugfs reads the filesystem without mounting it.
+            found = run(["debugfs", "-R", "stat /etc/os-release", dev], capture=True,
+                        check=False)
+            if b"Inode:" not in found.stdout:
+                continue
+            candidates.append(RootFs(part, fields.get("LABEL", "")))
+    if not candidates:
+        raise BuildError(f"{image} has no ext4 partition with an operating system in it "
+                         f"(/etc/os-release): not an Armbian or Debian image")
+    candidates.sort(key=lambda r: (r.label != "armbi_root", r.partition.number))
+    root = candidates[0]
+    log.info(f"root filesystem: partition {root.partition.number} "
+             f"({root.label or 'no label'}, {root.partition.size >> 20} MiB)")
+    return root
+
+
+def check_fs(device: str) -> None:
+    """e2fsck -f, which resize2fs insists on; exit 1 means it fixed something, not a failure."""
+    proc = run(["e2fsck", "-f", "-y", device], capture=True, check=False)
+    if proc.returncode not in (0, 1):
+        raise BuildError(f"the root filesystem has errors e2fsck cannot repair "
+                         f"(e2fsck exited {proc.returncode}): the base image is damaged")
+
+
+def grow(ledger: Ledger, image: Path, table: Table, root: RootFs, headroom: int) -> Partition:
+    """Make the image file `headroom` bytes larger, the root partition (the last one) up to
+    the new end, and the filesystem to fill it."""
+    if root.partition != table.last:
+        raise BuildError(f"the root filesystem is partition {root.partition.number}, but the "
+                         f"last partition is {table.last.number}: it cannot grow")
+    headroom -= headroom % (1 << 20)
+    old_size = image.stat().st_size
+    try:
+        with open(image, "r+b") as f:
+            f.truncate(old_size + headroom)
+    except OSError as exc:
+        raise BuildError(f"cannot enlarge {image} by {headroom >> 20} MiB: {exc.strerror}; "
+                         f"free space or lower image.headroom") from None
+    if table.label == "gpt":
+        # The backup GPT must sit at the very end of the disk, which just moved.
+        run(["sfdisk", "--no-reread", "--no-tell-kernel", "--relocate", "gpt-bak-std", image],
+            capture=True, what=f"move the backup GPT of {image}")
+    _resize_partition(image, root.partition.number, None)
+    grown = _partition(image, root.partition.number)
+    with loop_device(ledger, image, grown.start, grown.size) as dev:
+        check_fs(dev)
+        run(["resize2fs", dev], capture=True, what="grow the root filesystem")
+    log.info(f"grew the root filesystem by {headroom >> 20} MiB to {grown.size >> 20} MiB")
+    return grown
+
+
+def trim(mountpoint: Path) -> None:
+    """Give the filesystem's free blocks back to the image file as holes: they read as zeros,
+    compress to nothing and are left out of the bmap."""
+    proc = run(["fstrim", mountpoint], capture=True, check=False)
+    if proc.returncode != 0:
+        log.warn(f"fstrim {mountpoint} failed ({proc.stderr.decode(errors='replace').strip()}); "
+                 f"the image will compress less well")
+
+
+def current_partition(image: Path, number: int) -> Partition:
+    return _partition(image, number)
+
+
+def _partition(image: Path, number: int) -> Partition:
+    return next(p for p in read_table(image).partitions if p.number == number)
+
+
+def _resize_partition(image: Path, number: int, size: int | None) -> None:
+    """Set partition `number` to `size` bytes (None: up to the end of the disk), keeping its
+    start, type and every other partition."""
+    spec = "+" if size is None else str(size // SECTOR)
+    run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", "-N", str(number), image],
+        input=f", {spec}\n".encode(), capture=True, what=f"resize partition {number} of {image}")
+
+
+def shrink(ledger: Ledger, image: Path, root: Partition, free: int) -> int:
+    """Shrink the root filesystem to its contents plus `free` bytes, the partition to the
+    filesystem and the file to the partition (plus the backup GPT). Returns the new size.
+
+    Armbian grows the root partition to the card at first boot, so a small image costs the
+    user nothing."""
+    with loop_device(ledger, image, root.start, root.size) as dev:
+        check_fs(dev)
+        block_size, used_blocks = _fs_usage(dev)
+        target = used_blocks * block_size + free
+        target += (1 << 20) - target % (1 << 20)  # whole MiB
+        if target < root.size:
+            run(["resize2fs", dev, f"{target // 1024}K"], capture=True,
+                what="shrink the root filesystem")
+        else:
+            target = root.size
+    table = read_table(image)
+    if target < root.size:
+        _resize_partition(image, root.number, target)
+    end = root.start + target
+    new_size = end + (GPT_BACKUP_SECTORS * SECTOR if table.label == "gpt" else 0)
+    with open(image, "r+b") as f:
+        f.truncate(new_size)
+    if table.label == "gpt":
+        run(["sfdisk", "--no-reread", "--no-tell-kernel", "--relocate", "gpt-bak-std", image],
+            capture=True, what=f"move the backup GPT of {image}")
+    log.info(f"shrank the image to {new_size >> 20} MiB")
+    return new_size
+
+
+def _fs_usage(device: str) -> tuple[int, int]:
+    """Block size and blocks in use (incl. metadata) of an ext4 filesystem, from its
+    superblock; what resize2fs -P estimates is the minimum with room for its own needs."""
+    out = run(["dumpe2fs", "-h", device], capture=True).stdout.decode(errors="replace")
+    fields = dict(re.findall(r"^([A-Za-z ]+):\s+(\S+)", out, re.MULTILINE))
+    block_size = int(fields["Block size"])
+    minimum = run(["resize2fs", "-P", device], capture=True).stdout.decode(errors="replace")
+    match = re.search(r"(\d+)\s*$", minimum.strip())
+    used = int(match.group(1)) if match else int(fields["Block count"]) - int(
+        fields["Free blocks"])
+    return block_size, used
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    """Copy keeping holes (and sharing blocks where the filesystem can)."""
+    run(["cp", "--sparse=always", "--reflink=auto", source, target], capture=True,
+        what=f"copy {source} to {target}")
+    os.chmod(target, 0o644)

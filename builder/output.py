@@ -1,0 +1,145 @@
+"""Where the output is written: the compressed image, its sha256, bmap, manifest and log.
+
+Every file is written under a hidden temporary name in the output directory and renamed only
+at the very end, all together: a build that fails or is interrupted leaves nothing that looks
+finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import log
+from builder.errors import BuildError
+from builder.ledger import Ledger
+from builder.mount import work_path
+from builder.run import run
+
+COMPRESSORS: dict[str, tuple[str, list[str]]] = {
+    "xz": (".xz", ["xz", "--compress", "--stdout", "--threads=0"]),
+    "zstd": (".zst", ["zstd", "--compress", "--stdout", "--quiet", "-T0"]),
+    "gzip": (".gz", ["gzip", "--stdout"]),
+    "none": ("", []),
+}
+
+
+@dataclass
+class Outputs:
+    """The files of one build: final names, and the temporary ones they are written under."""
+
+    directory: Path
+    name: str
+    compression: str
+    pending: dict[Path, Path] = field(default_factory=dict)   # temporary → final
+
+    def final(self, suffix: str) -> Path:
+        return self.directory / f"{self.name}{suffix}"
+
+    def temporary(self, suffix: str) -> Path:
+        final = self.final(suffix)
+        tmp = self.directory / f".{final.name}.partial"
+        self.pending[tmp] = final
+        return tmp
+
+    @property
+    def image_suffix(self) -> str:
+        return ".img" + COMPRESSORS[self.compression][0]
+
+    def publish(self) -> list[Path]:
+        """Rename every temporary file to its final name; the image itself last but one and
+        the checksum last, so a present .sha256 means everything is there."""
+        written = [(tmp, final) for tmp, final in self.pending.items() if tmp.exists()]
+        order = sorted(written, key=lambda kv: (kv[1].suffix == ".sha256",
+                                                kv[1].name.endswith(self.image_suffix)))
+        for tmp, final in order:
+            os.replace(tmp, final)
+        self.pending.clear()
+        return [final for _, final in order]
+
+
+@contextmanager
+def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Iterator[Outputs]:
+    """The output files of a build; every temporary one is removed unless published."""
+    directory.mkdir(parents=True, exist_ok=True)
+    result = Outputs(directory, name, compression)
+    with ExitStack() as stack:
+        for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
+                       ".manifest.json", ".build.log"):
+            stack.enter_context(work_path(ledger, result.temporary(suffix)))
+        yield result
+
+
+def write_image(raw: Path, out: Outputs, level: int) -> Path:
+    """Compress the raw image with every core into its temporary output file."""
+    target = out.temporary(out.image_suffix)
+    argv = COMPRESSORS[out.compression][1]
+    if not argv:
+        run(["cp", "--sparse=always", raw, target], capture=True, what="copy the image")
+        return target
+    argv = [*argv, f"-{level}"]
+    size = raw.stat().st_size
+    with open(raw, "rb") as src, open(target, "wb") as dst, \
+            log.progress(f"compressing with {out.compression}", size) as bar:
+        proc = subprocess.Popen(argv, stdin=src, stdout=dst, stderr=subprocess.PIPE)
+        seen = 0
+        while proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+            # The compressor shares our file description of src: its position is progress.
+            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
+            bar.update(position - seen)
+            seen = position
+        if proc.returncode != 0:
+            detail = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise BuildError(f"could not compress the image ({argv[0]} exited "
+                             f"{proc.returncode}): {detail}")
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksum(image: Path, out: Outputs) -> None:
+    """`<hex>  <name>` for the image as published, which `sha256sum -c` checks."""
+    final_name = out.final(out.image_suffix).name
+    out.temporary(out.image_suffix + ".sha256").write_text(f"{sha256_of(image)}  {final_name}\n")
+
+
+def write_bmap(raw: Path, out: Outputs) -> None:
+    """A block map of the raw image: bmaptool copy writes only the blocks in use."""
+    run(["bmaptool", "create", "--output", out.temporary(".img.bmap"), raw], capture=True,
+        what="create the block map (apt-get install bmap-tools)")
+
+
+def installed_packages(root: Path) -> list[dict[str, str]]:
+    """The image's dpkg database, read with the host's dpkg-query (no emulation needed)."""
+    admin = root / "var/lib/dpkg"
+    if not admin.is_dir():
+        return []
+    proc = run(["dpkg-query", f"--admindir={admin}", "--show",
+                "--showformat=${Package}\t${Version}\t${Architecture}\t${db:Status-Abbrev}\n"],
+               capture=True, what="list the image's packages")
+    packages = []
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        name, version, arch, status = [*line.split("\t"), "", "", ""][:4]
+        if status.startswith("ii"):
+            packages.append({"name": name, "version": version, "arch": arch})
+    return packages
+
+
+def write_manifest(out: Outputs, manifest: dict[str, Any]) -> None:
+    out.temporary(".manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
