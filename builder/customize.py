@@ -145,10 +145,22 @@ def render_templates(dirs: Sequence[Path], context: Mapping[str, Any]) -> dict[P
             try:
                 rendered[path] = env.get_template(name).render(**context)
             except jinja2.TemplateError as exc:
-                line = getattr(exc, "lineno", None)
+                line = getattr(exc, "lineno", None) or _template_line(exc, path)
                 where = f"{path}:{line}" if line else str(path)
                 raise BuildError(f"overlay template {where}: {exc}") from None
     return rendered
+
+
+def _template_line(exc: BaseException, path: Path) -> int | None:
+    """The template line a render error happened on. Jinja2 rewrites the traceback so that
+    frames of template code carry the template's file name and line."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str]) -> int:

@@ -178,11 +178,22 @@ def shrink(ledger: Ledger, image: Path, root: Partition, free: int) -> int:
         _resize_partition(image, root.number, target)
     end = root.start + target
     new_size = end + (GPT_BACKUP_SECTORS * SECTOR if table.label == "gpt" else 0)
-    with open(image, "r+b") as f:
-        f.truncate(new_size)
     if table.label == "gpt":
-        run(["sfdisk", "--no-reread", "--no-tell-kernel", "--relocate", "gpt-bak-std", image],
-            capture=True, what=f"move the backup GPT of {image}")
+        # A GPT whose last usable sector lies past the end of the file is invalid, and sfdisk
+        # then sees only the protective MBR (--relocate would write that back, losing the GPT).
+        # So the same table is written anew for the shorter file: same disk and partition
+        # GUIDs, types, names and positions, the backup at the new end.
+        dump = run(["sfdisk", "--dump", image], capture=True).stdout.decode()
+        dump = "\n".join(line for line in dump.splitlines()
+                         if not line.startswith(("last-lba:", "device:")))
+        with open(image, "r+b") as f:
+            f.truncate(new_size)
+        run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", "--wipe", "never",
+             "--wipe-partitions", "never", image], input=dump.encode() + b"\n", capture=True,
+            what=f"rewrite the GPT of {image} for its new size")
+    else:
+        with open(image, "r+b") as f:
+            f.truncate(new_size)
     log.info(f"shrank the image to {new_size >> 20} MiB")
     return new_size
 

@@ -200,3 +200,110 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert lines and lines[-1].startswith("build-image: error: "), result.stderr
     assert sum(line.startswith("build-image: error:") for line in lines) == 1
     return lines[-1]
+
+
+# Base images for the image engine: a real Debian root filesystem for arm64, made once with
+# debootstrap (qemu-user-static runs its second stage) and kept outside the checkout, so a
+# later run reuses it; a cold run makes it again (about 3 minutes).
+
+TEST_CACHE = Path(os.environ.get("BUILD_IMAGE_TEST_CACHE", "/var/cache/orangepi-jupyter-tests"))
+DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def engine_capable() -> str | None:
+    """Why this machine cannot run the image engine's tests, or None."""
+    if os.geteuid() != 0:
+        return "needs root (loop devices, mounts, chroot): run the tests with sudo"
+    for tool in ("debootstrap", "losetup", "sfdisk", "mkfs.ext4", "bmaptool"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed: run ci/setup-host --dev"
+    if not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        return "qemu-aarch64 is not registered with binfmt_misc: run ci/setup-host --dev"
+    return None
+
+
+@pytest.fixture(scope="session")
+def debian_rootfs() -> Path:
+    import fcntl
+
+    reason = engine_capable()
+    if reason:
+        pytest.skip(reason)
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    key = "trixie-arm64-minbase"
+    target = TEST_CACHE / key
+    with open(TEST_CACHE / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".complete").exists():
+            tmp = TEST_CACHE / f".{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", "trixie",
+                            str(tmp), DEBIAN_MIRROR], check=True, capture_output=True,
+                           timeout=1500)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            (target / ".complete").touch()
+    return target
+
+
+@dataclass
+class BaseImage:
+    path: Path
+    table: str
+    first_partition: int     # bytes
+    gap: bytes               # what lies between the partition table and the first partition
+
+
+def make_base_image(rootfs: Path, work: Path, *, table: str = "dos", armbian: bool = True,
+                    size_mib: int = 600, label: str = "armbi_root") -> BaseImage:
+    """An image laid out like Armbian's: MBR with root at 4 MiB (sunxi), or GPT with root at
+    16 MiB (rk3588); random bytes where the bootloader would be."""
+    tree = work / "tree"
+    # Hard links: instant, and the cached root filesystem is never written to (files are only
+    # added or replaced below, never changed in place).
+    subprocess.run(["cp", "-al", str(rootfs), str(tree)], check=True)
+    (tree / ".complete").unlink(missing_ok=True)
+    if armbian:
+        (tree / "etc/armbian-release").write_text(
+            "BOARD=orangepi5\nBOARD_NAME=\"Orange Pi 5\"\nBOARDFAMILY=rockchip-rk3588\n"
+            "LINUXFAMILY=rockchip-rk3588\nARCH=arm64\nVERSION=26.5.1\n")
+        (tree / "root/.not_logged_in_yet").write_text("")
+        for unit in ("getty@.service.d", "serial-getty@.service.d"):
+            override = tree / "etc/systemd/system" / unit
+            override.mkdir(parents=True, exist_ok=True)
+            (override / "override.conf").write_text(
+                "[Service]\nExecStart=\nExecStart=-/sbin/agetty --noissue --autologin root "
+                "%I $TERM\n")
+        resolv = tree / "etc/resolv.conf"
+        resolv.unlink(missing_ok=True)
+        resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    start = (4 if table == "dos" else 16) << 20
+    path = work / "base.img"
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    layout = f"label: {table}\nstart={start // 512}, type=" + \
+        ("83" if table == "dos" else "0FC63DAF-8483-4772-8E79-3D69D8477DE4") + "\n"
+    subprocess.run(["sfdisk", "-q", str(path)], input=layout.encode(), check=True)
+    table_end = 512 if table == "dos" else 34 * 512
+    gap = random.Random(42).randbytes(start - table_end)
+    with open(path, "r+b") as f:
+        f.seek(table_end)
+        f.write(gap)
+    size_k = ((size_mib << 20) - start - (33 * 512 if table == "gpt" else 0)) // 1024
+    subprocess.run(["mkfs.ext4", "-q", "-L", label, "-d", str(tree), "-E",
+                    f"offset={start}", str(path), f"{size_k}k"], check=True)
+    shutil.rmtree(tree)
+    return BaseImage(path, table, start, gap)
+
+
+def leftover_resources(where: Path) -> list[str]:
+    """Loop devices backed by files under `where` and mounts under it: a build must leave
+    none, whether it succeeded, failed or was interrupted."""
+    found = []
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output",
+                            "NAME,BACK-FILE"], capture_output=True, text=True).stdout
+    found += [line for line in loops.splitlines() if str(where) in line]
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if line.split()[4].startswith(str(where)):
+            found.append(line)
+    return found

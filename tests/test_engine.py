@@ -1,0 +1,294 @@
+"""The image engine on real loop devices with a real qemu-user chroot: grow, customize,
+overlays, shrink, outputs; and every way a build can fail or be stopped, after which no loop
+device, mount or finished-looking file may be left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BUILD_IMAGE,
+    REPO,
+    BaseImage,
+    cli_env,
+    error_line,
+    leftover_resources,
+    make_base_image,
+    run_cli,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
+        "--set", "image.headroom=512MiB")
+
+
+@pytest.fixture
+def base(debian_rootfs: Path, tmp_path: Path) -> BaseImage:
+    return make_base_image(debian_rootfs, tmp_path)
+
+
+@pytest.fixture
+def user_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """A customize.d and an overlay of a user's, exercising every kind of file."""
+    scripts = tmp_path / "my-customize.d"
+    scripts.mkdir()
+    chroot = scripts / "50-arch.chroot.sh"
+    chroot.write_text("#!/bin/sh\nset -e\nuname -m > /root/arch\n"
+                      "echo \"board=$IMAGE_BOARD arch=$IMAGE_ARCH release=$IMAGE_RELEASE\"\n"
+                      "test -s \"$IMAGE_CONFIG\"\n"
+                      "rc=0; /usr/sbin/policy-rc.d || rc=$?; echo rc=$rc\n"
+                      "test -f /etc/resolv.conf && test ! -L /etc/resolv.conf\n")
+    host = scripts / "60-host.host"
+    host.write_text("#!/bin/sh\nset -e\ntouch \"$IMAGE_ROOT/etc/host-was-here\"\n")
+    (scripts / "70-skipped.chroot.disabled").write_text("#!/bin/sh\nexit 1\n")
+    for script in scripts.iterdir():
+        script.chmod(0o755)
+    overlay = tmp_path / "my-overlay"
+    (overlay / "etc/jupyter").mkdir(parents=True)
+    secret = overlay / "etc/jupyter/private.conf"
+    secret.write_text("mode 0640\n")
+    secret.chmod(0o640)
+    (overlay / "etc/jupyter/link").symlink_to("private.conf")
+    (overlay / "etc/jupyter/port.txt.j2").write_text(
+        "{{ board.id }} listens on {{ config.jupyter.port }}\n")
+    return scripts, overlay
+
+
+def build(base: BaseImage, tmp_path: Path, *extra: str | os.PathLike[str]
+          ) -> subprocess.CompletedProcess[str]:
+    return run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
+                   tmp_path / "cache", "--output", tmp_path / "out", *FAST, *extra, timeout=600)
+
+
+@pytest.fixture
+def checked(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert leftover_resources(tmp_path) == []
+
+
+def outputs(tmp_path: Path) -> dict[str, Path]:
+    out = tmp_path / "out"
+    return {p.name.split(".", 1)[1]: p for p in out.iterdir()} if out.exists() else {}
+
+
+def raw_image(path: Path, target: Path) -> Path:
+    subprocess.run(["zstd", "-q", "-d", str(path), "-o", str(target)], check=True)
+    return target
+
+
+def read_from(image: Path, offset: int, *paths: str) -> dict[str, str]:
+    """Files of the image's root filesystem, read with debugfs (no mount needed)."""
+    found = {}
+    for path in paths:
+        proc = subprocess.run(["debugfs", "-R", f"cat {path}", f"{image}"], capture_output=True,
+                              text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"})
+        found[path] = proc.stdout
+    return found
+
+
+def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
+                                        user_dirs: tuple[Path, Path], checked: None) -> None:
+    scripts, overlay = user_dirs
+    result = build(base, tmp_path, "--customize", scripts, "--overlay", overlay)
+    assert result.returncode == 0, result.stderr
+    assert "[50-arch.chroot.sh] board=orangepi5 arch=arm64 release=trixie" in result.stderr
+    assert "[50-arch.chroot.sh] rc=101" in result.stderr
+    assert "70-skipped" not in result.stderr
+
+    files = outputs(tmp_path)
+    assert set(files) == {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json", "build.log"}
+    stem = files["img.zst"].name.removesuffix(".img.zst")
+    assert stem.startswith("orangepi-jupyter-orangepi5-trixie-")
+    assert result.stdout.split() == sorted(result.stdout.split(), key=lambda p: (
+        p.endswith(".sha256"), p.endswith(".img.zst"))) and len(result.stdout.split()) == 5
+    subprocess.run(["sha256sum", "-c", files["img.zst.sha256"].name], cwd=tmp_path / "out",
+                   check=True, capture_output=True)
+    manifest = json.loads(files["manifest.json"].read_text())
+    names = {p["name"] for p in manifest["packages"]}
+    assert {"dpkg", "apt", "libc6"} <= names
+    assert manifest["board"]["id"] == "orangepi5" and manifest["config"]["jupyter"]["port"]
+    assert set(manifest["steps"]) >= {"grow-image", "customize-image", "write-outputs"}
+    assert "[50-arch.chroot.sh] rc=101" in files["build.log"].read_text()
+
+    raw = raw_image(files["img.zst"], tmp_path / "result.img")
+    # The bootloader area was never written.
+    with open(raw, "rb") as f:
+        f.seek(base.first_partition - len(base.gap))
+        assert f.read(len(base.gap)) == base.gap
+    # Grown for the build, then shrunk: smaller than base + headroom.
+    assert raw.stat().st_size < base.path.stat().st_size + (512 << 20)
+    part = tmp_path / "root.ext4"
+    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
+                    f"skip={base.first_partition >> 20}", "status=none"], check=True)
+    seen = read_from(part, 0, "/root/arch", "/etc/jupyter/port.txt", "/etc/host-was-here",
+                     "/etc/orangepi-jupyter-release", "/etc/machine-id")
+    assert seen["/root/arch"] == "aarch64\n"
+    assert seen["/etc/jupyter/port.txt"] == "orangepi5 listens on 8888\n"
+    assert "BOARD=orangepi5" in seen["/etc/orangepi-jupyter-release"]
+    assert seen["/etc/machine-id"] == ""
+    stat = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/private.conf", str(part)],
+                          capture_output=True, text=True).stdout
+    assert "Mode:  0640" in stat and "User:     0" in stat
+    link = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", str(part)],
+                          capture_output=True, text=True).stdout
+    assert "Type: symlink" in link and "stub-resolv.conf" in link
+    policy = subprocess.run(["debugfs", "-R", "stat /usr/sbin/policy-rc.d", str(part)],
+                            capture_output=True, text=True)
+    assert "File not found" in policy.stderr
+    assert not (tmp_path / "cache" / "work").exists() or \
+        not list((tmp_path / "cache" / "work").iterdir())
+
+
+def test_bmap_copy_onto_a_card(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    assert build(base, tmp_path).returncode == 0
+    files = outputs(tmp_path)
+    raw = raw_image(files["img.zst"], tmp_path / "result.img")
+    card = tmp_path / "card.img"
+    with open(card, "wb") as f:
+        f.write(os.urandom(1 << 20))   # a used card: old data the copy must overwrite
+        f.truncate(raw.stat().st_size + (64 << 20))
+    device = subprocess.run(["losetup", "--find", "--show", str(card)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        subprocess.run(["bmaptool", "copy", str(files["img.zst"]), device], check=True,
+                       capture_output=True)
+        with open(device, "rb") as dev, open(raw, "rb") as img:
+            while chunk := img.read(1 << 20):
+                assert dev.read(len(chunk)) == chunk
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+
+
+def test_gpt_image(debian_rootfs: Path, tmp_path: Path, checked: None) -> None:
+    base = make_base_image(debian_rootfs, tmp_path, table="gpt")
+    result = build(base, tmp_path)
+    assert result.returncode == 0, result.stderr
+    raw = raw_image(outputs(tmp_path)["img.zst"], tmp_path / "result.img")
+    verify = subprocess.run(["sfdisk", "--verify", str(raw)], capture_output=True, text=True)
+    assert verify.returncode == 0 and "problems" not in verify.stdout.lower(), verify.stdout
+    dump = json.loads(subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True,
+                                     check=True).stdout)["partitiontable"]
+    assert dump["label"] == "gpt" and dump["partitions"][0]["start"] == 32768
+    with open(raw, "rb") as f:
+        f.seek(34 * 512)
+        assert f.read(len(base.gap)) == base.gap
+
+
+def test_failing_script_stops_the_build(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    scripts = tmp_path / "fail.d"
+    scripts.mkdir()
+    bad = scripts / "20-fail.chroot"
+    bad.write_text("#!/bin/sh\necho about to fail\nexit 3\n")
+    bad.chmod(0o755)
+    result = build(base, tmp_path, "--customize", scripts)
+    line = error_line(result)
+    assert line == "build-image: error: customize.d/20-fail.chroot failed with exit code 3"
+    assert "  | about to fail" in result.stderr
+    assert outputs(tmp_path) == {} or not any(
+        not p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+    assert not any((tmp_path / "out").glob(".*")), "no temporary output left"
+
+
+@pytest.mark.parametrize("problem", ["not executable", "no kind", "no shebang"])
+def test_bad_script_is_found_before_anything_runs(base: BaseImage, tmp_path: Path,
+                                                  problem: str, checked: None) -> None:
+    scripts = tmp_path / "bad.d"
+    scripts.mkdir()
+    name = "30-x.sh" if problem == "no kind" else "30-x.chroot"
+    script = scripts / name
+    script.write_text("echo hi\n" if problem == "no shebang" else "#!/bin/sh\necho hi\n")
+    script.chmod(0o644 if problem == "not executable" else 0o755)
+    line = error_line(build(base, tmp_path, "--customize", scripts))
+    expected = {"not executable": "is not executable: chmod +x",
+                "no kind": "must say where it runs", "no shebang": "has no #! line"}[problem]
+    assert expected in line
+    assert not (tmp_path / "cache" / "work").exists()
+
+
+def test_template_with_an_unknown_variable(base: BaseImage, tmp_path: Path) -> None:
+    overlay = tmp_path / "ov"
+    (overlay / "etc").mkdir(parents=True)
+    (overlay / "etc/x.conf.j2").write_text("line one\n{{ config.jupyter.nope }}\n")
+    line = error_line(build(base, tmp_path, "--overlay", overlay, "--dry-run"))
+    assert f"overlay template {overlay}/etc/x.conf.j2:2:" in line and "nope" in line
+
+
+def test_image_without_an_ext4_root(tmp_path: Path, checked: None) -> None:
+    path = tmp_path / "fat.img"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["sfdisk", "-q", str(path)], input=b"label: dos\nstart=8192, type=c\n",
+                   check=True)
+    line = error_line(run_cli("--board", "orangepipc", "--base", path, "--cache-dir",
+                              tmp_path / "cache", "--output", tmp_path / "out", *FAST))
+    assert "has no ext4 partition with an operating system in it" in line
+
+
+def test_not_root(base: BaseImage, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    base.path.chmod(0o644)
+    result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
+                     "/tmp/nobody-cache", "--output", "/tmp/nobody-out", user=65534)
+    assert "building an image needs root" in error_line(result)
+
+
+def wait_for(predicate, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def slow_script(tmp_path: Path) -> tuple[Path, Path]:
+    scripts = tmp_path / "slow.d"
+    scripts.mkdir()
+    marker = tmp_path / "started"
+    script = scripts / "40-slow.host"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 60\n")
+    script.chmod(0o755)
+    return scripts, marker
+
+
+def test_sigint_during_a_script(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    scripts, marker = slow_script(tmp_path)
+    proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--base", str(base.path),
+                             "--cache-dir", str(tmp_path / "cache"), "--output",
+                             str(tmp_path / "out"), "--customize", str(scripts), *FAST],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(marker.exists)
+    assert leftover_resources(tmp_path), "the build holds a loop device and mounts by now"
+    os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C reaches the whole foreground group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    assert not any((tmp_path / "out").glob("*")), "nothing that looks finished"
+
+
+def test_sigkill_then_cleanup(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    scripts, marker = slow_script(tmp_path)
+    proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--base", str(base.path),
+                             "--cache-dir", str(tmp_path / "cache"), "--output",
+                             str(tmp_path / "out"), "--customize", str(scripts), *FAST],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(marker.exists)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = leftover_resources(tmp_path)
+    assert left, "SIGKILL runs no cleanup: the loop device and mounts are still there"
+    result = run_cli("--cleanup")
+    assert result.returncode == 0, result.stderr
+    assert "cleaned up after 1 killed build" in result.stdout
+    assert leftover_resources(tmp_path) == []
+    assert not any((tmp_path / "out").glob("*"))
+    assert not list((tmp_path / "cache" / "work").iterdir())
+    assert run_cli("--cleanup").stdout.strip() == "nothing to clean up"
