@@ -174,6 +174,21 @@ def run_cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
                           text=True, timeout=timeout)
 
 
+NOBODY = 65534
+
+
+def require_nobody_can_run() -> None:
+    """Skip unless the unprivileged user nobody can run the checkout's Python (a clone
+    under /root, mode 700, cannot be)."""
+    python = os.path.realpath(sys.executable)
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                            "--clear-groups", python, "-c",
+                            f"import os; os.listdir({str(REPO)!r})"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"the checkout or its Python is not readable by user nobody: "
+                    f"{probe.stderr.decode(errors='replace').strip()[-200:]}")
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "COV_"))}
     env["PYTHONPATH"] = str(REPO)

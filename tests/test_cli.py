@@ -16,9 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BUILD_IMAGE, REPO, FakeArmbian, cli_env, error_line, run_cli
-
-NOBODY = 65534
+from conftest import (
+    BUILD_IMAGE,
+    NOBODY,
+    REPO,
+    FakeArmbian,
+    cli_env,
+    error_line,
+    require_nobody_can_run,
+    run_cli,
+)
 
 
 def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
@@ -67,12 +74,7 @@ def world_readable_tmp() -> Iterator[Path]:
 def test_dry_run_and_fetch_only_work_without_root(armbian: FakeArmbian,
                                                   world_readable_tmp: Path) -> None:
     """Run as the unprivileged user nobody: planning and fetching need no root."""
-    python = Path(os.path.realpath(REPO / ".venv" / "bin" / "python"))
-    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                            "--clear-groups", str(python), "-c",
-                            f"import os; os.listdir({str(REPO)!r})"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"the checkout or its Python is not readable by user nobody: {probe.stderr!r}")
+    require_nobody_can_run()
     pub = armbian.publish("orangepi5")
     cache = world_readable_tmp / "cache"
     args = ("--board", "orangepi", "--armbian-index", armbian.index_url, "--cache-dir", cache)

@@ -21,6 +21,7 @@ from conftest import (
     error_line,
     leftover_resources,
     make_base_image,
+    require_nobody_can_run,
     run_cli,
 )
 
@@ -233,6 +234,7 @@ def test_image_without_an_ext4_root(tmp_path: Path, checked: None) -> None:
 
 
 def test_not_root(base: BaseImage, tmp_path: Path) -> None:
+    require_nobody_can_run()
     tmp_path.chmod(0o755)
     base.path.chmod(0o644)
     result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
