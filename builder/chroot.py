@@ -13,6 +13,7 @@ On the way out every one of these is put back exactly as it was (a symlink stays
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -39,28 +40,39 @@ BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 PROXY_CONF = "etc/apt/apt.conf.d/00build-image-proxy"
 
 
-def binfmt_status(arch: str) -> tuple[bool, str]:
-    """Whether the host runs `arch` binaries in a chroot by itself, and if not, why.
+@dataclass(frozen=True)
+class Binfmt:
+    """How the kernel runs `arch` binaries: `usable` without help; `interpreter` is where
+    an entry without the F flag looks for qemu (inside the chroot); `problem` says what is
+    wrong, with the fix."""
 
-    The kernel needs a binfmt_misc entry for the architecture with the F (fix binary) flag:
-    then it opens qemu when the entry is registered and a chroot needs no copy of it."""
+    usable: bool
+    interpreter: str | None
+    problem: str
+
+
+def binfmt_status(arch: str) -> Binfmt:
+    """The kernel needs an enabled binfmt_misc entry for the architecture. With the F (fix
+    binary) flag it opened qemu when the entry was registered, and a chroot needs nothing;
+    without it, qemu is looked up at the entry's path inside the chroot at every exec."""
     _, qemu = QEMU[arch]
     entry = BINFMT_DIR / qemu
+    setup = "sudo ci/setup-host registers it (or: apt-get install qemu-user-static)"
     if not (BINFMT_DIR / "status").exists():
-        return False, (f"binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc "
-                       f"{BINFMT_DIR}, then register qemu (apt-get install qemu-user-static)")
+        return Binfmt(False, None, f"binfmt_misc is not mounted at {BINFMT_DIR}: {setup}")
     try:
         text = entry.read_text()
     except OSError:
-        return False, (f"no binfmt entry for {arch} ({entry}): apt-get install "
-                       f"qemu-user-static, then systemd-binfmt or update-binfmts --enable {qemu}")
+        return Binfmt(False, None, f"no binfmt entry for {arch} ({entry}): {setup}")
     if not text.startswith("enabled"):
-        return False, f"the binfmt entry {entry} is disabled: echo 1 > {entry}"
-    flags = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("flags:")), "")
+        return Binfmt(False, None, f"the binfmt entry {entry} is disabled: echo 1 > {entry}")
+    fields = dict(line.split(" ", 1) for line in text.splitlines()[1:] if " " in line)
+    interpreter = fields.get("interpreter", "").strip() or None
+    flags = text.split("flags:", 1)[1].splitlines()[0].strip() if "flags:" in text else ""
     if "F" not in flags:
-        return False, f"the binfmt entry {entry} lacks the F flag (flags: {flags or 'none'})"
-    return True, ""
+        return Binfmt(False, interpreter,
+                      f"the binfmt entry {entry} lacks the F flag (flags: {flags or 'none'})")
+    return Binfmt(True, interpreter, "")
 
 
 def static_qemu(arch: str) -> Path | None:
@@ -146,6 +158,11 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
     elif path.exists():
         st = path.stat()
         saved = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode))
+    created = []   # directories made for it, deepest last, to remove again
+    parent = path.parent
+    while not parent.exists():
+        created.insert(0, parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_symlink() or path.exists():
         path.unlink()
@@ -156,6 +173,9 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
     finally:
         if path.is_symlink() or path.exists():
             path.unlink()
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):   # not empty: something else lives there now
+                directory.rmdir()
         if saved is not None:
             kind, data, old_mode = saved
             if kind == "link":
@@ -177,14 +197,15 @@ def host_resolv_conf() -> bytes:
 def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | None,
                    apt_proxy: str | None, env: Mapping[str, str]) -> Iterator[Chroot]:
     with ExitStack() as stack:
-        ok, why = binfmt_status(arch)
-        if not ok:
+        binfmt = binfmt_status(arch)
+        if not binfmt.usable:
             # Without the F flag the interpreter must exist inside the chroot, at the path
-            # the entry names; copying the static binary there is the classic workaround.
+            # the entry names: put the static qemu there for the build (the classic
+            # workaround), and take it out again.
             qemu = static_qemu(arch)
-            if qemu is None:
-                raise BuildError(f"cannot run {arch} programs: {why}")
-            copy = root / "usr/bin" / qemu.name
+            if qemu is None or binfmt.interpreter is None:
+                raise BuildError(f"cannot run {arch} programs: {binfmt.problem}")
+            copy = root / binfmt.interpreter.lstrip("/")
             stack.enter_context(_replaced_file(copy, qemu.read_bytes(), 0o755))
         for source, target, fstype, options in (
             ("proc", "proc", "proc", ("nosuid", "nodev", "noexec")),

@@ -38,6 +38,7 @@ FLAG_KEYS = {
     "cache_dir": "cache.dir",
     "output": "output.dir",
     "apt_proxy": "apt.proxy",
+    "compress": "image.compression",
 }
 # Repeatable flags that add to a list setting.
 LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
@@ -75,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     image = p.add_argument_group("the image")
     image.add_argument("--output", metavar="DIR", help="where the image and its files go "
                        "(default ./out)")
+    image.add_argument("--compress", choices=("xz", "zstd", "gzip", "none"),
+                       help="how the image is compressed (default xz, with every core)")
     image.add_argument("--customize", metavar="DIR", action="append", default=[],
                        help="more customize.d scripts, after the built-in ones (repeatable)")
     image.add_argument("--overlay", metavar="DIR", action="append", default=[],

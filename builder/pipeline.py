@@ -118,11 +118,12 @@ def check_host(ctx: Context) -> None:
     if ctx.board.arch not in QEMU:
         raise BuildError(f"{ctx.board.id} is {ctx.board.arch}: this builder emulates only "
                          f"{', '.join(QEMU)}")
-    ok, why = binfmt_status(ctx.board.arch)
-    if not ok:
-        if static_qemu(ctx.board.arch) is None:
-            raise BuildError(f"cannot run {ctx.board.arch} programs on this host: {why}")
-        log.warn(f"{why}; copying qemu into the image for the build instead")
+    binfmt = binfmt_status(ctx.board.arch)
+    if not binfmt.usable:
+        if binfmt.interpreter is None or static_qemu(ctx.board.arch) is None:
+            raise BuildError(f"cannot run {ctx.board.arch} programs on this host: "
+                             f"{binfmt.problem}")
+        log.warn(f"{binfmt.problem}; copying qemu into the image for the build instead")
     _check_free_space(ctx)
 
 

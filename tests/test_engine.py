@@ -46,7 +46,9 @@ def user_dirs(tmp_path: Path) -> tuple[Path, Path]:
                       "echo \"board=$IMAGE_BOARD arch=$IMAGE_ARCH release=$IMAGE_RELEASE\"\n"
                       "test -s \"$IMAGE_CONFIG\"\n"
                       "rc=0; /usr/sbin/policy-rc.d || rc=$?; echo rc=$rc\n"
-                      "test -f /etc/resolv.conf && test ! -L /etc/resolv.conf\n")
+                      "test -f /etc/resolv.conf && test ! -L /etc/resolv.conf\n"
+                      "test -z \"${PIP_INDEX_URL:-}\" && echo clean env\n"
+                      "cat /etc/apt/apt.conf.d/00build-image-proxy 2>/dev/null || true\n")
     host = scripts / "60-host.host"
     host.write_text("#!/bin/sh\nset -e\ntouch \"$IMAGE_ROOT/etc/host-was-here\"\n")
     (scripts / "70-skipped.chroot.disabled").write_text("#!/bin/sh\nexit 1\n")
@@ -63,10 +65,11 @@ def user_dirs(tmp_path: Path) -> tuple[Path, Path]:
     return scripts, overlay
 
 
-def build(base: BaseImage, tmp_path: Path, *extra: str | os.PathLike[str]
-          ) -> subprocess.CompletedProcess[str]:
+def build(base: BaseImage, tmp_path: Path, *extra: str | os.PathLike[str],
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
-                   tmp_path / "cache", "--output", tmp_path / "out", *FAST, *extra, timeout=600)
+                   tmp_path / "cache", "--output", tmp_path / "out", *FAST, *extra, env=env,
+                   timeout=600)
 
 
 @pytest.fixture
@@ -98,9 +101,13 @@ def read_from(image: Path, offset: int, *paths: str) -> dict[str, str]:
 def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
                                         user_dirs: tuple[Path, Path], checked: None) -> None:
     scripts, overlay = user_dirs
-    result = build(base, tmp_path, "--customize", scripts, "--overlay", overlay)
+    result = build(base, tmp_path, "--customize", scripts, "--overlay", overlay,
+                   "--apt-proxy", "http://127.0.0.1:3142",
+                   env=cli_env(PIP_INDEX_URL="http://host-only.invalid/simple"))
     assert result.returncode == 0, result.stderr
     assert "[50-arch.chroot.sh] board=orangepi5 arch=arm64 release=trixie" in result.stderr
+    assert "[50-arch.chroot.sh] clean env" in result.stderr
+    assert '[50-arch.chroot.sh] Acquire::http::Proxy "http://127.0.0.1:3142";' in result.stderr
     assert "[50-arch.chroot.sh] rc=101" in result.stderr
     assert "70-skipped" not in result.stderr
 
@@ -130,7 +137,9 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
                     f"skip={base.first_partition >> 20}", "status=none"], check=True)
     seen = read_from(part, 0, "/root/arch", "/etc/jupyter/port.txt", "/etc/host-was-here",
-                     "/etc/orangepi-jupyter-release", "/etc/machine-id")
+                     "/etc/orangepi-jupyter-release", "/etc/machine-id",
+                     "/etc/apt/apt.conf.d/00build-image-proxy")
+    assert seen["/etc/apt/apt.conf.d/00build-image-proxy"] == ""   # gone again
     assert seen["/root/arch"] == "aarch64\n"
     assert seen["/etc/jupyter/port.txt"] == "orangepi5 listens on 8888\n"
     assert "BOARD=orangepi5" in seen["/etc/orangepi-jupyter-release"]
@@ -242,6 +251,64 @@ def test_not_root(base: BaseImage, tmp_path: Path) -> None:
     assert "building an image needs root" in error_line(result)
 
 
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def register_qemu_aarch64(flags: str) -> None:
+    """Replace the qemu-aarch64 entry by Debian's with other flags."""
+    line = next(line for line in
+                Path("/usr/lib/binfmt.d/qemu-aarch64.conf").read_text().splitlines()
+                if line.startswith(":qemu-aarch64:"))
+    (BINFMT / "qemu-aarch64").write_text("-1")
+    (BINFMT / "register").write_text(line.rsplit(":", 1)[0] + ":" + flags)
+
+
+def test_binfmt_without_f_flag(base: BaseImage, tmp_path: Path, user_dirs: tuple[Path, Path],
+                               checked: None) -> None:
+    """Without the F flag the kernel looks for qemu inside the chroot: the static qemu goes
+    into the image for the build, and must be gone from the result."""
+    register_qemu_aarch64("OP")
+    try:
+        assert "F" not in (BINFMT / "qemu-aarch64").read_text().split("flags:")[1].split()[0]
+        result = build(base, tmp_path, "--customize", user_dirs[0])
+    finally:
+        register_qemu_aarch64("OPF")
+    assert result.returncode == 0, result.stderr
+    assert "lacks the F flag" in result.stderr and "copying qemu into the image" in result.stderr
+    assert "[50-arch.chroot.sh] board=orangepi5" in result.stderr
+    raw = raw_image(outputs(tmp_path)["img.zst"], tmp_path / "result.img")
+    part = tmp_path / "root.ext4"
+    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
+                    f"skip={base.first_partition >> 20}", "status=none"], check=True)
+    listing = subprocess.run(["debugfs", "-R", "ls -l /usr/libexec", str(part)],
+                             capture_output=True, text=True).stdout
+    assert "qemu-binfmt" not in listing
+
+
+def test_binfmt_disabled(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    entry = BINFMT / "qemu-aarch64"
+    entry.write_text("0")
+    try:
+        result = build(base, tmp_path)
+    finally:
+        entry.write_text("1")
+    line = error_line(result)
+    assert "cannot run arm64 programs on this host" in line
+    assert f"is disabled: echo 1 > {entry}" in line
+    assert not (tmp_path / "cache" / "work").exists()
+
+
+def test_too_little_space_for_the_build(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(cache)], check=True)
+    try:
+        line = error_line(build(base, tmp_path))
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+    assert "not enough space for the build" in line and "--cache-dir" in line
+
+
 def wait_for(predicate, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -275,7 +342,9 @@ def test_sigint_during_a_script(base: BaseImage, tmp_path: Path, checked: None) 
     assert not any((tmp_path / "out").glob("*")), "nothing that looks finished"
 
 
-def test_sigkill_then_cleanup(base: BaseImage, tmp_path: Path, checked: None) -> None:
+@pytest.mark.parametrize("next_step", ["cleanup", "build"])
+def test_sigkill_then_cleanup(base: BaseImage, tmp_path: Path, checked: None,
+                              next_step: str) -> None:
     scripts, marker = slow_script(tmp_path)
     proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--base", str(base.path),
                              "--cache-dir", str(tmp_path / "cache"), "--output",
@@ -287,6 +356,13 @@ def test_sigkill_then_cleanup(base: BaseImage, tmp_path: Path, checked: None) ->
     proc.wait(timeout=30)
     left = leftover_resources(tmp_path)
     assert left, "SIGKILL runs no cleanup: the loop device and mounts are still there"
+    if next_step == "build":
+        # The next build finds the record of the killed one and undoes it first.
+        result = build(base, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "cleaning up after build" in result.stderr
+        assert leftover_resources(tmp_path) == []
+        return
     result = run_cli("--cleanup")
     assert result.returncode == 0, result.stderr
     assert "cleaned up after 1 killed build" in result.stdout
