@@ -158,7 +158,7 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
     elif path.exists():
         st = path.stat()
         saved = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode))
-    created = []   # directories made for it, deepest last, to remove again
+    created: list[Path] = []   # directories made for it, deepest last, to remove again
     parent = path.parent
     while not parent.exists():
         created.insert(0, parent)
