@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +77,35 @@ def binfmt_status(arch: str) -> Binfmt:
     return Binfmt(True, interpreter, "")
 
 
+def in_root(root: Path, path: str) -> Path:
+    """The host path of `path` inside the image, following symlinks the way the image itself
+    would: an absolute link (Debian's /var/run -> /run) points into the image, never at the
+    host. Refuses a path that would leave the root."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    current = root
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise BuildError(f"{path}: too many levels of symbolic links in the image")
+            link = os.readlink(candidate)
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            if link.startswith("/"):
+                current = root
+            continue
+        current = candidate
+    resolved = os.path.normpath(current)
+    if not (resolved == str(root) or resolved.startswith(str(root).rstrip("/") + "/")):
+        raise BuildError(f"{path} leads outside the image")
+    return Path(resolved)
+
+
 def static_qemu(arch: str) -> Path | None:
     """The host's static qemu for `arch`, under either name distributions use."""
     _, qemu = QEMU[arch]
@@ -108,8 +139,11 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
     A failure is a BuildError with the exit code, after the last lines were shown."""
     log.debug("+ " + " ".join(argv))
     tail: list[str] = []
+    # A session of its own: on an interruption the whole group goes, not just the script
+    # (a dpkg run leaves postinst children that would outlive it).
     proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -118,7 +152,8 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
             log.step_output(f"[{prefix}] {line}" if prefix else line)
         code = proc.wait()
     except BaseException:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
     if code != 0:
@@ -130,9 +165,9 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
         raise BuildError(f"{what} failed with exit code {code}")
 
 
-def clean_env(extra: Mapping[str, str] | None = None, proxy: str | None = None) -> dict[str, str]:
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The whole environment of a program in the image: nothing inherited from the host
-    (no PIP_*, no proxy, no locale the image lacks) unless configured."""
+    (no PIP_*, no proxy, no locale the image lacks)."""
     env = {
         "PATH": PATH,
         "LANG": "C.UTF-8",
@@ -142,8 +177,6 @@ def clean_env(extra: Mapping[str, str] | None = None, proxy: str | None = None) 
         "DEBIAN_FRONTEND": "noninteractive",
         "DEBCONF_NONINTERACTIVE_SEEN": "true",
     }
-    if proxy:
-        env.update(http_proxy=proxy, https_proxy=proxy)
     env.update(extra or {})
     return env
 
@@ -153,6 +186,8 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
     """`path` holds `content` for a while; then exactly what was there before comes back:
     the same file, the same symlink, or nothing."""
     saved: tuple[str, bytes | str, int] | None = None
+    if path.parent.is_symlink():
+        raise BuildError(f"{path.parent} is a symbolic link: refusing to write through it")
     if path.is_symlink():
         saved = ("link", os.readlink(path), 0)
     elif path.exists():
@@ -186,6 +221,47 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
                 path.chmod(old_mode)
 
 
+def kill_processes_in(root: Path) -> None:
+    """Stop every process whose root directory is the image: a daemon a script started
+    (gpg-agent, dirmngr) would keep the filesystem busy and write to it during the shrink."""
+    real = os.path.realpath(root)
+    for _ in range(3):
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.path.realpath(entry / "root") == real:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        if not found:
+            return
+        for pid in found:
+            log.warn(f"stopping process {pid} left running in the image")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+# A minimal /dev: the nodes programs in a chroot expect, and nothing that reaches the
+# host's disks. (major, minor) of character devices.
+DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
+             "urandom": (1, 9), "tty": (5, 0)}
+
+
+def populate_dev(dev: Path) -> None:
+    for name, (major, minor) in DEV_NODES.items():
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"),
+                         ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, dev / name)
+    (dev / "pts").mkdir()
+    (dev / "shm").mkdir(mode=0o1777)
+    (dev / "shm").chmod(0o1777)
+
+
 def host_resolv_conf() -> bytes:
     try:
         return Path("/etc/resolv.conf").read_bytes()
@@ -210,23 +286,30 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
         for source, target, fstype, options in (
             ("proc", "proc", "proc", ("nosuid", "nodev", "noexec")),
             ("sysfs", "sys", "sysfs", ("nosuid", "nodev", "noexec", "ro")),
-            ("/dev", "dev", None, ()),
+            ("tmpfs", "dev", "tmpfs", ("mode=755", "nosuid", "size=16m")),
             ("devpts", "dev/pts", "devpts", ("gid=5", "mode=620", "ptmxmode=666")),
+            ("tmpfs", "dev/shm", "tmpfs", ("mode=1777", "nosuid", "nodev")),
             ("tmpfs", "run", "tmpfs", ("mode=755", "nosuid", "nodev")),
             ("tmpfs", "tmp", "tmpfs", ("mode=1777", "nosuid", "nodev")),
         ):
-            stack.enter_context(mounted(ledger, source, root / target, fstype=fstype,
-                                        options=options, bind=fstype is None))
+            stack.enter_context(mounted(ledger, source, in_root(root, target), fstype=fstype,
+                                        options=options))
+            if target == "dev":
+                populate_dev(root / "dev")
         stack.enter_context(_replaced_file(root / "usr/sbin/policy-rc.d",
                                            b"#!/bin/sh\n# build-image: no services now\nexit 101\n",
                                            0o755))
         stack.enter_context(_replaced_file(root / "etc/resolv.conf", host_resolv_conf(), 0o644))
         if apt_proxy:
-            conf = f'Acquire::http::Proxy "{apt_proxy}";\nAcquire::https::Proxy "{apt_proxy}";\n'
+            # http only: an apt cache such as apt-cacher-ng refuses to tunnel HTTPS.
+            conf = f'Acquire::http::Proxy "{apt_proxy}";\n'
             stack.enter_context(_replaced_file(root / PROXY_CONF, conf.encode(), 0o644))
         if apt_cache is not None:
             apt_cache.mkdir(parents=True, exist_ok=True)
             (apt_cache / "partial").mkdir(exist_ok=True)
             stack.enter_context(mounted(ledger, str(apt_cache),
-                                        root / "var/cache/apt/archives", bind=True))
-        yield Chroot(root=root, arch=arch, env=clean_env(env, apt_proxy))
+                                        in_root(root, "var/cache/apt/archives"), bind=True))
+        # Registered last, so it runs first on the way out: nothing may still run in the
+        # image when its mounts go.
+        stack.callback(kill_processes_in, root)
+        yield Chroot(root=root, arch=arch, env=clean_env(env))

@@ -38,7 +38,7 @@ import jinja2
 
 from builder import log
 from builder.boards import Board
-from builder.chroot import Chroot, stream
+from builder.chroot import Chroot, in_root, stream
 from builder.config import Config
 from builder.errors import BuildError
 
@@ -172,7 +172,9 @@ def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str
             if any(part.startswith(".") for part in relative.parts) or \
                     relative.as_posix() == "README.md":
                 continue
-            target = root / relative
+            # Resolved the way the image sees it: through Debian's /var/run -> /run into the
+            # image's /run, never the host's.
+            target = in_root(root, str(relative.parent)) / relative.name
             if source.is_symlink():
                 if target.is_symlink() or target.exists():
                     target.unlink()
@@ -182,8 +184,8 @@ def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str
                 # A directory the image already has (/etc, /tmp) keeps its own mode.
                 if not target.exists():
                     target.mkdir()
-                    target.chmod(stat.S_IMODE(source.stat().st_mode))
                     os.chown(target, 0, 0)
+                    target.chmod(stat.S_IMODE(source.stat().st_mode))
             else:
                 mode = stat.S_IMODE(source.stat().st_mode)
                 if source.suffix == ".j2":
@@ -194,7 +196,8 @@ def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str
                 if target.is_symlink():
                     target.unlink()
                 target.write_bytes(data)
-                target.chmod(mode)
+                # chown first: it clears setuid and setgid bits, which chmod then sets.
                 os.chown(target, 0, 0)
+                target.chmod(mode)
                 count += 1
     return count

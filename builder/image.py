@@ -7,6 +7,7 @@ table and the first partition holds the board's bootloader (U-Boot at 8 KiB on A
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -97,12 +98,20 @@ def find_root(ledger: Ledger, image: Path, table: Table) -> RootFs:
     return root
 
 
-def check_fs(device: str) -> None:
-    """e2fsck -f, which resize2fs insists on; exit 1 means it fixed something, not a failure."""
+def check_fs(device: str, *, strict: bool = False) -> None:
+    """e2fsck -f, which resize2fs insists on. On the base image, exit 1 (errors fixed) is
+    accepted; after the build (`strict`) any error means the build damaged the filesystem
+    (a full host disk, a process writing during the unmount) and the image is not shipped."""
     proc = run(["e2fsck", "-f", "-y", device], capture=True, check=False)
-    if proc.returncode not in (0, 1):
-        raise BuildError(f"the root filesystem has errors e2fsck cannot repair "
-                         f"(e2fsck exited {proc.returncode}): the base image is damaged")
+    if proc.returncode == 0 or (proc.returncode == 1 and not strict):
+        return
+    detail = proc.stdout.decode(errors="replace").strip().splitlines()
+    if strict:
+        raise BuildError(f"the root filesystem had errors after customizing (e2fsck exited "
+                         f"{proc.returncode}: {detail[-1] if detail else ''}): not writing it "
+                         f"out; check the host's free space and the build log")
+    raise BuildError(f"the root filesystem has errors e2fsck cannot repair "
+                     f"(e2fsck exited {proc.returncode}): the base image is damaged")
 
 
 def grow(ledger: Ledger, image: Path, table: Table, root: RootFs, headroom: int) -> Partition:
@@ -114,8 +123,10 @@ def grow(ledger: Ledger, image: Path, table: Table, root: RootFs, headroom: int)
     headroom -= headroom % (1 << 20)
     old_size = image.stat().st_size
     try:
+        # Allocated, not just a longer sparse file: a full disk must fail here, not later as
+        # writes the loop device silently loses.
         with open(image, "r+b") as f:
-            f.truncate(old_size + headroom)
+            os.posix_fallocate(f.fileno(), old_size, headroom)
     except OSError as exc:
         raise BuildError(f"cannot enlarge {image} by {headroom >> 20} MiB: {exc.strerror}; "
                          f"free space or lower image.headroom") from None
@@ -132,13 +143,35 @@ def grow(ledger: Ledger, image: Path, table: Table, root: RootFs, headroom: int)
     return grown
 
 
-def trim(mountpoint: Path) -> None:
-    """Give the filesystem's free blocks back to the image file as holes: they read as zeros,
-    compress to nothing and are left out of the bmap."""
+def clear_free_space(mountpoint: Path) -> None:
+    """Make the filesystem's free blocks zeros: they compress to nothing, are left out of the
+    bmap, and no file deleted during the build can be read back from the image.
+
+    fstrim punches them out of the image file as holes. Where the loop device cannot discard,
+    a file of zeros is written until the disk is full and deleted again."""
     proc = run(["fstrim", mountpoint], capture=True, check=False)
-    if proc.returncode != 0:
-        log.warn(f"fstrim {mountpoint} failed ({proc.stderr.decode(errors='replace').strip()}); "
-                 f"the image will compress less well")
+    if proc.returncode == 0:
+        return
+    log.warn(f"fstrim {mountpoint} failed ({proc.stderr.decode(errors='replace').strip()}); "
+             f"writing zeros over the free space instead")
+    filler = mountpoint / ".build-image-zeros"
+    zeros = bytes(1 << 20)
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(zeros)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        filler.unlink(missing_ok=True)
+
+
+def sync_fs(mountpoint: Path) -> None:
+    """Write out the filesystem, and hear about it if that fails (a full host disk under a
+    sparse image shows up here, as lost writes)."""
+    run(["sync", "--file-system", mountpoint], capture=True,
+        what=f"write the image's filesystem to disk ({mountpoint})")
 
 
 def current_partition(image: Path, number: int) -> Partition:
@@ -164,7 +197,7 @@ def shrink(ledger: Ledger, image: Path, root: Partition, free: int) -> int:
     Armbian grows the root partition to the card at first boot, so a small image costs the
     user nothing."""
     with loop_device(ledger, image, root.start, root.size) as dev:
-        check_fs(dev)
+        check_fs(dev, strict=True)
         block_size, used_blocks = _fs_usage(dev)
         target = used_blocks * block_size + free
         target += (1 << 20) - target % (1 << 20)  # whole MiB

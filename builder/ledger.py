@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,28 @@ from builder import log
 from builder.cache import write_atomic
 
 STATE_DIR = Path("/run/orangepi-jupyter")
+
+
+SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Hold back SIGINT, SIGTERM and SIGHUP while cleaning up or publishing: a second Ctrl-C
+    must not stop an unmount half-way. A signal that arrives meanwhile is delivered after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def alive(pid: int, start: str | None) -> bool:
+    return start is not None and _start_time(pid) == start
+
+
+def own_identity() -> tuple[int, str | None]:
+    return os.getpid(), _start_time(os.getpid())
 
 
 def _start_time(pid: int) -> str | None:
@@ -72,7 +97,7 @@ def clean_stale(state_dir: Path = STATE_DIR) -> int:
         except (OSError, ValueError):
             continue
         pid = int(record.get("pid", 0))
-        if pid and _start_time(pid) is not None and _start_time(pid) == record.get("start"):
+        if pid and alive(pid, record.get("start")):
             continue  # that build is alive
         log.info(f"cleaning up after build {pid}, which was killed: {record_path}")
         for entry in reversed(record.get("entries", [])):
@@ -91,33 +116,58 @@ def _undo(entry: dict[str, Any]) -> None:
             detach_loop(device)
     elif kind == "path":
         path = Path(str(entry["path"]))
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
         log.info(f"  removed {path}")
 
 
-def is_mounted(target: str) -> bool:
-    real = os.path.realpath(target)
+def _mount_points() -> list[str]:
+    """Every mount point, decoded: mountinfo writes a space as \\040, a tab as \\011."""
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+        fields = [line.split()[4] for line in f]
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in fields]
 
 
-def unmount(target: str) -> None:
-    """Unmount, retrying while something still holds the filesystem; as a last resort detach
-    it lazily so that the loop device under it can go."""
+def is_mounted(target: str) -> bool:
+    return os.path.realpath(target) in _mount_points()
+
+
+def mounts_under(path: Path) -> list[str]:
+    real = os.path.realpath(path)
+    return [p for p in _mount_points() if p == real or p.startswith(real.rstrip("/") + "/")]
+
+
+def remove_path(path: Path) -> None:
+    """Remove a work file or directory, never crossing into a mount: a workspace with the
+    image's root still mounted holds a bind of the apt cache and proc, which must not be
+    emptied. Refuses (with a warning) while anything is mounted below."""
+    if path.is_dir() and not path.is_symlink():
+        busy = mounts_under(path)
+        if busy:
+            log.warn(f"not removing {path}: still mounted there: {', '.join(busy)}")
+            return
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def unmount(target: str, lazy: bool = True) -> bool:
+    """Unmount, retrying while something still holds the filesystem. Returns whether it is
+    unmounted for good; with `lazy`, a filesystem still busy after the retries is detached
+    lazily (it lingers until its last user goes), which counts as not clean."""
     for attempt in range(10):
         if not is_mounted(target):
-            return
+            return True
         proc = subprocess.run(["umount", target], capture_output=True, text=True)
         if proc.returncode == 0:
             log.debug(f"unmounted {target}")
             continue
         time.sleep(0.2 * (attempt + 1))
-    if is_mounted(target):
+    if not is_mounted(target):
+        return True
+    if lazy:
         log.warn(f"{target} is busy; detaching it lazily")
         subprocess.run(["umount", "--lazy", target], check=False)
+    return False
 
 
 def loops_of(backing: str, offset: int) -> list[str]:
@@ -126,11 +176,19 @@ def loops_of(backing: str, offset: int) -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
 
 
-def detach_loop(device: str) -> None:
+def detach_loop(device: str) -> bool:
+    """Detach, and check it is gone: the kernel accepts a detach of a device still in use
+    and only marks it to go later (autoclear), which is not gone."""
     for attempt in range(10):
         proc = subprocess.run(["losetup", "--detach", device], capture_output=True, text=True)
-        if proc.returncode == 0 or "No such device" in proc.stderr:
+        if proc.returncode != 0 and "No such device" not in proc.stderr:
+            time.sleep(0.2 * (attempt + 1))
+            continue
+        shown = subprocess.run(["losetup", "--noheadings", "--output", "BACK-FILE", device],
+                               capture_output=True, text=True)
+        if shown.returncode != 0 or not shown.stdout.strip():
             log.debug(f"detached {device}")
-            return
+            return True
         time.sleep(0.2 * (attempt + 1))
-    log.warn(f"could not detach {device}: {proc.stderr.strip()}")
+    log.warn(f"could not detach {device}: it is still in use")
+    return False

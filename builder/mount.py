@@ -11,9 +11,7 @@ image builders); a loop device with an offset works everywhere.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ from pathlib import Path
 
 from builder import log
 from builder.errors import BuildError
-from builder.ledger import Ledger, detach_loop, unmount
+from builder.ledger import Ledger, detach_loop, loops_of, remove_path, shielded, unmount
 from builder.run import run
 
 
@@ -51,16 +49,24 @@ def loop_device(ledger: Ledger, image: Path, offset: int, size: int,
         log.debug(f"{device} = {image} at {offset}")
         yield device
     finally:
-        if device:
-            # Flush before detaching: a loop device detached with dirty buffers loses them.
-            run(["blockdev", "--flushbufs", device], check=False, capture=True)
-            detach_loop(device)
-        ledger.remove(token)
+        with shielded():
+            # A signal between the attach and `device = ...` leaves the name unknown: the
+            # ledger's backing file and offset still find it.
+            devices = [device] if device else loops_of(str(image), offset)
+            gone = True
+            for dev in devices:
+                # Flush first: a loop device detached with dirty buffers loses them.
+                run(["blockdev", "--flushbufs", dev], check=False, capture=True)
+                gone = detach_loop(dev) and gone
+            if gone:
+                ledger.remove(token)   # else it stays recorded for --cleanup
 
 
 @contextmanager
 def mounted(ledger: Ledger, source: str, target: Path, *, fstype: str | None = None,
             options: Sequence[str] = (), bind: bool = False) -> Iterator[Path]:
+    """`source` mounted on `target`. Leaving normally with the filesystem still busy is an
+    error: whatever comes next (a shrink, a detach) must not run under a live mount."""
     target.mkdir(parents=True, exist_ok=True)
     token = ledger.add("mount", target=str(target))
     argv = ["mount"]
@@ -70,12 +76,21 @@ def mounted(ledger: Ledger, source: str, target: Path, *, fstype: str | None = N
         argv += ["-t", fstype]
     if options:
         argv += ["-o", ",".join(options)]
+    failed = False
     try:
         run([*argv, source, target], capture=True, what=f"mount {source} on {target}")
         yield target
+    except BaseException:
+        failed = True
+        raise
     finally:
-        unmount(str(target))
-        ledger.remove(token)
+        with shielded():
+            clean = unmount(str(target))
+            if clean:
+                ledger.remove(token)
+        if not clean and not failed:
+            raise BuildError(f"{target} is still in use and could not be unmounted: a "
+                             f"process started by a customize script may still run there")
 
 
 @contextmanager
@@ -85,15 +100,10 @@ def work_path(ledger: Ledger, path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                path.unlink()
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-        ledger.remove(token)
+        with shielded():
+            remove_path(path)
+            if not path.exists():
+                ledger.remove(token)
 
 
 def is_root() -> bool:

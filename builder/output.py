@@ -8,6 +8,8 @@ finished.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -19,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from builder import log
+from builder.cache import key_of
 from builder.errors import BuildError
-from builder.ledger import Ledger
+from builder.ledger import STATE_DIR, Ledger, shielded
 from builder.mount import work_path
 from builder.run import run
 
@@ -45,8 +48,10 @@ class Outputs:
         return self.directory / f"{self.name}{suffix}"
 
     def temporary(self, suffix: str) -> Path:
+        """The hidden name a file is written under; it carries the build's pid, so builds
+        never share one and a later build can tell a killed build's leftovers."""
         final = self.final(suffix)
-        tmp = self.directory / f".{final.name}.partial"
+        tmp = self.directory / f".{final.name}.{os.getpid()}.partial"
         self.pending[tmp] = final
         return tmp
 
@@ -60,22 +65,50 @@ class Outputs:
         written = [(tmp, final) for tmp, final in self.pending.items() if tmp.exists()]
         order = sorted(written, key=lambda kv: (kv[1].suffix == ".sha256",
                                                 kv[1].name.endswith(self.image_suffix)))
-        for tmp, final in order:
-            os.replace(tmp, final)
+        with shielded():
+            # An older build's files of the same name go first, its checksum before all:
+            # a new image must never sit next to an old .sha256.
+            for suffix in (".sha256",):
+                for old in self.directory.glob(f"{glob.escape(self.name)}*{suffix}"):
+                    old.unlink()
+            for _, final in order:
+                final.unlink(missing_ok=True)
+            for tmp, final in order:
+                os.replace(tmp, final)
         self.pending.clear()
         return [final for _, final in order]
 
 
 @contextmanager
 def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Iterator[Outputs]:
-    """The output files of a build; every temporary one is removed unless published."""
+    """The output files of a build; every temporary one is removed unless published. One
+    build at a time writes a given name into a directory."""
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_partials(directory)
     result = Outputs(directory, name, compression)
     with ExitStack() as stack:
+        # The lock lives in /run, not beside the outputs: nothing but results in --output.
+        locks = STATE_DIR / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = stack.enter_context(open(locks / f"{key_of(str(directory / name))}.lock", "a"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BuildError(f"another build is writing {name} in {directory} right now: "
+                             f"wait for it, or use another --output") from None
         for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
                        ".manifest.json", ".build.log"):
             stack.enter_context(work_path(ledger, result.temporary(suffix)))
         yield result
+
+
+def sweep_partials(directory: Path) -> None:
+    """Remove temporary outputs of builds that were killed (their pid is in the name)."""
+    for tmp in directory.glob(".*.partial"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.info(f"removing {tmp}, left by a build that was killed")
+            tmp.unlink(missing_ok=True)
 
 
 def write_image(raw: Path, out: Outputs, level: int) -> Path:
@@ -91,13 +124,19 @@ def write_image(raw: Path, out: Outputs, level: int) -> Path:
             log.progress(f"compressing with {out.compression}", size) as bar:
         proc = subprocess.Popen(argv, stdin=src, stdout=dst, stderr=subprocess.PIPE)
         seen = 0
-        while proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.5)
-            # The compressor shares our file description of src: its position is progress.
-            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
-            bar.update(position - seen)
-            seen = position
+        try:
+            while proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)
+                # The compressor shares our file description of src: its position is
+                # progress.
+                position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
+                bar.update(position - seen)
+                seen = position
+        except BaseException:
+            proc.kill()   # it would go on using every core for a file nobody wants
+            proc.wait()
+            raise
         if proc.returncode != 0:
             detail = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise BuildError(f"could not compress the image ({argv[0]} exited "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -29,11 +30,11 @@ from typing import Any
 from builder import __version__, armbian, customize, fetch, image, log, output
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
-from builder.chroot import QEMU, binfmt_status, chroot_session, static_qemu
+from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_qemu
 from builder.config import Config
 from builder.download import Http
 from builder.errors import BuildError
-from builder.ledger import Ledger
+from builder.ledger import Ledger, mounts_under, remove_path
 from builder.mount import is_root, loop_device, mounted, work_path
 from builder.run import require_programs
 
@@ -112,8 +113,9 @@ def check_host(ctx: Context) -> None:
     if not is_root():
         raise BuildError("building an image needs root (loop devices, mounts, chroot): run it "
                          "with sudo, or use --dry-run / --fetch-only, which do not")
-    require_programs("losetup", "sfdisk", "blkid", "e2fsck", "resize2fs", "dumpe2fs",
-                     "debugfs", "mount", "umount", "chroot", "fstrim", "bmaptool",
+    require_programs("losetup", "sfdisk", "blkid", "blockdev", "e2fsck", "resize2fs",
+                     "dumpe2fs", "debugfs", "mount", "umount", "chroot", "fstrim", "sync",
+                     "bmaptool",
                      "dpkg-query", *(output.COMPRESSORS[cfg.image.compression][1][:1]))
     if ctx.board.arch not in QEMU:
         raise BuildError(f"{ctx.board.id} is {ctx.board.arch}: this builder emulates only "
@@ -143,6 +145,14 @@ def _check_free_space(ctx: Context) -> None:
         raise BuildError(f"not enough space for the build in {ctx.cache.root}: it needs about "
                          f"{log.human_size(need)}, {log.human_size(free)} is free; free some "
                          f"or use --cache-dir on a larger disk")
+    # The compressed image is rarely more than half the raw one.
+    out = _user_dir(cfg.output.dir)
+    need = base if cfg.image.compression == "none" else base // 2
+    free = shutil.disk_usage(_existing(out)).free
+    if free < need:
+        raise BuildError(f"not enough space for the output in {out}: it needs about "
+                         f"{log.human_size(need)}, {log.human_size(free)} is free; free some "
+                         f"or use --output on a larger disk")
 
 
 def _existing(path: Path) -> Path:
@@ -179,16 +189,28 @@ def fetch_base_image(ctx: Context) -> None:
 
 def copy_base_image(ctx: Context) -> None:
     assert ctx.base is not None
-    workspace = ctx.cache.root / "work" / f"build-{os.getpid()}"
-    if ctx.options.keep_workspace:
-        workspace.mkdir(parents=True, exist_ok=True)
-    else:
+    work = ctx.cache.root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    sweep_workspaces(work)
+    kind = "kept" if ctx.options.keep_workspace else "build"
+    workspace = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=work))
+    if not ctx.options.keep_workspace:
         ctx.stack.enter_context(work_path(ctx.ledger, workspace))
-        workspace.mkdir(parents=True)
     ctx.workspace = workspace
     ctx.work_image = workspace / "image.img"
     log.info(f"copying the base image to {ctx.work_image}")
     image.copy_sparse(ctx.base.path, ctx.work_image)
+
+
+def sweep_workspaces(work: Path) -> None:
+    """Remove workspaces of builds that are gone. The ledger in /run covers a build killed
+    while the machine stayed up; this covers one that died with the machine (a reboot
+    empties /run but not the disk). Kept workspaces (--keep-workspace) stay."""
+    for workspace in work.glob("build-*"):
+        pid = workspace.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not mounts_under(workspace):
+            log.info(f"removing {workspace}, left by a build that did not finish")
+            remove_path(workspace)
 
 
 def grow_image(ctx: Context) -> None:
@@ -216,8 +238,10 @@ def customize_image(ctx: Context) -> None:
     with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
                         apt_proxy=cfg.apt.proxy, env={}) as session:
         customize.run_scripts(ctx.scripts, session, cfg, ctx.board, host_env=_host_env())
-        files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
-        log.info(f"laid {files} overlay files into the image")
+    # After the session: its tmpfs on /run, /tmp and /dev would swallow files laid there, and
+    # overlay files win over what the scripts' packages installed.
+    files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
+    log.info(f"laid {files} overlay files into the image")
 
 
 def _host_env() -> dict[str, str]:
@@ -227,17 +251,23 @@ def _host_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keep if k in os.environ}
 
 
-# Files that make each card unique, or that only the build needed. None of them may be
-# shared by every card flashed from the image.
+# Files that would make every card flashed from the image share a secret or an identity,
+# or that only the build needed. SSH host keys are made anew at first boot (Armbian's
+# firstrun; overlays/ carries a unit that does it on other bases).
 BUILD_ONLY = (
     "var/lib/dbus/machine-id",
     "var/lib/systemd/random-seed",
     "var/lib/systemd/credential.secret",
-    "var/cache/apt/pkgcache.bin",
-    "var/cache/apt/srcpkgcache.bin",
-    "var/cache/debconf/config.dat-old",
-    "var/cache/debconf/templates.dat-old",
-    "var/lib/dpkg/status-old",
+    "etc/ssh/ssh_host_*",
+    "var/cache/apt/*.bin",
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/lib/apt/lists/*_*",
+    "var/log/apt/*",
+    "var/log/journal/*",
+    "var/log/*.log",
+    "root/.bash_history",
+    "var/tmp/*",
 )
 
 
@@ -245,14 +275,18 @@ def finalize_image(ctx: Context) -> None:
     assert ctx.root_dir is not None and ctx.root_mount is not None
     assert ctx.work_image is not None and ctx.root is not None
     root = ctx.root_dir
-    for relative in BUILD_ONLY:
-        (root / relative).unlink(missing_ok=True)
-    machine_id = root / "etc/machine-id"
+    for pattern in BUILD_ONLY:
+        directory, _, name = pattern.rpartition("/")
+        for path in in_root(root, directory).glob(name):
+            remove_path(path)
+    machine_id = in_root(root, "etc/machine-id")
     if machine_id.exists():
         # Empty, not absent: systemd then makes a new one at first boot.
         machine_id.write_text("")
-    # Freed blocks go back to the sparse file as holes: zeros that compress to nothing.
-    image.trim(root)
+    # Freed blocks go back to the sparse file as holes: zeros that compress to nothing, and
+    # nothing deleted during the build can be read back from the image.
+    image.clear_free_space(root)
+    image.sync_fs(root)
     ctx.root_mount.close()
     ctx.root_dir = None
     ctx.root = image.current_partition(ctx.work_image, ctx.root.number)

@@ -26,6 +26,21 @@ HOST_PACKAGES: dict[str, str] = {
     "xz": "xz-utils",
     "zstd": "zstd",
     "gzip": "gzip",
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "sfdisk": "fdisk",
+    "blkid": "util-linux",
+    "fstrim": "util-linux",
+    "blockdev": "util-linux",
+    "e2fsck": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "bmaptool": "bmap-tools",
+    "dpkg-query": "dpkg",
+    "chroot": "coreutils",
+    "sync": "coreutils",
 }
 
 

@@ -43,6 +43,7 @@ def user_dirs(tmp_path: Path) -> tuple[Path, Path]:
     scripts.mkdir()
     chroot = scripts / "50-arch.chroot.sh"
     chroot.write_text("#!/bin/sh\nset -e\nuname -m > /root/arch\n"
+                      "setsid sleep 600 </dev/null >/dev/null 2>&1 &\n"   # a stray daemon
                       "echo \"board=$IMAGE_BOARD arch=$IMAGE_ARCH release=$IMAGE_RELEASE\"\n"
                       "test -s \"$IMAGE_CONFIG\"\n"
                       "rc=0; /usr/sbin/policy-rc.d || rc=$?; echo rc=$rc\n"
@@ -60,6 +61,12 @@ def user_dirs(tmp_path: Path) -> tuple[Path, Path]:
     secret.write_text("mode 0640\n")
     secret.chmod(0o640)
     (overlay / "etc/jupyter/link").symlink_to("private.conf")
+    setuid = overlay / "etc/jupyter/helper"
+    setuid.write_text("#!/bin/sh\n")
+    setuid.chmod(0o4755)
+    # Debian's /var/run is a link to /run: an overlay file there belongs in the image's /run.
+    (overlay / "var/run").mkdir(parents=True)
+    (overlay / "var/run/overlay-test").write_text("image, not host\n")
     (overlay / "etc/jupyter/port.txt.j2").write_text(
         "{{ board.id }} listens on {{ config.jupyter.port }}\n")
     return scripts, overlay
@@ -110,6 +117,8 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert '[50-arch.chroot.sh] Acquire::http::Proxy "http://127.0.0.1:3142";' in result.stderr
     assert "[50-arch.chroot.sh] rc=101" in result.stderr
     assert "70-skipped" not in result.stderr
+    assert "left running in the image" in result.stderr    # the stray daemon was stopped
+    assert not Path("/run/overlay-test").exists()
 
     files = outputs(tmp_path)
     assert set(files) == {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json", "build.log"}
@@ -131,11 +140,18 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     with open(raw, "rb") as f:
         f.seek(base.first_partition - len(base.gap))
         assert f.read(len(base.gap)) == base.gap
-    # Grown for the build, then shrunk: smaller than base + headroom.
-    assert raw.stat().st_size < base.path.stat().st_size + (512 << 20)
+    # Grown for the build, then shrunk to its contents plus image.free_space (256 MiB).
+    log = files["build.log"].read_text()
+    assert "grew the root filesystem by 512 MiB" in log and "shrank the image to" in log
     part = tmp_path / "root.ext4"
     subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
                     f"skip={base.first_partition >> 20}", "status=none"], check=True)
+    assert subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True).returncode == 0
+    header = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True,
+                            text=True).stdout
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    free = int(fields["Free blocks"]) * int(fields["Block size"])
+    assert 128 << 20 < free < 512 << 20, free
     seen = read_from(part, 0, "/root/arch", "/etc/jupyter/port.txt", "/etc/host-was-here",
                      "/etc/orangepi-jupyter-release", "/etc/machine-id",
                      "/etc/apt/apt.conf.d/00build-image-proxy")
@@ -144,6 +160,16 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert seen["/etc/jupyter/port.txt"] == "orangepi5 listens on 8888\n"
     assert "BOARD=orangepi5" in seen["/etc/orangepi-jupyter-release"]
     assert seen["/etc/machine-id"] == ""
+    assert "image, not host" in read_from(part, 0, "/run/overlay-test")["/run/overlay-test"]
+    ssh = subprocess.run(["debugfs", "-R", "ls /etc/ssh", str(part)], capture_output=True,
+                         text=True).stdout
+    assert "ssh_host_ed25519_key" not in ssh, "host keys every card would share"
+    helper = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/helper", str(part)],
+                            capture_output=True, text=True).stdout
+    assert "Mode:  04755" in helper
+    link = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/link", str(part)],
+                          capture_output=True, text=True).stdout
+    assert "Type: symlink" in link and 'Fast link dest: "private.conf"' in link
     stat = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/private.conf", str(part)],
                           capture_output=True, text=True).stdout
     assert "Mode:  0640" in stat and "User:     0" in stat
@@ -155,6 +181,13 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert "File not found" in policy.stderr
     assert not (tmp_path / "cache" / "work").exists() or \
         not list((tmp_path / "cache" / "work").iterdir())
+
+
+def test_cache_path_with_a_space(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
+                     tmp_path / "my builds", "--output", tmp_path / "out", *FAST, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert len(outputs(tmp_path)) == 5
 
 
 def test_bmap_copy_onto_a_card(base: BaseImage, tmp_path: Path, checked: None) -> None:
@@ -340,6 +373,31 @@ def test_sigint_during_a_script(base: BaseImage, tmp_path: Path, checked: None) 
     assert proc.returncode == 130, err
     assert "interrupted by SIGINT" in err and "Traceback" not in err
     assert not any((tmp_path / "out").glob("*")), "nothing that looks finished"
+
+
+def test_sigterm_to_the_builder_only(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    """A CI runner cancelling the job signals the builder's pid, not its children: the
+    builder must stop the script running in the image itself."""
+    scripts = tmp_path / "slow.d"
+    scripts.mkdir()
+    script = scripts / "40-slow.chroot"
+    script.write_text("#!/bin/sh\ntouch /tmp/started\nsleep 600\n")
+    script.chmod(0o755)
+    proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--base", str(base.path),
+                             "--cache-dir", str(tmp_path / "cache"), "--output",
+                             str(tmp_path / "out"), "--customize", str(scripts), *FAST],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def started() -> bool:
+        return any(Path(tmp_path / "cache" / "work").glob("build-*/root/tmp/started"))
+
+    wait_for(started)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err
+    assert not any((tmp_path / "out").glob("*"))
 
 
 @pytest.mark.parametrize("next_step", ["cleanup", "build"])
