@@ -182,9 +182,12 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
+def _replaced_file(path: Path, content: bytes, mode: int,
+                   keep_changes: bool = False) -> Iterator[None]:
     """`path` holds `content` for a while; then exactly what was there before comes back:
-    the same file, the same symlink, or nothing."""
+    the same file, the same symlink, or nothing. With `keep_changes`, a file that something
+    replaced meanwhile (a package that owns it, such as systemd-resolved's resolv.conf
+    symlink) is left as the package made it."""
     saved: tuple[str, bytes | str, int] | None = None
     if path.parent.is_symlink():
         raise BuildError(f"{path.parent} is a symbolic link: refusing to write through it")
@@ -206,19 +209,26 @@ def _replaced_file(path: Path, content: bytes, mode: int) -> Iterator[None]:
     try:
         yield
     finally:
-        if path.is_symlink() or path.exists():
-            path.unlink()
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):   # not empty: something else lives there now
-                directory.rmdir()
-        if saved is not None:
-            kind, data, old_mode = saved
-            if kind == "link":
-                os.symlink(data, path)
-            else:
-                assert isinstance(data, bytes)
-                path.write_bytes(data)
-                path.chmod(old_mode)
+        changed = path.is_symlink() or not path.exists() or path.read_bytes() != content
+        if not (keep_changes and changed):
+            _restore(path, saved, created)
+
+
+def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
+             created: list[Path]) -> None:
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    for directory in reversed(created):
+        with contextlib.suppress(OSError):   # not empty: something else lives there now
+            directory.rmdir()
+    if saved is not None:
+        kind, data, old_mode = saved
+        if kind == "link":
+            os.symlink(data, path)
+        else:
+            assert isinstance(data, bytes)
+            path.write_bytes(data)
+            path.chmod(old_mode)
 
 
 def kill_processes_in(root: Path) -> None:
@@ -299,7 +309,8 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
         stack.enter_context(_replaced_file(root / "usr/sbin/policy-rc.d",
                                            b"#!/bin/sh\n# build-image: no services now\nexit 101\n",
                                            0o755))
-        stack.enter_context(_replaced_file(root / "etc/resolv.conf", host_resolv_conf(), 0o644))
+        stack.enter_context(_replaced_file(root / "etc/resolv.conf", host_resolv_conf(), 0o644,
+                                           keep_changes=True))
         if apt_proxy:
             # http only: an apt cache such as apt-cacher-ng refuses to tunnel HTTPS.
             conf = f'Acquire::http::Proxy "{apt_proxy}";\n'

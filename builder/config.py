@@ -121,7 +121,7 @@ def _local_path(value: str) -> str:
 
 
 def _source(value: str) -> str:
-    return value if value == "armbian" else _url_or_path(value)
+    return value if value in ("armbian", "debian") else _url_or_path(value)
 
 
 def _sha256(value: str) -> str:
@@ -191,6 +191,7 @@ class BaseConfig:
     variant: Annotated[str, Rule(_name)]
     armbian_index: Annotated[str, Rule(_url_or_path)]
     armbian_mirror: Annotated[str | None, Rule(_http_url)]
+    debian_mirror: Annotated[str, Rule(_http_url)]
     gpg_keyring: Annotated[str | None, Rule(_local_path)]
 
 

@@ -60,6 +60,7 @@ class BaseSource:
     size: int | None              # of the file as published, when the index says
     label: str                    # for people: "Armbian 26.5.1 trixie current minimal ..."
     armbian: ArmbianImage | None = None
+    kind: str = "file"            # "file": downloaded or local; "debian": built (debian.py)
 
     @property
     def is_remote(self) -> bool:
@@ -67,7 +68,7 @@ class BaseSource:
 
     @property
     def used_in_place(self) -> bool:
-        return not self.is_remote and self.suffix == ".img"
+        return self.kind == "file" and not self.is_remote and self.suffix == ".img"
 
 
 def image_suffix(name: str) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, armbian, customize, fetch, image, log, output
+from builder import __version__, armbian, customize, debian, fetch, image, log, output
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_qemu
@@ -95,9 +95,18 @@ def check_host(ctx: Context) -> None:
                              f"(export Armbian's key with gpg --export KEYID > FILE)")
         require_programs("gpg", "gpgv")
         ctx.trust = fetch.Trust.load(keyring)
-    suffix = (".img.xz" if base.source == "armbian"
-              else fetch.image_suffix(fetch.location_name(base.source)))
-    require_programs(fetch.COMPRESSIONS[suffix][0])
+    if base.source == "debian":
+        debian.supported(ctx.board, base.release)
+        if not ctx.options.dry_run:
+            if not is_root():
+                raise BuildError("--base debian needs root (debootstrap, chroot, mounts): "
+                                 "run it with sudo, or use --dry-run")
+            require_programs("debootstrap", "mkfs.ext4", "dpkg-deb", "sfdisk", "mount",
+                             "chroot")
+    else:
+        suffix = (".img.xz" if base.source == "armbian"
+                  else fetch.image_suffix(fetch.location_name(base.source)))
+        require_programs(fetch.COMPRESSIONS[suffix][0])
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
                  f"images may be missing or broken")
@@ -163,6 +172,12 @@ def _existing(path: Path) -> Path:
 
 def resolve_base_image(ctx: Context) -> None:
     base = ctx.config.base
+    if base.source == "debian":
+        ctx.source = fetch.BaseSource(
+            location=f"debian:{ctx.board.id}", filename=f"debian-{base.release}.img",
+            suffix=".img", sha256=None, sha256_url=None, signature_url=None, size=None,
+            label=debian.label(ctx.board, base.release), kind="debian")
+        return
     if base.source != "armbian":
         ctx.source = fetch.source_from_location(base.source, base.sha256)
         return
@@ -183,6 +198,10 @@ def resolve_base_image(ctx: Context) -> None:
 
 def fetch_base_image(ctx: Context) -> None:
     assert ctx.source is not None
+    if ctx.source.kind == "debian":
+        ctx.base = debian.build_base(ctx.board, ctx.config.base.release,
+                                     ctx.config.base.debian_mirror, ctx.cache, ctx.ledger)
+        return
     ctx.base = fetch.fetch_base_image(ctx.source, cache=ctx.cache, http=ctx.http,
                                       trust=ctx.trust, offline=ctx.options.offline)
 
@@ -399,6 +418,10 @@ def _plan_sha256(ctx: Context) -> tuple[str | None, str, CachedImage | None]:
     A checksum that cannot be fetched is shown as such: a plan still helps without it."""
     source = ctx.source
     assert source is not None
+    if source.kind == "debian":
+        key = debian.cache_key(ctx.board, ctx.config.base.release,
+                               ctx.config.base.debian_mirror)
+        return key, "cache key of the Debian base's recipe", ctx.cache.image(key)
     if source.used_in_place:
         note = "given with --base-sha256" if source.sha256 else "not checked (read in place)"
         return source.sha256, note, None
@@ -420,6 +443,8 @@ def _cache_status(ctx: Context, entry: CachedImage | None) -> str:
     assert source is not None
     if source.used_in_place:
         return "not used: the local raw image is read in place"
+    if source.kind == "debian" and entry is None:
+        return f"not cached: will build it (debootstrap, kernel; minutes) into {ctx.cache.root}"
     if entry is not None:
         return f"cached: {entry.path} (no download)"
     size = f" {log.human_size(source.size)}" if source.size else ""

@@ -131,6 +131,20 @@ def test_url_with_a_query_string(armbian: FakeArmbian, cache_dir: Path) -> None:
     assert Path(result.stdout.splitlines()[-1]).read_bytes() == pub.raw
 
 
+def test_debian_base_for_a_board_without_debian_uboot() -> None:
+    line = error_line(run_cli("--board", "orangepi5", "--base", "debian", "--dry-run"))
+    assert "--base debian is offered for boards Debian ships U-Boot for" in line
+    assert "orangepipcplus" in line
+
+
+def test_debian_base_plan(cache_dir: Path) -> None:
+    result = run_cli("--board", "orangepizeroplus2-h5", "--base", "debian", "--dry-run",
+                     "--cache-dir", cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "Debian trixie for Orange Pi Zero Plus 2 (U-Boot orangepi_zero_plus2)" in result.stdout
+    assert "not cached: will build it" in result.stdout
+
+
 def test_no_board() -> None:
     assert "no board given: pass --board ID" in error_line(run_cli("--dry-run"))
 

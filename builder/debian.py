@@ -1,0 +1,248 @@
+"""`--base debian`: a bootable base image made from Debian's own packages.
+
+For users who cannot reach Armbian's servers, and as the tests' base. The layout is
+Armbian's: an MBR, one ext4 root partition from 4 MiB holding /boot, U-Boot at 8 KiB.
+Inside: Debian trixie (debootstrap, run under qemu-user-static), Debian's kernel, Debian's
+U-Boot for the board, and an extlinux.conf that U-Boot's distro boot reads.
+
+Debian builds U-Boot for a few Orange Pi boards only (u-boot-sunxi); BOARDS lists them.
+Building takes minutes under emulation (debootstrap, the kernel, its initramfs), so the result
+is cached, keyed by everything that went into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log
+from builder.boards import Board
+from builder.cache import Cache, CachedImage
+from builder.chroot import Chroot, chroot_session
+from builder.errors import BuildError
+from builder.ledger import Ledger
+from builder.mount import work_path
+from builder.run import run
+
+RELEASES = ("trixie",)
+# Raised whenever the recipe below changes what it produces: the cache key includes it.
+RECIPE = 1
+ROOT_LABEL = "debian_root"
+ROOT_OFFSET = 4 << 20
+UBOOT_OFFSET = 8 << 10
+
+
+@dataclass(frozen=True)
+class DebianBoard:
+    uboot: str          # the board's directory in u-boot-sunxi: /usr/lib/u-boot/<uboot>/
+    dtb: str            # under /usr/lib/linux-image-<version>/
+    kernel: str         # Debian's kernel flavour package
+    modules: tuple[str, ...] = ("sunxi-mmc", "mmc_block", "ext4")
+
+
+BOARDS: dict[str, DebianBoard] = {
+    "orangepizero": DebianBoard("orangepi_zero", "sun8i-h2-plus-orangepi-zero.dtb",
+                                "linux-image-armmp"),
+    "orangepipcplus": DebianBoard("orangepi_pc_plus", "sun8i-h3-orangepi-pc-plus.dtb",
+                                  "linux-image-armmp"),
+    "orangepiplus": DebianBoard("orangepi_plus", "sun8i-h3-orangepi-plus.dtb",
+                                "linux-image-armmp"),
+    "orangepioneplus": DebianBoard("orangepi_one_plus",
+                                   "allwinner/sun50i-h6-orangepi-one-plus.dtb",
+                                   "linux-image-arm64"),
+    "orangepizeroplus2-h5": DebianBoard("orangepi_zero_plus2",
+                                        "allwinner/sun50i-h5-orangepi-zero-plus2.dtb",
+                                        "linux-image-arm64"),
+}
+
+# What a bootable, networked, apt-able system needs beyond debootstrap's minbase.
+PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "e2fsprogs", "iproute2",
+            "ca-certificates", "systemd-resolved")
+
+
+def supported(board: Board, release: str) -> DebianBoard:
+    if board.id not in BOARDS:
+        raise BuildError(f"--base debian is offered for boards Debian ships U-Boot for: "
+                         f"{', '.join(BOARDS)}; {board.id} is not one (use --base armbian)")
+    if release not in RELEASES:
+        raise BuildError(f"--base debian builds {', '.join(RELEASES)}, not {release}: "
+                         f"pass --release {RELEASES[0]}")
+    return BOARDS[board.id]
+
+
+def cache_key(board: Board, release: str, mirror: str) -> str:
+    recipe = {"recipe": RECIPE, "board": board.id, "arch": board.arch, "release": release,
+              "debian": BOARDS[board.id].__dict__, "packages": PACKAGES, "mirror": mirror,
+              "console": [board.console.device, board.console.baud]}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def label(board: Board, release: str) -> str:
+    return f"Debian {release} for {board.name} (U-Boot {BOARDS[board.id].uboot})"
+
+
+def cached(cache: Cache, key: str) -> CachedImage | None:
+    return cache.image(key)
+
+
+def build_base(board: Board, release: str, mirror: str, cache: Cache,
+               ledger: Ledger) -> CachedImage:
+    """The cached Debian base for `board`, built first if there is none."""
+    key = cache_key(board, release, mirror)
+    cache.prepare()
+    with cache.lock(key, f"the Debian base for {board.id}"):
+        entry = cache.image(key)
+        if entry is not None:
+            log.info(f"Debian base in cache: {entry.path}")
+            return entry
+        work = cache.root / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        workspace = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-debian-", dir=work))
+        with work_path(ledger, workspace):
+            rootfs = workspace / "rootfs"
+            _bootstrap(board, release, mirror, rootfs)
+            uuid_ = str(uuid.uuid4())
+            uboot = _install_system(board, release, mirror, rootfs, uuid_, ledger, cache)
+            final = cache.image_path(key)
+            tmp = final.with_name(f".{final.name}.tmp")
+            try:
+                _make_image(rootfs, tmp, uboot, uuid_)
+                stat = tmp.stat()
+                entry = CachedImage(path=final, sha256=key, source=f"debian:{board.id}",
+                                    filename=final.name, raw_size=stat.st_size,
+                                    raw_mtime_ns=stat.st_mtime_ns, signature=None)
+                os.replace(tmp, final)
+                cache.store_image(entry)
+            finally:
+                tmp.unlink(missing_ok=True)
+    log.info(f"Debian base ready: {entry.path}")
+    return entry
+
+
+def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path) -> None:
+    log.info(f"debootstrap {release} {board.arch} from {mirror} (a few minutes under qemu)")
+    proc = run(["debootstrap", f"--arch={board.arch}", "--variant=minbase",
+                f"--include={','.join(PACKAGES[:5])}", release, rootfs, mirror],
+               capture=True, check=False)
+    if proc.returncode != 0:
+        detail = proc.stdout.decode(errors="replace").strip().splitlines()
+        raise BuildError(f"debootstrap of {release} {board.arch} failed "
+                         f"({detail[-1] if detail else 'no output'}): check the mirror "
+                         f"{mirror} (DEBIAN_MIRROR / --set) and the network")
+
+
+def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_uuid: str,
+                    ledger: Ledger, cache: Cache) -> bytes:
+    """Kernel, initramfs, boot configuration, network; returns U-Boot's binary."""
+    debian = BOARDS[board.id]
+    etc = rootfs / "etc"
+    (etc / "apt/sources.list").unlink(missing_ok=True)
+    # The release alone: its point releases carry the stable updates. {release}-updates is
+    # small and changes daily, and mirrors were seen serving it half-synced for hours, which
+    # fails every apt-get update; a customize script can add it where the mirror is sound.
+    (etc / "apt/sources.list.d/debian.sources").write_text(
+        f"Types: deb\nURIs: {mirror}\nSuites: {release}\n"
+        f"Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    # Before the kernel: an initramfs with only the modules that reach the root filesystem
+    # takes seconds to make under emulation instead of minutes, and still boots (MODULES=most
+    # has been seen to leave out the MMC driver altogether).
+    conf = etc / "initramfs-tools/initramfs.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    text = conf.read_text() if conf.exists() else ""
+    conf.write_text("\n".join(line for line in text.splitlines()
+                              if not line.startswith("MODULES=")) + "\nMODULES=list\n")
+    (etc / "initramfs-tools/modules").write_text("\n".join(debian.modules) + "\n")
+    (etc / "hostname").write_text("orangepi\n")
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\torangepi\n"
+                               "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+    (etc / "fstab").write_text(f"UUID={root_uuid}\t/\text4\tdefaults,noatime\t0\t1\n")
+    network = etc / "systemd/network/20-wired.network"
+    network.parent.mkdir(parents=True, exist_ok=True)
+    network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    apt_cache = cache.root / "apt" / f"{release}-{board.arch}"
+    with chroot_session(ledger, rootfs, board.arch, apt_cache=apt_cache, apt_proxy=None,
+                        env={}) as session:
+        _apt_update(session)
+        session.run(["apt-get", "install", "-q", "-y", "--no-install-recommends",
+                     debian.kernel, *PACKAGES[5:]], prefix="apt",
+                    what=f"install {debian.kernel}")
+        session.run(["systemctl", "enable", "systemd-networkd"], prefix="systemctl",
+                     what="enable systemd-networkd")
+        session.run(["sh", "-c", "cd /tmp && apt-get download -q u-boot-sunxi"],
+                    prefix="apt", what="download u-boot-sunxi")
+        debs = list((rootfs / "tmp").glob("u-boot-sunxi_*.deb"))
+        if not debs:
+            raise BuildError("u-boot-sunxi was not downloaded")
+        uboot = _extract_uboot(debs[0], debian.uboot)
+    versions = sorted(p.name.removeprefix("vmlinuz-") for p in (rootfs / "boot").glob("vmlinuz-*"))
+    if not versions:
+        raise BuildError(f"{debian.kernel} installed no kernel in /boot")
+    version = versions[-1]
+    dtb = f"/usr/lib/linux-image-{version}/{debian.dtb}"
+    if not (rootfs / dtb.lstrip("/")).exists():
+        raise BuildError(f"the kernel {version} has no device tree {debian.dtb}")
+    extlinux = rootfs / "boot/extlinux/extlinux.conf"
+    extlinux.parent.mkdir(parents=True, exist_ok=True)
+    console = f"{board.console.device},{board.console.baud}"
+    extlinux.write_text(
+        "# U-Boot's distro boot reads this file. Written by build-image --base debian.\n"
+        "default debian\ntimeout 1\n\nlabel debian\n"
+        f"  kernel /boot/vmlinuz-{version}\n  initrd /boot/initrd.img-{version}\n"
+        f"  fdt {dtb}\n  append root=UUID={root_uuid} rootwait rw console={console}\n")
+    machine_id = etc / "machine-id"
+    machine_id.write_text("")
+    return uboot
+
+
+def _apt_update(session: Chroot, attempts: int = 4) -> None:
+    """apt-get update, again when it fails: Debian's mirrors now and then serve an index of
+    the wrong size while they sync ("Mirror sync in progress?"), which passes in a minute."""
+    for attempt in range(1, attempts + 1):
+        try:
+            session.run(["apt-get", "update", "-q", "--error-on=any"], prefix="apt",
+                        what="apt-get update")
+            return
+        except BuildError:
+            if attempt == attempts:
+                raise
+            log.warn(f"apt-get update failed; trying again in {15 * attempt} s "
+                     f"(attempt {attempt + 1} of {attempts})")
+            time.sleep(15 * attempt)
+
+
+def _extract_uboot(deb: Path, target: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="build-image-uboot-") as tmp:
+        run(["dpkg-deb", "--extract", deb, tmp], capture=True, what=f"unpack {deb.name}")
+        binary = Path(tmp) / "usr/lib/u-boot" / target / "u-boot-sunxi-with-spl.bin"
+        if not binary.exists():
+            raise BuildError(f"{deb.name} has no U-Boot for {target}")
+        return binary.read_bytes()
+
+
+def _make_image(rootfs: Path, image: Path, uboot: bytes, root_uuid: str) -> None:
+    """MBR, root from 4 MiB to the end, filled from the directory without a loop device;
+    U-Boot at 8 KiB, in the gap before the partition."""
+    used = int(subprocess.run(["du", "-s", "--block-size=1M", "--one-file-system",
+                               str(rootfs)], capture_output=True, text=True,
+                              check=True).stdout.split()[0])
+    size_mib = (ROOT_OFFSET >> 20) + used + used // 4 + 128
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    run(["sfdisk", "--quiet", image], input=f"label: dos\nstart={ROOT_OFFSET // 512}, "
+        f"type=83, bootable\n".encode(), capture=True, what="partition the Debian base")
+    size_k = ((size_mib << 20) - ROOT_OFFSET) // 1024
+    run(["mkfs.ext4", "-q", "-L", ROOT_LABEL, "-U", root_uuid, "-d", rootfs, "-E",
+         f"offset={ROOT_OFFSET}", image, f"{size_k}k"], capture=True,
+        what="make the root filesystem")
+    if UBOOT_OFFSET + len(uboot) > ROOT_OFFSET:
+        raise BuildError("U-Boot does not fit before the root partition")
+    with open(image, "r+b") as f:
+        f.seek(UBOOT_OFFSET)
+        f.write(uboot)

@@ -1,0 +1,107 @@
+"""--base debian: a bootable base made from Debian's packages, cached; then a whole build on
+it for an armhf board (the engine's other architecture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TEST_CACHE, engine_capable, leftover_resources, run_cli
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+BOARD = "orangepipcplus"   # armhf, H3: the board QEMU's orangepi-pc machine stands in for
+CACHE = TEST_CACHE / "build-cache"
+
+
+@pytest.fixture(scope="module")
+def debian_base() -> Path:
+    reason = engine_capable()
+    if reason:
+        pytest.skip(reason)
+    result = run_cli("--board", BOARD, "--base", "debian", "--fetch-only", "--cache-dir",
+                     CACHE, timeout=3000)
+    assert result.returncode == 0, result.stderr
+    return Path(result.stdout.splitlines()[-1])
+
+
+def debugfs(image: Path, offset: int, command: str) -> str:
+    """debugfs on the root filesystem inside the image, through a copy of its partition."""
+    part = image.with_name(image.name + ".root")
+    if not part.exists():
+        subprocess.run(["dd", f"if={image}", f"of={part}", "bs=1M", f"skip={offset >> 20}",
+                        "status=none"], check=True)
+    return subprocess.run(["debugfs", "-R", command, str(part)], capture_output=True,
+                          text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"}).stdout
+
+
+def test_layout_is_armbians(debian_base: Path, tmp_path: Path) -> None:
+    image = tmp_path / "base.img"
+    subprocess.run(["cp", "--sparse=always", str(debian_base), str(image)], check=True)
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True,
+                                      check=True).stdout)["partitiontable"]
+    assert table["label"] == "dos"
+    (part,) = table["partitions"]
+    assert part["start"] == 8192 and part.get("bootable") is True
+    with open(image, "rb") as f:
+        f.seek(8 << 10)
+        spl = f.read(16)
+    assert spl[4:12] == b"eGON.BT0", "Allwinner's boot ROM looks for this SPL header at 8 KiB"
+    probe = subprocess.run(["blkid", "--probe", "--offset", str(4 << 20), "--output",
+                            "export", str(image)], capture_output=True, text=True).stdout
+    fields = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
+    assert fields["TYPE"] == "ext4" and fields["LABEL"] == "debian_root"
+    uuid = fields["UUID"]
+    extlinux = debugfs(image, 4 << 20, "cat /boot/extlinux/extlinux.conf")
+    assert f"root=UUID={uuid}" in extlinux and "console=ttyS0,115200" in extlinux
+    assert f"UUID={uuid}" in debugfs(image, 4 << 20, "cat /etc/fstab")
+    for key in ("kernel", "initrd", "fdt"):
+        path = re.search(rf"^\s*{key} (\S+)", extlinux, re.MULTILINE)
+        assert path, key
+        stat = debugfs(image, 4 << 20, f"stat {path.group(1)}")
+        assert "Type: regular" in stat, (key, path.group(1))
+    initrd = re.search(r"initrd (\S+)", extlinux)
+    assert initrd
+    size = int(re.search(r"Size: (\d+)", debugfs(image, 4 << 20, f"stat {initrd.group(1)}"))
+               .group(1))  # type: ignore[union-attr]
+    assert size < 20 << 20, "MODULES=list keeps the initramfs small"
+    assert debugfs(image, 4 << 20, "cat /etc/machine-id") == ""
+    assert "sun8i-h3-orangepi-pc-plus.dtb" in extlinux
+
+
+def test_base_is_reused(debian_base: Path) -> None:
+    started = time.monotonic()
+    result = run_cli("--board", BOARD, "--base", "debian", "--fetch-only", "--cache-dir",
+                     CACHE)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[-1]) == debian_base
+    assert "Debian base in cache" in result.stderr and "debootstrap" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_build_on_the_debian_base(debian_base: Path, tmp_path: Path) -> None:
+    scripts = tmp_path / "armhf.d"
+    scripts.mkdir()
+    script = scripts / "50-arch.chroot"
+    script.write_text("#!/bin/sh\nset -e\nuname -m > /root/arch\n")
+    script.chmod(0o755)
+    result = run_cli("--board", BOARD, "--base", "debian", "--cache-dir", CACHE, "--output",
+                     tmp_path / "out", "--customize", scripts, "--compress", "zstd",
+                     "--set", "image.headroom=512MiB", timeout=1200)
+    assert result.returncode == 0, result.stderr
+    assert "[10-check-base.chroot] base: Debian GNU/Linux 13 (trixie), armv7l" in result.stderr
+    (zst,) = (tmp_path / "out").glob("*.img.zst")
+    raw = tmp_path / "result.img"
+    subprocess.run(["zstd", "-q", "-d", str(zst), "-o", str(raw)], check=True)
+    with open(raw, "rb") as built, open(debian_base, "rb") as base:
+        assert built.read(4 << 20)[512:] == base.read(4 << 20)[512:], "U-Boot kept as it was"
+    assert debugfs(raw, 4 << 20, "cat /root/arch") == "armv7l\n"
+    resolv = debugfs(raw, 4 << 20, "stat /etc/resolv.conf")
+    assert "Type: symlink" in resolv, "systemd-resolved's link, restored after the build"
+    assert leftover_resources(tmp_path) == []
+
