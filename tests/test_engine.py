@@ -190,6 +190,14 @@ def test_cache_path_with_a_space(base: BaseImage, tmp_path: Path, checked: None)
     assert len(outputs(tmp_path)) == 5
 
 
+def test_keep_workspace(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    result = build(base, tmp_path, "--keep-workspace")
+    assert result.returncode == 0, result.stderr
+    (kept,) = (tmp_path / "cache" / "work").glob("kept-*")
+    assert (kept / "image.img").stat().st_size > 0   # the working copy, for a look inside
+    assert leftover_resources(kept) == []             # but nothing is mounted any more
+
+
 def test_bmap_copy_onto_a_card(base: BaseImage, tmp_path: Path, checked: None) -> None:
     assert build(base, tmp_path).returncode == 0
     files = outputs(tmp_path)

@@ -1,0 +1,62 @@
+"""customize.d/ discovery and overlay paths, without an image: the rules users rely on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from builder.boards import load_catalog
+from builder.chroot import in_root
+from builder.config import load_config
+from builder.customize import find_scripts, render_templates, template_context
+from builder.errors import BuildError
+
+
+def script(directory: Path, name: str, body: str = "#!/bin/sh\n", mode: int = 0o755) -> Path:
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text(body)
+    path.chmod(mode)
+    return path
+
+
+def test_order_kinds_skips_and_replacement(tmp_path: Path) -> None:
+    builtin, mine = tmp_path / "builtin", tmp_path / "mine"
+    script(builtin, "10-a.chroot")
+    script(builtin, "20-b.host.sh")
+    script(builtin, "30-c.chroot.disabled")
+    script(builtin, ".hidden.chroot")
+    script(mine, "20-b.host.sh", "#!/bin/sh\necho mine\n")
+    script(mine, "15-x.chroot.py", "#!/usr/bin/python3\n")
+    found = find_scripts([builtin, mine])
+    assert [(s.name, s.where) for s in found] == [
+        ("10-a.chroot", "chroot"), ("15-x.chroot.py", "chroot"), ("20-b.host.sh", "host")]
+    assert found[2].path.parent == mine, "a user script replaces the built-in of that name"
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match=r"customize directory .* does not exist"):
+        find_scripts([tmp_path / "nope"])
+
+
+def test_builtin_scripts_and_templates_pass_their_own_checks() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    assert find_scripts([repo / "customize.d"])
+    config = load_config()
+    board, _ = load_catalog().lookup("orangepi5")
+    rendered = render_templates([repo / "overlays"], template_context(config, board))
+    assert any("BOARD=orangepi5" in text for text in rendered.values())
+
+
+def test_in_root_follows_links_inside_the_image(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (root / "var").mkdir()
+    os.symlink("/run", root / "var/run")             # absolute, as Debian has it
+    (root / "etc").mkdir()
+    os.symlink("../../../../../../..", root / "etc/up")
+    assert in_root(root, "var/run/x") == root / "run/x"
+    assert in_root(root, "/etc/up/etc") == root / "etc"   # .. stops at the image's /
+    assert in_root(root, "../../etc/passwd") == root / "etc/passwd"
