@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import stat
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from builder import log
 from builder.errors import BuildError
-from builder.ledger import Ledger
+from builder.ledger import Ledger, held_lock, kill_processes_under
 from builder.mount import mounted
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -144,18 +145,45 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
     proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
+    assert proc.stdout is not None
+    pending = b""
+
+    def show(data: bytes) -> None:
+        nonlocal tail
+        for raw in data.split(b"\n"):
+            line = raw.decode(errors="replace")
             tail = [*tail[-19:], line]
             log.step_output(f"[{prefix}] {line}" if prefix else line)
+
+    try:
+        # Not `for line in stdout`: that waits for every holder of the pipe, and a daemon the
+        # script started in the background holds it for ever. The script's own exit ends the
+        # step; what its group still prints within a moment is shown, then the group goes.
+        fd = proc.stdout.fileno()
+        exited_at: float | None = None
+        while True:
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            if exited_at is not None and time.monotonic() - exited_at > 2:
+                break
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if lines:
+                show(b"\n".join(lines))
+        if pending:
+            show(pending)
         code = proc.wait()
-    except BaseException:
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise
+        proc.stdout.close()
     if code != 0:
         if code == 127 and not tail:
             raise BuildError(f"{what}: command not found")
@@ -185,9 +213,8 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def _replaced_file(path: Path, content: bytes, mode: int,
                    keep_changes: bool = False) -> Iterator[None]:
     """`path` holds `content` for a while; then exactly what was there before comes back:
-    the same file, the same symlink, or nothing. With `keep_changes`, a file that something
-    replaced meanwhile (a package that owns it, such as systemd-resolved's resolv.conf
-    symlink) is left as the package made it."""
+    the same file, the same symlink, or nothing. With `keep_changes`, a symlink that a
+    package put there meanwhile (systemd-resolved's resolv.conf) is left as it is."""
     saved: tuple[str, bytes | str, int] | None = None
     if path.parent.is_symlink():
         raise BuildError(f"{path.parent} is a symbolic link: refusing to write through it")
@@ -209,8 +236,10 @@ def _replaced_file(path: Path, content: bytes, mode: int,
     try:
         yield
     finally:
-        changed = path.is_symlink() or not path.exists() or path.read_bytes() != content
-        if not (keep_changes and changed):
+        # Only a package that made it a symlink (systemd-resolved, resolvconf) keeps its
+        # version: anything else, such as a script that added the build host's resolvers,
+        # must not reach the image.
+        if not (keep_changes and path.is_symlink()):
             _restore(path, saved, created)
 
 
@@ -229,29 +258,6 @@ def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
             assert isinstance(data, bytes)
             path.write_bytes(data)
             path.chmod(old_mode)
-
-
-def kill_processes_in(root: Path) -> None:
-    """Stop every process whose root directory is the image: a daemon a script started
-    (gpg-agent, dirmngr) would keep the filesystem busy and write to it during the shrink."""
-    real = os.path.realpath(root)
-    for _ in range(3):
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.path.realpath(entry / "root") == real:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        if not found:
-            return
-        for pid in found:
-            log.warn(f"stopping process {pid} left running in the image")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
 
 
 # A minimal /dev: the nodes programs in a chroot expect, and nothing that reaches the
@@ -318,9 +324,14 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
         if apt_cache is not None:
             apt_cache.mkdir(parents=True, exist_ok=True)
             (apt_cache / "partial").mkdir(exist_ok=True)
+            # apt does not wait for the archive's lock: two builds of one release and
+            # architecture take turns on the shared cache instead of failing at random.
+            stack.enter_context(held_lock(
+                apt_cache.with_name(apt_cache.name + ".lock"),
+                waiting=f"waiting for another build using the apt cache {apt_cache}"))
             stack.enter_context(mounted(ledger, str(apt_cache),
                                         in_root(root, "var/cache/apt/archives"), bind=True))
         # Registered last, so it runs first on the way out: nothing may still run in the
         # image when its mounts go.
-        stack.callback(kill_processes_in, root)
+        stack.callback(kill_processes_under, root)
         yield Chroot(root=root, arch=arch, env=clean_env(env))

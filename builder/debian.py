@@ -12,9 +12,12 @@ is cached, keyed by everything that went into it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -33,7 +36,7 @@ from builder.run import run
 
 RELEASES = ("trixie",)
 # Raised whenever the recipe below changes what it produces: the cache key includes it.
-RECIPE = 1
+RECIPE = 2
 ROOT_LABEL = "debian_root"
 ROOT_OFFSET = 4 << 20
 UBOOT_OFFSET = 8 << 10
@@ -64,7 +67,34 @@ BOARDS: dict[str, DebianBoard] = {
 
 # What a bootable, networked, apt-able system needs beyond debootstrap's minbase.
 PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "e2fsprogs", "iproute2",
-            "ca-certificates", "systemd-resolved")
+            "ca-certificates", "systemd-resolved", "cloud-guest-utils")
+
+# The image is as small as its contents; at first boot the root partition and filesystem
+# grow to the whole card (Armbian images do this with armbian-resize-filesystem).
+GROW_SCRIPT = """#!/bin/sh
+# Grows the root partition and its ext4 filesystem to the end of the card, once.
+set -eu
+root=$(findmnt -no SOURCE /)
+name=$(basename "$(readlink -f "$root")")
+disk=/dev/$(basename "$(readlink -f "/sys/class/block/$name/..")")
+part=$(cat "/sys/class/block/$name/partition")
+growpart "$disk" "$part" || [ $? -eq 1 ]   # 1: already as large as it can be
+resize2fs "$root"
+touch /var/lib/grow-root-filesystem.done
+"""
+GROW_UNIT = """[Unit]
+Description=Grow the root filesystem to the whole card
+ConditionPathExists=!/var/lib/grow-root-filesystem.done
+After=local-fs.target
+Before=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/grow-root-filesystem
+
+[Install]
+WantedBy=multi-user.target
+"""
 
 
 def supported(board: Board, release: str) -> DebianBoard:
@@ -128,11 +158,26 @@ def build_base(board: Board, release: str, mirror: str, cache: Cache,
 
 def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path) -> None:
     log.info(f"debootstrap {release} {board.arch} from {mirror} (a few minutes under qemu)")
-    proc = run(["debootstrap", f"--arch={board.arch}", "--variant=minbase",
-                f"--include={','.join(PACKAGES[:5])}", release, rootfs, mirror],
-               capture=True, check=False)
+    argv = ["debootstrap", f"--arch={board.arch}", "--variant=minbase",
+            f"--include={','.join(PACKAGES[:5])}", release, str(rootfs), mirror]
+    # A session of its own, and asked to stop (not killed) on an interruption: debootstrap's
+    # exit trap unmounts the proc and sys it mounted in the target.
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
     if proc.returncode != 0:
-        detail = proc.stdout.decode(errors="replace").strip().splitlines()
+        detail = output.decode(errors="replace").strip().splitlines()
         raise BuildError(f"debootstrap of {release} {board.arch} failed "
                          f"({detail[-1] if detail else 'no output'}): check the mirror "
                          f"{mirror} (DEBIAN_MIRROR / --set) and the network")
@@ -143,6 +188,12 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
     """Kernel, initramfs, boot configuration, network; returns U-Boot's binary."""
     debian = BOARDS[board.id]
     etc = rootfs / "etc"
+    apt_cache = cache.root / "apt" / f"{release}-{board.arch}"
+    apt_cache.mkdir(parents=True, exist_ok=True)
+    # debootstrap leaves its packages in the image: into the host's apt cache with them,
+    # where the next build finds them, instead of shipping them in every image.
+    for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+        shutil.move(deb, apt_cache / deb.name)
     (etc / "apt/sources.list").unlink(missing_ok=True)
     # The release alone: its point releases carry the stable updates. {release}-updates is
     # small and changes daily, and mirrors were seen serving it half-synced for hours, which
@@ -166,15 +217,19 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
     network = etc / "systemd/network/20-wired.network"
     network.parent.mkdir(parents=True, exist_ok=True)
     network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
-    apt_cache = cache.root / "apt" / f"{release}-{board.arch}"
+    grow = rootfs / "usr/local/sbin/grow-root-filesystem"
+    grow.parent.mkdir(parents=True, exist_ok=True)
+    grow.write_text(GROW_SCRIPT)
+    grow.chmod(0o755)
+    (etc / "systemd/system/grow-root-filesystem.service").write_text(GROW_UNIT)
     with chroot_session(ledger, rootfs, board.arch, apt_cache=apt_cache, apt_proxy=None,
                         env={}) as session:
         _apt_update(session)
         session.run(["apt-get", "install", "-q", "-y", "--no-install-recommends",
                      debian.kernel, *PACKAGES[5:]], prefix="apt",
                     what=f"install {debian.kernel}")
-        session.run(["systemctl", "enable", "systemd-networkd"], prefix="systemctl",
-                     what="enable systemd-networkd")
+        session.run(["systemctl", "enable", "systemd-networkd", "grow-root-filesystem"],
+                    prefix="systemctl", what="enable systemd-networkd")
         session.run(["sh", "-c", "cd /tmp && apt-get download -q u-boot-sunxi"],
                     prefix="apt", what="download u-boot-sunxi")
         debs = list((rootfs / "tmp").glob("u-boot-sunxi_*.deb"))

@@ -11,6 +11,8 @@ The record lives in /run, which is emptied at boot, as are loop devices and moun
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -40,6 +42,22 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def held_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """An exclusive flock on `path` for the block. The kernel drops it when its holder dies,
+    so a killed build never blocks the next. With `waiting`, say so if it must wait; without,
+    a lock held elsewhere is an error (BlockingIOError)."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is None:
+                raise
+            log.info(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def alive(pid: int, start: str | None) -> bool:
@@ -100,24 +118,61 @@ def clean_stale(state_dir: Path = STATE_DIR) -> int:
         if pid and alive(pid, record.get("start")):
             continue  # that build is alive
         log.info(f"cleaning up after build {pid}, which was killed: {record_path}")
-        for entry in reversed(record.get("entries", [])):
-            _undo(entry)
-        record_path.unlink(missing_ok=True)
-        undone += 1
+        left = [entry for entry in reversed(record.get("entries", [])) if not _undo(entry)]
+        if left:
+            # Kept for the next try, with only what could not be undone yet.
+            record["entries"] = list(reversed(left))
+            write_atomic(record_path, json.dumps(record, indent=1).encode())
+            log.warn(f"could not undo everything build {pid} left; see {record_path}")
+        else:
+            record_path.unlink(missing_ok=True)
+            undone += 1
     return undone
 
 
-def _undo(entry: dict[str, Any]) -> None:
+def _undo(entry: dict[str, Any]) -> bool:
+    """Undo one resource of a killed build; whether it is gone now."""
     kind = entry.get("kind")
     if kind == "mount":
-        unmount(str(entry["target"]))
-    elif kind == "loop":
-        for device in loops_of(str(entry["backing"]), int(entry.get("offset", 0))):
-            detach_loop(device)
-    elif kind == "path":
+        target = str(entry["target"])
+        # Its scripts' processes outlive a SIGKILL of the builder (they have sessions of
+        # their own) and keep the filesystem busy: they go first.
+        kill_processes_under(Path(target))
+        return unmount(target, lazy=False)
+    if kind == "loop":
+        devices = loops_of(str(entry["backing"]), int(entry.get("offset", 0)))
+        return all([detach_loop(device) for device in devices])
+    if kind == "path":
         path = Path(str(entry["path"]))
         remove_path(path)
         log.info(f"  removed {path}")
+        return not path.exists()
+    return True
+
+
+def kill_processes_under(path: Path) -> None:
+    """Stop every process chrooted into `path` or below: a daemon a script started in the
+    image keeps its filesystem busy and would write to it during a shrink. (Only the root
+    directory counts, so a person's shell that merely has its cwd there is left alone.)"""
+    real = os.path.realpath(path).rstrip("/")
+    for _ in range(3):
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                target = os.path.realpath(entry / "root")
+            except OSError:
+                continue
+            if target == real or target.startswith(real + "/"):
+                found.append(int(entry.name))
+        if not found:
+            return
+        for pid in found:
+            log.warn(f"stopping process {pid}, left running in {path}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def _mount_points() -> list[str]:
@@ -141,6 +196,12 @@ def remove_path(path: Path) -> None:
     image's root still mounted holds a bind of the apt cache and proc, which must not be
     emptied. Refuses (with a warning) while anything is mounted below."""
     if path.is_dir() and not path.is_symlink():
+        # Whatever is still mounted below (a build killed mid-way, a debootstrap stopped
+        # before its own cleanup) is unmounted first, deepest first, its processes stopped.
+        if mounts_under(path):
+            kill_processes_under(path)
+            for target in sorted(mounts_under(path), key=len, reverse=True):
+                unmount(target, lazy=False)
         busy = mounts_under(path)
         if busy:
             log.warn(f"not removing {path}: still mounted there: {', '.join(busy)}")

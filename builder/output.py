@@ -8,7 +8,6 @@ finished.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
@@ -23,7 +22,7 @@ from typing import Any
 from builder import log
 from builder.cache import key_of
 from builder.errors import BuildError
-from builder.ledger import STATE_DIR, Ledger, shielded
+from builder.ledger import STATE_DIR, Ledger, held_lock, shielded
 from builder.mount import work_path
 from builder.run import run
 
@@ -90,10 +89,9 @@ def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Ite
         # The lock lives in /run, not beside the outputs: nothing but results in --output.
         locks = STATE_DIR / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        lock = stack.enter_context(open(locks / f"{key_of(str(directory / name))}.lock", "a"))
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            stack.enter_context(held_lock(locks / f"{key_of(str(directory / name))}.lock"))
+        except BlockingIOError:
             raise BuildError(f"another build is writing {name} in {directory} right now: "
                              f"wait for it, or use another --output") from None
         for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",

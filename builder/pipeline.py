@@ -17,6 +17,7 @@ context's ExitStack and recorded in the ledger, so any failure or signal unwinds
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import shutil
 import tempfile
@@ -34,7 +35,7 @@ from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_
 from builder.config import Config
 from builder.download import Http
 from builder.errors import BuildError
-from builder.ledger import Ledger, mounts_under, remove_path
+from builder.ledger import Ledger, held_lock, mounts_under, remove_path
 from builder.mount import is_root, loop_device, mounted, work_path
 from builder.run import require_programs
 
@@ -215,6 +216,7 @@ def copy_base_image(ctx: Context) -> None:
     workspace = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=work))
     if not ctx.options.keep_workspace:
         ctx.stack.enter_context(work_path(ctx.ledger, workspace))
+    ctx.stack.enter_context(held_lock(workspace / ".lock"))
     ctx.workspace = workspace
     ctx.work_image = workspace / "image.img"
     log.info(f"copying the base image to {ctx.work_image}")
@@ -226,10 +228,18 @@ def sweep_workspaces(work: Path) -> None:
     while the machine stayed up; this covers one that died with the machine (a reboot
     empties /run but not the disk). Kept workspaces (--keep-workspace) stay."""
     for workspace in work.glob("build-*"):
-        pid = workspace.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and not mounts_under(workspace):
+        # Each build holds a lock inside its workspace: one that can be taken belongs to a
+        # build that is gone, whatever pid namespace (container) it ran in.
+        lock_file = workspace / ".lock"
+        if not lock_file.exists() or mounts_under(workspace):
+            continue
+        with open(lock_file, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue
             log.info(f"removing {workspace}, left by a build that did not finish")
-            remove_path(workspace)
+        remove_path(workspace)
 
 
 def grow_image(ctx: Context) -> None:
@@ -287,6 +297,7 @@ BUILD_ONLY = (
     "var/log/*.log",
     "root/.bash_history",
     "var/tmp/*",
+    "var/cache/apt/archives/*.deb",
 )
 
 

@@ -27,6 +27,8 @@ def debian_base() -> Path:
     result = run_cli("--board", BOARD, "--base", "debian", "--fetch-only", "--cache-dir",
                      CACHE, timeout=3000)
     assert result.returncode == 0, result.stderr
+    assert leftover_resources(CACHE) == []
+    assert not list((CACHE / "work").glob("build-*"))
     return Path(result.stdout.splitlines()[-1])
 
 
@@ -72,6 +74,11 @@ def test_layout_is_armbians(debian_base: Path, tmp_path: Path) -> None:
     assert size < 20 << 20, "MODULES=list keeps the initramfs small"
     assert debugfs(image, 4 << 20, "cat /etc/machine-id") == ""
     assert "sun8i-h3-orangepi-pc-plus.dtb" in extlinux
+    # It grows to the card at first boot, and carries no leftover packages.
+    wants = debugfs(image, 4 << 20, "ls /etc/systemd/system/multi-user.target.wants")
+    assert "grow-root-filesystem.service" in wants
+    assert "growpart" in debugfs(image, 4 << 20, "cat /usr/local/sbin/grow-root-filesystem")
+    assert ".deb" not in debugfs(image, 4 << 20, "ls /var/cache/apt/archives")
 
 
 def test_base_is_reused(debian_base: Path) -> None:
@@ -103,5 +110,5 @@ def test_build_on_the_debian_base(debian_base: Path, tmp_path: Path) -> None:
     assert debugfs(raw, 4 << 20, "cat /root/arch") == "armv7l\n"
     resolv = debugfs(raw, 4 << 20, "stat /etc/resolv.conf")
     assert "Type: symlink" in resolv, "systemd-resolved's link, restored after the build"
-    assert leftover_resources(tmp_path) == []
+    assert leftover_resources(CACHE) == [] and leftover_resources(tmp_path) == []
 
