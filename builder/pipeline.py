@@ -144,10 +144,11 @@ def _user_dir(value: str) -> Path:
 
 
 def _check_free_space(ctx: Context) -> None:
-    """Room for the working copy (the base, or a guess of 4 GiB before it is known), the
-    headroom, and the compressed output."""
+    """Room for the working copy, the headroom, and the compressed output. Checked before
+    the download with a guess of the base's size (Armbian's minimal images are 1.5-2.5 GiB)
+    and again once it is known."""
     cfg = ctx.config
-    base = ctx.base.raw_size if ctx.base else 4 << 30
+    base = ctx.base.raw_size if ctx.base else 2 << 30
     work = ctx.cache.root / "work"
     need = base + cfg.image.headroom
     free = shutil.disk_usage(_existing(work)).free
