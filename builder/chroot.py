@@ -15,21 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
-import signal
 import stat
-import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import log
 from builder.errors import BuildError
 from builder.ledger import Ledger, held_lock, kill_processes_under
 from builder.mount import mounted
+from builder.run import stream
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -132,65 +128,6 @@ class Chroot:
         """Run argv inside the image with a clean environment, streaming its output."""
         stream(["chroot", str(self.root), *argv], env={**self.env, **(env or {})},
                prefix=prefix, what=what or " ".join(argv))
-
-
-def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
-           what: str, cwd: Path | None = None) -> None:
-    """Run argv, showing each line of its output as it comes, prefixed with `[prefix]`.
-    A failure is a BuildError with the exit code, after the last lines were shown."""
-    log.debug("+ " + " ".join(argv))
-    tail: list[str] = []
-    # A session of its own: on an interruption the whole group goes, not just the script
-    # (a dpkg run leaves postinst children that would outlive it).
-    proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    assert proc.stdout is not None
-    pending = b""
-
-    def show(data: bytes) -> None:
-        nonlocal tail
-        for raw in data.split(b"\n"):
-            line = raw.decode(errors="replace")
-            tail = [*tail[-19:], line]
-            log.step_output(f"[{prefix}] {line}" if prefix else line)
-
-    try:
-        # Not `for line in stdout`: that waits for every holder of the pipe, and a daemon the
-        # script started in the background holds it for ever. The script's own exit ends the
-        # step; what its group still prints within a moment is shown, then the group goes.
-        fd = proc.stdout.fileno()
-        exited_at: float | None = None
-        while True:
-            if exited_at is None and proc.poll() is not None:
-                exited_at = time.monotonic()
-            if exited_at is not None and time.monotonic() - exited_at > 2:
-                break
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if not ready:
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            if lines:
-                show(b"\n".join(lines))
-        if pending:
-            show(pending)
-        code = proc.wait()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-    if code != 0:
-        if code == 127 and not tail:
-            raise BuildError(f"{what}: command not found")
-        log.info(f"last lines of {what}:")
-        for line in tail[-10:]:
-            log.info(f"  | {line}")
-        raise BuildError(f"{what} failed with exit code {code}")
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -38,9 +38,10 @@ import jinja2
 
 from builder import log
 from builder.boards import Board
-from builder.chroot import Chroot, in_root, stream
+from builder.chroot import Chroot, in_root
 from builder.config import Config
 from builder.errors import BuildError
+from builder.run import stream
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"

@@ -12,13 +12,11 @@ is cached, keyed by everything that went into it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
@@ -32,7 +30,7 @@ from builder.chroot import Chroot, chroot_session
 from builder.errors import BuildError
 from builder.ledger import Ledger
 from builder.mount import work_path
-from builder.run import run
+from builder.run import run, stream
 
 RELEASES = ("trixie",)
 # Raised whenever the recipe below changes what it produces: the cache key includes it.
@@ -160,27 +158,14 @@ def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path) -> None:
     log.info(f"debootstrap {release} {board.arch} from {mirror} (a few minutes under qemu)")
     argv = ["debootstrap", f"--arch={board.arch}", "--variant=minbase",
             f"--include={','.join(PACKAGES[:5])}", release, str(rootfs), mirror]
-    # A session of its own, and asked to stop (not killed) on an interruption: debootstrap's
-    # exit trap unmounts the proc and sys it mounted in the target.
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    # Asked to stop with SIGTERM, not killed, on an interruption: debootstrap's exit trap
+    # unmounts the proc and sys it mounted in the target.
     try:
-        output, _ = proc.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        raise
-    if proc.returncode != 0:
-        detail = output.decode(errors="replace").strip().splitlines()
-        raise BuildError(f"debootstrap of {release} {board.arch} failed "
-                         f"({detail[-1] if detail else 'no output'}): check the mirror "
-                         f"{mirror} (DEBIAN_MIRROR / --set) and the network")
+        stream(argv, env=dict(os.environ), prefix="debootstrap",
+               what=f"debootstrap of {release} {board.arch}", stop=signal.SIGTERM)
+    except BuildError as exc:
+        raise BuildError(f"{exc}: check the mirror {mirror} (base.debian_mirror) and the "
+                         f"network") from None
 
 
 def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_uuid: str,
@@ -284,9 +269,8 @@ def _extract_uboot(deb: Path, target: str) -> bytes:
 def _make_image(rootfs: Path, image: Path, uboot: bytes, root_uuid: str) -> None:
     """MBR, root from 4 MiB to the end, filled from the directory without a loop device;
     U-Boot at 8 KiB, in the gap before the partition."""
-    used = int(subprocess.run(["du", "-s", "--block-size=1M", "--one-file-system",
-                               str(rootfs)], capture_output=True, text=True,
-                              check=True).stdout.split()[0])
+    used = int(run(["du", "-s", "--block-size=1M", "--one-file-system", rootfs],
+                   capture=True).stdout.split()[0])
     size_mib = (ROOT_OFFSET >> 20) + used + used // 4 + 128
     with open(image, "wb") as f:
         f.truncate(size_mib << 20)

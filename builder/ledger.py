@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from typing import Any
 
 from builder import log
 from builder.cache import write_atomic
+from builder.run import run
 
 STATE_DIR = Path("/run/orangepi-jupyter")
 
@@ -206,7 +206,7 @@ def remove_path(path: Path) -> None:
         if busy:
             log.warn(f"not removing {path}: still mounted there: {', '.join(busy)}")
             return
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+        run(["rm", "-rf", "--one-file-system", path], check=False)
     else:
         path.unlink(missing_ok=True)
 
@@ -218,7 +218,7 @@ def unmount(target: str, lazy: bool = True) -> bool:
     for attempt in range(10):
         if not is_mounted(target):
             return True
-        proc = subprocess.run(["umount", target], capture_output=True, text=True)
+        proc = run(["umount", target], capture=True, check=False)
         if proc.returncode == 0:
             log.debug(f"unmounted {target}")
             continue
@@ -227,26 +227,26 @@ def unmount(target: str, lazy: bool = True) -> bool:
         return True
     if lazy:
         log.warn(f"{target} is busy; detaching it lazily")
-        subprocess.run(["umount", "--lazy", target], check=False)
+        run(["umount", "--lazy", target], capture=True, check=False)
     return False
 
 
 def loops_of(backing: str, offset: int) -> list[str]:
-    proc = subprocess.run(["losetup", "--associated", backing, "--offset", str(offset),
-                           "--noheadings", "--output", "NAME"], capture_output=True, text=True)
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    proc = run(["losetup", "--associated", backing, "--offset", str(offset), "--noheadings",
+                "--output", "NAME"], capture=True, check=False)
+    return [line.strip() for line in proc.stdout.decode().splitlines() if line.strip()]
 
 
 def detach_loop(device: str) -> bool:
     """Detach, and check it is gone: the kernel accepts a detach of a device still in use
     and only marks it to go later (autoclear), which is not gone."""
     for attempt in range(10):
-        proc = subprocess.run(["losetup", "--detach", device], capture_output=True, text=True)
-        if proc.returncode != 0 and "No such device" not in proc.stderr:
+        proc = run(["losetup", "--detach", device], capture=True, check=False)
+        if proc.returncode != 0 and b"No such device" not in proc.stderr:
             time.sleep(0.2 * (attempt + 1))
             continue
-        shown = subprocess.run(["losetup", "--noheadings", "--output", "BACK-FILE", device],
-                               capture_output=True, text=True)
+        shown = run(["losetup", "--noheadings", "--output", "BACK-FILE", device],
+                    capture=True, check=False)
         if shown.returncode != 0 or not shown.stdout.strip():
             log.debug(f"detached {device}")
             return True

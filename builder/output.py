@@ -24,7 +24,7 @@ from builder.cache import key_of
 from builder.errors import BuildError
 from builder.ledger import STATE_DIR, Ledger, held_lock, shielded
 from builder.mount import work_path
-from builder.run import run
+from builder.run import run, spawn
 
 COMPRESSORS: dict[str, tuple[str, list[str]]] = {
     "xz": (".xz", ["xz", "--compress", "--stdout", "--threads=0"]),
@@ -118,27 +118,19 @@ def write_image(raw: Path, out: Outputs, level: int) -> Path:
         return target
     argv = [*argv, f"-{level}"]
     size = raw.stat().st_size
+    # spawn kills the compressor on an interruption: it would go on using every core for a
+    # file nobody wants.
     with open(raw, "rb") as src, open(target, "wb") as dst, \
-            log.progress(f"compressing with {out.compression}", size) as bar:
-        proc = subprocess.Popen(argv, stdin=src, stdout=dst, stderr=subprocess.PIPE)
+            log.progress(f"compressing with {out.compression}", size) as bar, \
+            spawn(argv, stdin=src, stdout=dst, what="compress the image") as proc:
         seen = 0
-        try:
-            while proc.poll() is None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=0.5)
-                # The compressor shares our file description of src: its position is
-                # progress.
-                position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
-                bar.update(position - seen)
-                seen = position
-        except BaseException:
-            proc.kill()   # it would go on using every core for a file nobody wants
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            detail = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            raise BuildError(f"could not compress the image ({argv[0]} exited "
-                             f"{proc.returncode}): {detail}")
+        while proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+            # The compressor shares our file description of src: its position is progress.
+            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
+            bar.update(position - seen)
+            seen = position
     return target
 
 

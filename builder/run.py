@@ -6,13 +6,18 @@ shown in --debug output, and a failure turned into a one-line BuildError that sa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 from builder import log
@@ -100,10 +105,12 @@ def last_line(output: bytes | None) -> str:
 
 @contextmanager
 def spawn(
-    argv: Sequence[str | os.PathLike[str]], *, stdin: IO[bytes], what: str
+    argv: Sequence[str | os.PathLike[str]], *, stdin: IO[bytes], what: str,
+    stdout: IO[bytes] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start argv with its stdout as a pipe for the caller to read; on leaving, wait for it
-    and turn a non-zero exit into a BuildError carrying its last line of stderr.
+    """Start argv with its stdout as a pipe for the caller to read (or into `stdout`); on
+    leaving, wait for it and turn a non-zero exit into a BuildError carrying its last line
+    of stderr.
 
     stderr goes to a temporary file, not a pipe: a chatty program cannot then block on a
     full pipe that nobody reads. If the caller's block raises, the program is killed.
@@ -112,7 +119,8 @@ def spawn(
     log.debug("+ " + shlex.join(args))
     with tempfile.TemporaryFile() as errors:
         try:
-            proc = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=errors)
+            proc = subprocess.Popen(args, stdin=stdin, stderr=errors,
+                                    stdout=subprocess.PIPE if stdout is None else stdout)
         except FileNotFoundError:
             raise BuildError(f"{args[0]} not found on this host: {install_hint(args[0])}") from None
         try:
@@ -129,3 +137,74 @@ def spawn(
             errors.seek(0)
             detail = last_line(errors.read())
             raise BuildError(f"could not {what} ({args[0]} exited {code}): {detail}")
+
+
+def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
+           what: str, cwd: Path | None = None, stop: int = signal.SIGKILL) -> None:
+    """Run argv, showing each line of its output as it comes, prefixed with `[prefix]`, and
+    copying it into the build log. A failure is a BuildError with the exit code, after the
+    last lines were shown.
+
+    On an interruption the program's whole process group gets `stop`; a program that cleans
+    up after itself on SIGTERM (debootstrap unmounts what it mounted) is given time for it
+    before everything left is killed."""
+    log.debug("+ " + " ".join(argv))
+    tail: list[str] = []
+    # A session of its own: on an interruption the whole group goes, not just the script
+    # (a dpkg run leaves postinst children that would outlive it).
+    proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    pending = b""
+
+    def show(data: bytes) -> None:
+        nonlocal tail
+        for raw in data.split(b"\n"):
+            line = raw.decode(errors="replace")
+            tail = [*tail[-19:], line]
+            log.step_output(f"[{prefix}] {line}" if prefix else line)
+
+    try:
+        # Not `for line in stdout`: that waits for every holder of the pipe, and a daemon the
+        # script started in the background holds it for ever. The script's own exit ends the
+        # step; what its group still prints within a moment is shown, then the group goes.
+        fd = proc.stdout.fileno()
+        exited_at: float | None = None
+        while True:
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            if exited_at is not None and time.monotonic() - exited_at > 2:
+                break
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if lines:
+                show(b"\n".join(lines))
+        if pending:
+            show(pending)
+        code = proc.wait()
+    except BaseException:
+        if stop != signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, stop)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=20)
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    if code != 0:
+        if code == 127 and not tail:
+            raise BuildError(f"{what}: command not found")
+        log.info(f"last lines of {what}:")
+        for line in tail[-10:]:
+            log.info(f"  | {line}")
+        raise BuildError(f"{what} failed with exit code {code}")

@@ -325,3 +325,18 @@ def leftover_resources(where: Path) -> list[str]:
         if line.split()[4].startswith(str(where)):
             found.append(line)
     return found
+
+
+def root_partition(image: Path, offset: int) -> Path:
+    """The root filesystem of an image, copied out once next to it, for debugfs to read
+    without a loop device or a mount."""
+    part = image.with_name(image.name + ".root")
+    if not part.exists():
+        subprocess.run(["dd", f"if={image}", f"of={part}", "bs=1M", f"skip={offset >> 20}",
+                        "status=none"], check=True)
+    return part
+
+
+def debugfs(filesystem: Path, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["debugfs", "-R", command, str(filesystem)], capture_output=True,
+                          text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"})

@@ -4,14 +4,14 @@ it for an armhf board (the engine's other architecture)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_CACHE, engine_capable, leftover_resources, run_cli
+from conftest import TEST_CACHE, engine_capable, leftover_resources, root_partition, run_cli
+from conftest import debugfs as run_debugfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -33,13 +33,7 @@ def debian_base() -> Path:
 
 
 def debugfs(image: Path, offset: int, command: str) -> str:
-    """debugfs on the root filesystem inside the image, through a copy of its partition."""
-    part = image.with_name(image.name + ".root")
-    if not part.exists():
-        subprocess.run(["dd", f"if={image}", f"of={part}", "bs=1M", f"skip={offset >> 20}",
-                        "status=none"], check=True)
-    return subprocess.run(["debugfs", "-R", command, str(part)], capture_output=True,
-                          text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"}).stdout
+    return run_debugfs(root_partition(image, offset), command).stdout
 
 
 def test_layout_is_armbians(debian_base: Path, tmp_path: Path) -> None:

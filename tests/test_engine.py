@@ -18,10 +18,12 @@ from conftest import (
     REPO,
     BaseImage,
     cli_env,
+    debugfs,
     error_line,
     leftover_resources,
     make_base_image,
     require_nobody_can_run,
+    root_partition,
     run_cli,
 )
 
@@ -96,14 +98,9 @@ def raw_image(path: Path, target: Path) -> Path:
     return target
 
 
-def read_from(image: Path, offset: int, *paths: str) -> dict[str, str]:
+def read_from(part: Path, *paths: str) -> dict[str, str]:
     """Files of the image's root filesystem, read with debugfs (no mount needed)."""
-    found = {}
-    for path in paths:
-        proc = subprocess.run(["debugfs", "-R", f"cat {path}", f"{image}"], capture_output=True,
-                              text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"})
-        found[path] = proc.stdout
-    return found
+    return {path: debugfs(part, f"cat {path}").stdout for path in paths}
 
 
 def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
@@ -144,16 +141,14 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     # Grown for the build, then shrunk to its contents plus image.free_space (256 MiB).
     log = files["build.log"].read_text()
     assert "grew the root filesystem by 512 MiB" in log and "shrank the image to" in log
-    part = tmp_path / "root.ext4"
-    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
-                    f"skip={base.first_partition >> 20}", "status=none"], check=True)
+    part = root_partition(raw, base.first_partition)
     assert subprocess.run(["e2fsck", "-fn", str(part)], capture_output=True).returncode == 0
     header = subprocess.run(["dumpe2fs", "-h", str(part)], capture_output=True,
                             text=True).stdout
     fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
     free = int(fields["Free blocks"]) * int(fields["Block size"])
     assert 128 << 20 < free < 512 << 20, free
-    seen = read_from(part, 0, "/root/arch", "/etc/jupyter/port.txt", "/etc/host-was-here",
+    seen = read_from(part, "/root/arch", "/etc/jupyter/port.txt", "/etc/host-was-here",
                      "/etc/orangepi-jupyter-release", "/etc/machine-id",
                      "/etc/apt/apt.conf.d/00build-image-proxy")
     assert seen["/etc/apt/apt.conf.d/00build-image-proxy"] == ""   # gone again
@@ -161,24 +156,18 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert seen["/etc/jupyter/port.txt"] == "orangepi5 listens on 8888\n"
     assert "BOARD=orangepi5" in seen["/etc/orangepi-jupyter-release"]
     assert seen["/etc/machine-id"] == ""
-    assert "image, not host" in read_from(part, 0, "/run/overlay-test")["/run/overlay-test"]
-    ssh = subprocess.run(["debugfs", "-R", "ls /etc/ssh", str(part)], capture_output=True,
-                         text=True).stdout
+    assert "image, not host" in read_from(part, "/run/overlay-test")["/run/overlay-test"]
+    ssh = debugfs(part, "ls /etc/ssh").stdout
     assert "ssh_host_ed25519_key" not in ssh, "host keys every card would share"
-    helper = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/helper", str(part)],
-                            capture_output=True, text=True).stdout
+    helper = debugfs(part, "stat /etc/jupyter/helper").stdout
     assert "Mode:  04755" in helper
-    link = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/link", str(part)],
-                          capture_output=True, text=True).stdout
+    link = debugfs(part, "stat /etc/jupyter/link").stdout
     assert "Type: symlink" in link and 'Fast link dest: "private.conf"' in link
-    stat = subprocess.run(["debugfs", "-R", "stat /etc/jupyter/private.conf", str(part)],
-                          capture_output=True, text=True).stdout
+    stat = debugfs(part, "stat /etc/jupyter/private.conf").stdout
     assert "Mode:  0640" in stat and "User:     0" in stat
-    link = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", str(part)],
-                          capture_output=True, text=True).stdout
+    link = debugfs(part, "stat /etc/resolv.conf").stdout
     assert "Type: symlink" in link and "stub-resolv.conf" in link
-    policy = subprocess.run(["debugfs", "-R", "stat /usr/sbin/policy-rc.d", str(part)],
-                            capture_output=True, text=True)
+    policy = debugfs(part, "stat /usr/sbin/policy-rc.d")
     assert "File not found" in policy.stderr
     assert not (tmp_path / "cache" / "work").exists() or \
         not list((tmp_path / "cache" / "work").iterdir())
@@ -331,11 +320,8 @@ def test_binfmt_without_f_flag(base: BaseImage, tmp_path: Path, user_dirs: tuple
     assert "lacks the F flag" in result.stderr and "copying qemu into the image" in result.stderr
     assert "[50-arch.chroot.sh] board=orangepi5" in result.stderr
     raw = raw_image(outputs(tmp_path)["img.zst"], tmp_path / "result.img")
-    part = tmp_path / "root.ext4"
-    subprocess.run(["dd", f"if={raw}", f"of={part}", "bs=1M",
-                    f"skip={base.first_partition >> 20}", "status=none"], check=True)
-    listing = subprocess.run(["debugfs", "-R", "ls -l /usr/libexec", str(part)],
-                             capture_output=True, text=True).stdout
+    part = root_partition(raw, base.first_partition)
+    listing = debugfs(part, "ls -l /usr/libexec").stdout
     assert "qemu-binfmt" not in listing
 
 
