@@ -182,6 +182,20 @@ def _package_names(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _module_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
+            raise BadItem(f"{name!r} is not a Python module name (e.g. numpy, PIL)")
+    return value
+
+
+def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
+    for name in value:
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
+            raise BadItem(f"{name!r} is not a valid group name (e.g. dialout)")
+    return value
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     source: Annotated[str, Rule(_source)]
@@ -198,13 +212,17 @@ class BaseConfig:
 @dataclass(frozen=True)
 class PackagesConfig:
     apt: Annotated[tuple[str, ...], Rule(_package_names)]
+    apt_recommends: bool
     pip: Annotated[tuple[str, ...], Rule(_package_names)]
+    check_imports: Annotated[tuple[str, ...], Rule(_module_names)]
 
 
 @dataclass(frozen=True)
 class VenvConfig:
     path: Annotated[str, Rule(_absolute_path)]
     system_site_packages: bool
+    kernel_name: Annotated[str, Rule(_name)]
+    kernel_display_name: Annotated[str, Rule(_non_empty)]
 
 
 @dataclass(frozen=True)
@@ -213,6 +231,7 @@ class JupyterConfig:
     ip: Annotated[str, Rule(_listen_ip)]
     port: Annotated[int, Rule(_port, "a port number (1-65535)")]
     base_url: Annotated[str, Rule(_base_url)]
+    groups: Annotated[tuple[str, ...], Rule(_group_names)]
 
 
 @dataclass(frozen=True)
@@ -231,6 +250,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class CustomizeConfig:
+    builtin: bool
     scripts: tuple[str, ...]
     overlays: tuple[str, ...]
 

@@ -5,13 +5,25 @@ customize.d/ scripts run in the order of their names. The name says where a scri
     NN-name.chroot[.sh|.py|...]   inside the image (chroot, under qemu-user-static)
     NN-name.host[.sh|.py|...]     on the build host, with the mounted image at $IMAGE_ROOT
 
+NN is a number. overlays/ is laid into the image after the scripts numbered below 50 and
+before those numbered 50 and above, so packages installed early cannot overwrite an overlay
+file, and late scripts can use (enable, check) what the overlays brought.
+
 Files ending in `.disabled` and dotfiles are skipped; any other name, or a script that is not
 executable, is an error before the build starts. Every script gets this environment:
 
     IMAGE_BOARD    board id (orangepi5)          IMAGE_ARCH     armhf | arm64
     IMAGE_RELEASE  trixie, noble, ...            IMAGE_FAMILY   Armbian family (rockchip-rk3588)
-    IMAGE_CONFIG   the resolved settings as JSON (inside the image for .chroot scripts)
+    IMAGE_CONFIG   the resolved settings as a JSON file (inside the image for .chroot scripts)
+    IMAGE_CONFIG_<SECTION>_<KEY>   each setting for shell scripts: IMAGE_CONFIG_JUPYTER_PORT=8888,
+                   lists joined by spaces, true/false, empty for null
+    IMAGE_OUTPUT   a directory: a file written there is published next to the image as
+                   <image name>.<file name>, and manifest/<key>.json goes into the manifest
+                   under <key>. Scripts hand files to each other in its parent, /tmp/build-image,
+                   which is gone at the end of the session (before and after the overlays).
     IMAGE_ROOT     the mounted root filesystem   (.host scripts only)
+    IMAGE_CACHE    a directory of the build cache for downloads (.host scripts only)
+    IMAGE_OFFLINE  1 with --offline: use the cache, no network (.host scripts only)
 
 overlays/ is copied into the root filesystem with modes and symlinks kept, owned by root.
 A file ending in `.j2` is a Jinja2 template: it is rendered with `config` (the settings) and
@@ -27,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
@@ -46,17 +59,26 @@ from builder.run import stream
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"
 BUILTIN_OVERLAYS = REPO_ROOT / "overlays"
-CONFIG_IN_IMAGE = "/tmp/build-image/config.json"
+WORK_IN_IMAGE = "/tmp/build-image"
+CONFIG_IN_IMAGE = f"{WORK_IN_IMAGE}/config.json"
+OUTPUT_IN_IMAGE = f"{WORK_IN_IMAGE}/output"
+# Scripts numbered below this run before overlays/ is laid in, the others after.
+OVERLAY_POINT = 50
 
 
 @dataclass(frozen=True)
 class Script:
     path: Path
     where: str          # "chroot" or "host"
+    number: int
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def before_overlays(self) -> bool:
+        return self.number < OVERLAY_POINT
 
 
 def _skipped(name: str) -> bool:
@@ -76,50 +98,85 @@ def find_scripts(dirs: Sequence[Path]) -> list[Script]:
             suffixes = path.suffixes
             where = ("chroot" if ".chroot" in suffixes else
                      "host" if ".host" in suffixes else None)
-            if where is None:
-                raise BuildError(f"{path}: a customize script's name must say where it runs: "
-                                 f"NN-name.chroot (in the image) or NN-name.host (on the host); "
-                                 f"rename it, or add .disabled to skip it")
+            number = re.match(r"(\d+)-", path.name)
+            if where is None or number is None:
+                raise BuildError(f"{path}: a customize script's name must be NN-name.chroot "
+                                 f"(runs in the image) or NN-name.host (runs on the host), NN "
+                                 f"a number; rename it, or add .disabled to skip it")
             if not os.access(path, os.X_OK):
                 raise BuildError(f"{path} is not executable: chmod +x {path}")
             with open(path, "rb") as f:
                 if f.read(2) != b"#!":
                     raise BuildError(f"{path} has no #! line: start it with #!/bin/sh "
                                      f"(or the interpreter it needs)")
-            chosen[path.name] = Script(path, where)
+            chosen[path.name] = Script(path, where, int(number.group(1)))
     return [chosen[name] for name in sorted(chosen)]
 
 
-def script_env(config: Config, board: Board, config_json: str) -> dict[str, str]:
+def script_env(config: Config, board: Board, work: str) -> dict[str, str]:
     return {
         "IMAGE_BOARD": board.id,
         "IMAGE_ARCH": board.arch,
         "IMAGE_RELEASE": config.base.release,
         "IMAGE_FAMILY": board.family,
-        "IMAGE_CONFIG": config_json,
+        "IMAGE_CONFIG": f"{work}/config.json",
+        "IMAGE_OUTPUT": f"{work}/output",
+        **config_env(config.to_dict()),
     }
 
 
+def config_env(settings: Mapping[str, Any], prefix: str = "IMAGE_CONFIG") -> dict[str, str]:
+    """The settings as variables for shell scripts, one per leaf key."""
+    env: dict[str, str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}_{key.upper()}"
+        if isinstance(value, Mapping):
+            env.update(config_env(value, name))
+        elif isinstance(value, list | tuple):
+            env[name] = " ".join(str(item) for item in value)
+        elif isinstance(value, bool):
+            env[name] = "true" if value else "false"
+        else:
+            env[name] = "" if value is None else str(value)
+    return env
+
+
 def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board: Board,
-                host_env: Mapping[str, str]) -> None:
-    """Run each script, streaming its output with its name in front."""
-    inside = chroot.path(CONFIG_IN_IMAGE)
-    inside.parent.mkdir(parents=True, exist_ok=True)
-    inside.write_text(json.dumps(template_context(config, board), indent=2))
+                host_env: Mapping[str, str], outputs: Path) -> None:
+    """Run each script, streaming its output with its name in front; then keep what they
+    wrote to $IMAGE_OUTPUT in `outputs` on the host (the session's /tmp goes with it)."""
+    work = chroot.path(WORK_IN_IMAGE)
+    chroot.path(OUTPUT_IN_IMAGE).mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(template_context(config, board), indent=2))
     for script in scripts:
         log.info(f"running customize.d/{script.name} ({script.where})")
         if script.where == "chroot":
-            copy = chroot.path(f"/tmp/build-image/{script.name}")
+            copy = work / script.name
             shutil.copyfile(script.path, copy)
             copy.chmod(0o755)
-            chroot.run([f"/tmp/build-image/{script.name}"],
-                       env=script_env(config, board, CONFIG_IN_IMAGE),
+            chroot.run([f"{WORK_IN_IMAGE}/{script.name}"],
+                       env=script_env(config, board, WORK_IN_IMAGE),
                        prefix=script.name, what=f"customize.d/{script.name}")
         else:
-            env = {**host_env, **script_env(config, board, str(inside)),
+            env = {**host_env, **script_env(config, board, str(work)),
                    "IMAGE_ROOT": str(chroot.root)}
             stream([str(script.path)], env=env, prefix=script.name,
                    what=f"customize.d/{script.name}", cwd=script.path.parent)
+    shutil.copytree(chroot.path(OUTPUT_IN_IMAGE), outputs, dirs_exist_ok=True)
+
+
+def read_outputs(outputs: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """What the scripts handed over: files to publish by name, and manifest sections."""
+    files = {p.name: p for p in sorted(outputs.iterdir()) if p.is_file()} \
+        if outputs.is_dir() else {}
+    sections: dict[str, Any] = {}
+    for path in sorted((outputs / "manifest").glob("*.json")):
+        try:
+            sections[path.stem] = json.loads(path.read_text())
+        except ValueError as exc:
+            raise BuildError(f"a customize script wrote $IMAGE_OUTPUT/manifest/{path.name} "
+                             f"that is not JSON: {exc}") from None
+    return files, sections
 
 
 def template_context(config: Config, board: Board) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,14 @@ class Outputs:
     name: str
     compression: str
     pending: dict[Path, Path] = field(default_factory=dict)   # temporary → final
+    cleanup: Callable[[Path], object] | None = None
+
+    def add(self, suffix: str) -> Path:
+        """The temporary name of a further output, removed unless published."""
+        tmp = self.temporary(suffix)
+        if self.cleanup is not None:
+            self.cleanup(tmp)
+        return tmp
 
     def final(self, suffix: str) -> Path:
         return self.directory / f"{self.name}{suffix}"
@@ -97,6 +105,7 @@ def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Ite
         for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
                        ".manifest.json", ".build.log"):
             stack.enter_context(work_path(ledger, result.temporary(suffix)))
+        result.cleanup = lambda path: stack.enter_context(work_path(ledger, path))
         yield result
 
 

@@ -20,6 +20,7 @@ import datetime
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, armbian, customize, debian, fetch, image, log, output
+from builder import __version__, armbian, customize, debian, fetch, image, log, output, wheels
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_qemu
@@ -113,9 +114,11 @@ def check_host(ctx: Context) -> None:
                  f"images may be missing or broken")
     # What customizing needs, checked now rather than after a 10-minute download.
     cfg = ctx.config
+    builtin = cfg.customize.builtin
     ctx.scripts = customize.find_scripts(
-        [customize.BUILTIN_CUSTOMIZE, *map(_user_dir, cfg.customize.scripts)])
-    ctx.overlay_dirs = [customize.BUILTIN_OVERLAYS, *map(_user_dir, cfg.customize.overlays)]
+        [*[customize.BUILTIN_CUSTOMIZE][:builtin], *map(_user_dir, cfg.customize.scripts)])
+    ctx.overlay_dirs = [*[customize.BUILTIN_OVERLAYS][:builtin],
+                        *map(_user_dir, cfg.customize.overlays)]
     ctx.rendered = customize.render_templates(
         ctx.overlay_dirs, customize.template_context(cfg, ctx.board))
     if not ctx.options.builds_image:
@@ -137,6 +140,11 @@ def check_host(ctx: Context) -> None:
                              f"{binfmt.problem}")
         log.warn(f"{binfmt.problem}; copying qemu into the image for the build instead")
     _check_free_space(ctx)
+    # The packages asked for by name must exist as wheels for the board; what they depend
+    # on is chosen later, against what the image's Debian packages provide.
+    if builtin:
+        wheels.check_requested(cfg.packages.pip, cfg.base.release, ctx.board.arch,
+                               ctx.cache.root / "host" / "wheels", ctx.options.offline)
 
 
 def _user_dir(value: str) -> Path:
@@ -262,23 +270,43 @@ def mount_root(ctx: Context) -> None:
 
 
 def customize_image(ctx: Context) -> None:
-    assert ctx.root_dir is not None
+    assert ctx.root_dir is not None and ctx.workspace is not None
+    before = [script for script in ctx.scripts if script.before_overlays]
+    after = [script for script in ctx.scripts if not script.before_overlays]
+    _run_session(ctx, before)
+    # Between two sessions: their tmpfs on /run, /tmp and /dev would swallow files laid
+    # there, and no package installed early can overwrite an overlay file.
+    files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
+    log.info(f"laid {files} overlay files into the image")
+    if after:
+        _run_session(ctx, after)
+
+
+def _run_session(ctx: Context, scripts: list[customize.Script]) -> None:
+    assert ctx.root_dir is not None and ctx.workspace is not None
     cfg = ctx.config
     apt_cache = ctx.cache.root / "apt" / f"{cfg.base.release}-{ctx.board.arch}"
     with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
                         apt_proxy=cfg.apt.proxy, env={}) as session:
-        customize.run_scripts(ctx.scripts, session, cfg, ctx.board, host_env=_host_env())
-    # After the session: its tmpfs on /run, /tmp and /dev would swallow files laid there, and
-    # overlay files win over what the scripts' packages installed.
-    files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
-    log.info(f"laid {files} overlay files into the image")
+        customize.run_scripts(scripts, session, cfg, ctx.board, host_env=_host_env(ctx),
+                              outputs=ctx.workspace / "script-output")
 
 
-def _host_env() -> dict[str, str]:
-    """Host scripts get the host's PATH and proxies, and nothing of the builder's own."""
-    keep = ("PATH", "HOME", "LANG", "TERM", "http_proxy", "https_proxy", "no_proxy",
-            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+# What host scripts may see of the builder's environment: the PATH and the settings that
+# reach the network (proxies, CA bundles, pip's index and options), nothing else.
+HOST_ENV = ("PATH", "HOME", "LANG", "TERM", "http_proxy", "https_proxy", "no_proxy",
+            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
+            "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS",
+            "XDG_CACHE_HOME", "NETRC")
+
+
+def _host_env(ctx: Context) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in HOST_ENV or k.startswith("PIP_")}
+    cache = ctx.cache.root / "host"
+    cache.mkdir(parents=True, exist_ok=True)
+    env.update(IMAGE_CACHE=str(cache), IMAGE_OFFLINE="1" if ctx.options.offline else "0",
+               IMAGE_BUILDER_PYTHON=sys.executable)
+    return env
 
 
 # Files that would make every card flashed from the image share a secret or an identity,
@@ -297,6 +325,13 @@ BUILD_ONLY = (
     "var/log/journal/*",
     "var/log/*.log",
     "root/.bash_history",
+    "root/.python_history",
+    "root/.cache",
+    "root/.local/share/jupyter",
+    "home/*/.bash_history",
+    "home/*/.python_history",
+    "home/*/.cache",
+    "home/*/.local/share/jupyter/runtime",
     "var/tmp/*",
     "var/cache/apt/archives/*.deb",
 )
@@ -307,8 +342,7 @@ def finalize_image(ctx: Context) -> None:
     assert ctx.work_image is not None and ctx.root is not None
     root = ctx.root_dir
     for pattern in BUILD_ONLY:
-        directory, _, name = pattern.rpartition("/")
-        for path in in_root(root, directory).glob(name):
+        for path in _image_glob(root, pattern):
             remove_path(path)
     machine_id = in_root(root, "etc/machine-id")
     if machine_id.exists():
@@ -322,6 +356,18 @@ def finalize_image(ctx: Context) -> None:
     ctx.root_dir = None
     ctx.root = image.current_partition(ctx.work_image, ctx.root.number)
     image.shrink(ctx.ledger, ctx.work_image, ctx.root, ctx.config.image.free_space)
+
+
+def _image_glob(root: Path, pattern: str) -> list[Path]:
+    """The paths matching `pattern` ("home/*/.bash_history") in the image, each directory on
+    the way resolved as the image sees it, so a link can never lead a removal to the host."""
+    *directories, name = pattern.split("/")
+    found = [root]
+    for part in directories:
+        found = [child for parent in found for child in in_root(root, str(parent.relative_to(
+            root))).glob(part) if child.is_dir()]
+    return [path for parent in found
+            for path in in_root(root, str(parent.relative_to(root))).glob(name)]
 
 
 def write_outputs(ctx: Context) -> None:
@@ -408,7 +454,10 @@ def _build_image(ctx: Context) -> None:
         _run_steps(ctx, IMAGE_STEPS)
         assert ctx.root_dir is None and ctx.workspace is not None
         packages = _packages_of(ctx)
-        output.write_manifest(out, _manifest(ctx, packages))
+        files, sections = customize.read_outputs(ctx.workspace / "script-output")
+        for name, path in files.items():
+            shutil.copyfile(path, out.add(f".{name}"))
+        output.write_manifest(out, {**sections, **_manifest(ctx, packages)})
         log.info(f"image written: {out.final(out.image_suffix)}")
     published = out.publish()
     for path in published:

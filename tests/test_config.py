@@ -23,7 +23,7 @@ def test_defaults_are_the_appliance() -> None:
     for package in ("build-essential", "python3-dev", "libzmq3-dev", "python3-numpy",
                     "python3-geopandas", "python3-osmnx"):
         assert package in config.packages.apt
-    assert "jupyterlab" in config.packages.pip and "notebook" in config.packages.pip
+    assert "jupyterlab" in config.packages.pip and "notebook>=7,<8" in config.packages.pip
     with pytest.raises(AttributeError):
         config.jupyter.port = 1  # type: ignore[misc]
 

@@ -10,7 +10,13 @@ import pytest
 from builder.boards import load_catalog
 from builder.chroot import in_root
 from builder.config import load_config
-from builder.customize import find_scripts, render_templates, template_context
+from builder.customize import (
+    config_env,
+    find_scripts,
+    read_outputs,
+    render_templates,
+    template_context,
+)
 from builder.errors import BuildError
 
 
@@ -34,6 +40,42 @@ def test_order_kinds_skips_and_replacement(tmp_path: Path) -> None:
     assert [(s.name, s.where) for s in found] == [
         ("10-a.chroot", "chroot"), ("15-x.chroot.py", "chroot"), ("20-b.host.sh", "host")]
     assert found[2].path.parent == mine, "a user script replaces the built-in of that name"
+
+
+def test_a_name_without_a_number_is_refused(tmp_path: Path) -> None:
+    script(tmp_path, "setup.chroot")
+    with pytest.raises(BuildError, match=r"setup.chroot: a customize script's name must be "
+                                         r"NN-name.chroot"):
+        find_scripts([tmp_path])
+
+
+def test_scripts_below_50_run_before_the_overlays(tmp_path: Path) -> None:
+    for name in ("05-a.chroot", "49-b.host", "50-c.chroot", "100-d.chroot"):
+        script(tmp_path, name)
+    found = find_scripts([tmp_path])
+    assert [(s.name, s.before_overlays) for s in found] == [
+        ("05-a.chroot", True), ("100-d.chroot", False), ("49-b.host", True),
+        ("50-c.chroot", False)]
+
+
+def test_settings_reach_shell_scripts_as_variables() -> None:
+    env = config_env(load_config(overrides=["jupyter.port=9999", "apt.proxy=null"]).to_dict())
+    assert env["IMAGE_CONFIG_JUPYTER_PORT"] == "9999"
+    assert env["IMAGE_CONFIG_APT_PROXY"] == ""
+    assert env["IMAGE_CONFIG_VENV_SYSTEM_SITE_PACKAGES"] == "true"
+    assert env["IMAGE_CONFIG_PACKAGES_PIP"].split() == ["jupyterlab", "notebook>=7,<8",
+                                                         "ipykernel", "ipywidgets"]
+
+
+def test_script_outputs_become_files_and_manifest_sections(tmp_path: Path) -> None:
+    (tmp_path / "manifest").mkdir(parents=True)
+    (tmp_path / "requirements.txt").write_text("x==1\n")
+    (tmp_path / "manifest/python.json").write_text('{"version": "3.13.5"}')
+    files, sections = read_outputs(tmp_path)
+    assert list(files) == ["requirements.txt"] and sections == {"python": {"version": "3.13.5"}}
+    (tmp_path / "manifest/bad.json").write_text("{")
+    with pytest.raises(BuildError, match=r"manifest/bad.json that is not JSON"):
+        read_outputs(tmp_path)
 
 
 def test_missing_directory(tmp_path: Path) -> None:

@@ -29,8 +29,9 @@ from conftest import (
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
+# The engine alone: the appliance's own scripts are tested in test_appliance.py.
 FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
-        "--set", "image.headroom=512MiB")
+        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false")
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert seen["/etc/apt/apt.conf.d/00build-image-proxy"] == ""   # gone again
     assert seen["/root/arch"] == "aarch64\n"
     assert seen["/etc/jupyter/port.txt"] == "orangepi5 listens on 8888\n"
-    assert "BOARD=orangepi5" in seen["/etc/orangepi-jupyter-release"]
+    assert seen["/etc/orangepi-jupyter-release"] == "", "customize.builtin=false: none of ours"
     assert seen["/etc/machine-id"] == ""
     assert "image, not host" in read_from(part, "/run/overlay-test")["/run/overlay-test"]
     ssh = debugfs(part, "ls /etc/ssh").stdout
@@ -249,7 +250,7 @@ def test_bad_script_is_found_before_anything_runs(base: BaseImage, tmp_path: Pat
     script.chmod(0o644 if problem == "not executable" else 0o755)
     line = error_line(build(base, tmp_path, "--customize", scripts))
     expected = {"not executable": "is not executable: chmod +x",
-                "no kind": "must say where it runs", "no shebang": "has no #! line"}[problem]
+                "no kind": "name must be NN-name.chroot (runs in the image)", "no shebang": "has no #! line"}[problem]
     assert expected in line
     assert not (tmp_path / "cache" / "work").exists()
 
