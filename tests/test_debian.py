@@ -85,24 +85,4 @@ def test_base_is_reused(debian_base: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_build_on_the_debian_base(debian_base: Path, tmp_path: Path) -> None:
-    scripts = tmp_path / "armhf.d"
-    scripts.mkdir()
-    script = scripts / "50-arch.chroot"
-    script.write_text("#!/bin/sh\nset -e\nuname -m > /root/arch\n")
-    script.chmod(0o755)
-    result = run_cli("--board", BOARD, "--base", "debian", "--cache-dir", CACHE, "--output",
-                     tmp_path / "out", "--customize", scripts, "--compress", "zstd",
-                     "--set", "image.headroom=512MiB", timeout=1200)
-    assert result.returncode == 0, result.stderr
-    assert "[10-check-base.chroot] base: Debian GNU/Linux 13 (trixie), armv7l" in result.stderr
-    (zst,) = (tmp_path / "out").glob("*.img.zst")
-    raw = tmp_path / "result.img"
-    subprocess.run(["zstd", "-q", "-d", str(zst), "-o", str(raw)], check=True)
-    with open(raw, "rb") as built, open(debian_base, "rb") as base:
-        assert built.read(4 << 20)[512:] == base.read(4 << 20)[512:], "U-Boot kept as it was"
-    assert debugfs(raw, 4 << 20, "cat /root/arch") == "armv7l\n"
-    resolv = debugfs(raw, 4 << 20, "stat /etc/resolv.conf")
-    assert "Type: symlink" in resolv, "systemd-resolved's link, restored after the build"
-    assert leftover_resources(CACHE) == [] and leftover_resources(tmp_path) == []
-
+# A whole build on this base, for this board and an arm64 one: test_appliance.py.

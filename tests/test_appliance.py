@@ -1,0 +1,289 @@
+"""The appliance: the built-in customize.d/ and overlays/ built on the Debian base for an armhf
+and an arm64 board, then inspected offline in a qemu chroot of the finished image: the stack
+imports, Jupyter runs and answers over HTTP, the unit is enabled and verifies, and nothing
+secret is in the image."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import TEST_CACHE, engine_capable, leftover_resources, run_cli
+
+from builder.chroot import Chroot, chroot_session
+from builder.image import find_root, read_table
+from builder.ledger import Ledger
+from builder.mount import loop_device, mounted
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+# Boards Debian has U-Boot for, one per architecture; their bases are cached between runs.
+BOARDS = {"armhf": "orangepipcplus", "arm64": "orangepizeroplus2-h5"}
+CACHE = TEST_CACHE / "build-cache"
+VENV = "/opt/jupyter"
+STACK = ("numpy", "scipy", "pandas", "matplotlib", "sympy", "xlrd", "requests", "PIL", "geopy",
+         "shapely", "pyproj", "geopandas", "osmnx")
+
+
+@dataclass
+class Appliance:
+    arch: str
+    board: str
+    outputs: dict[str, Path]
+    log: str
+    raw: Path
+    base: Path
+
+
+@dataclass
+class Image:
+    appliance: Appliance
+    root: Path
+    chroot: Chroot
+
+    def run(self, *argv: str, user: str | None = None, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        if user:
+            argv = ("runuser", "-u", user, "--", *argv)
+        result = subprocess.run(["chroot", str(self.root), *argv], env=self.chroot.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (argv, result.stdout, result.stderr)
+        return result
+
+
+@pytest.fixture(scope="module", params=sorted(BOARDS))
+def appliance(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Appliance:
+    reason = engine_capable()
+    if reason:
+        pytest.skip(reason)
+    arch = request.param
+    work = tmp_path_factory.mktemp(f"appliance-{arch}")
+    base = run_cli("--board", BOARDS[arch], "--base", "debian", "--fetch-only", "--cache-dir",
+                   CACHE, timeout=3000)
+    assert base.returncode == 0, base.stderr
+    result = run_cli("--board", BOARDS[arch], "--base", "debian", "--cache-dir", CACHE,
+                     "--output", work / "out", "--compress", "zstd", "--set",
+                     "image.compression_level=3", timeout=3600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert leftover_resources(CACHE) == [] and leftover_resources(work) == []
+    outputs = {p.name.split(".", 1)[1]: p for p in (work / "out").iterdir()}
+    raw = work / "image.img"
+    subprocess.run(["zstd", "-q", "-d", str(outputs["img.zst"]), "-o", str(raw)], check=True)
+    return Appliance(arch, BOARDS[arch], outputs, result.stderr, raw,
+                     Path(base.stdout.splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def image(appliance: Appliance) -> Iterator[Image]:
+    """The finished image's root filesystem, mounted from a copy, in a chroot session."""
+    ledger = Ledger()
+    with ExitStack() as stack:
+        table = read_table(appliance.raw)
+        part = find_root(ledger, appliance.raw, table)
+        device = stack.enter_context(loop_device(ledger, appliance.raw, part.start, part.size))
+        root = stack.enter_context(mounted(ledger, device, appliance.raw.parent / "root",
+                                           fstype="ext4"))
+        session = stack.enter_context(chroot_session(ledger, root, appliance.arch,
+                                                     apt_cache=None, apt_proxy=None, env={}))
+        yield Image(appliance, root, session)
+    assert leftover_resources(appliance.raw.parent) == []
+
+
+def test_outputs_name_what_the_venv_holds(appliance: Appliance) -> None:
+    assert set(appliance.outputs) >= {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json",
+                                      "build.log", "requirements.txt"}
+    lock = appliance.outputs["requirements.txt"].read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) --hash=sha256:[0-9a-f]{64}$", lock,
+                           re.MULTILINE))
+    assert {"jupyterlab", "notebook", "ipykernel", "ipywidgets"} <= set(pins)
+    assert pins["notebook"].startswith("7.")
+    manifest = json.loads(appliance.outputs["manifest.json"].read_text())
+    python = manifest["python"]
+    assert python["venv"] == VENV and python["version"].startswith("3.")
+    assert {name.lower(): v for name, v in python["venv_packages"].items()}["jupyterlab"] == \
+        pins["jupyterlab"]
+    # Jupyter's compiled dependencies are Debian's, held at Debian's version, on both arches.
+    assert "pyzmq" not in pins and "tornado" not in pins
+    assert {"pyzmq", "tornado"} <= set(python["debian_packages"])
+    debs = {p["name"] for p in manifest["packages"]}
+    assert {"python3-numpy", "python3-geopandas", "python3-osmnx", "build-essential",
+            "libgdal-dev", "python3-zmq"} <= debs
+    for module in STACK:
+        assert re.search(rf"\[70-check-stack.chroot\]   {module} \S+ from ", appliance.log), \
+            module
+
+
+def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> None:
+    machine = {"armhf": "armv7l", "arm64": "aarch64"}[appliance.arch]
+    assert f"[10-check-base.chroot] base: Debian GNU/Linux 13 (trixie), {machine}" in \
+        appliance.log
+    with open(appliance.raw, "rb") as built, open(appliance.base, "rb") as base:
+        assert built.read(4 << 20)[512:] == base.read(4 << 20)[512:], "U-Boot kept as it was"
+    assert (image.root / "etc/resolv.conf").is_symlink(), \
+        "systemd-resolved's link, restored after the build"
+    release = (image.root / "etc/orangepi-jupyter-release").read_text()
+    assert f"BOARD={appliance.board}\n" in release and "JUPYTER_USER=jupyter\n" in release
+
+
+def test_stack_imports_from_the_venv(image: Image) -> None:
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    m = importlib.import_module(name)\n"
+            "    print(name, getattr(m, '__version__', '?'), m.__file__)\n")
+    out = image.run(f"{VENV}/bin/python", "-c", code, *STACK, user="jupyter").stdout
+    versions = {line.split()[0]: line.split()[1] for line in out.splitlines()}
+    assert set(versions) == set(STACK)
+    assert all(re.match(r"\d", v) for k, v in versions.items() if k != "xlrd"), versions
+    # Debian's copy of numpy, seen through the venv's system site.
+    assert "/usr/lib/python3/dist-packages/numpy" in out
+    assert image.run(f"{VENV}/bin/jupyter", "lab", "--version").stdout.strip()[:1] == "4"
+    assert image.run(f"{VENV}/bin/jupyter", "notebook", "--version").stdout.startswith("7.")
+    assert image.run("stat", "-c", "%U", VENV, f"{VENV}/bin/python").stdout.split() == \
+        ["root", "root"]
+
+
+def test_default_kernel_is_the_stack(image: Image) -> None:
+    specs = json.loads(image.run(f"{VENV}/bin/jupyter", "kernelspec", "list", "--json",
+                                 user="jupyter").stdout)["kernelspecs"]
+    assert "scientific" in specs
+    assert specs["scientific"]["spec"]["display_name"] == "Python 3 (scientific stack)"
+    assert specs["scientific"]["spec"]["argv"][0] in (f"{VENV}/bin/python",
+                                                      f"{VENV}/bin/python3")
+
+
+def test_service_is_enabled_and_verifies(image: Image) -> None:
+    assert image.run("systemctl", "is-enabled", "jupyter.service").stdout.strip() == "enabled"
+    verify = image.run("systemd-analyze", "verify", "jupyter.service", check=False)
+    assert verify.returncode == 0 and "jupyter" not in verify.stdout + verify.stderr, verify
+    unit = (image.root / "etc/systemd/system/jupyter.service").read_text()
+    for line in ("Type=exec", "User=jupyter", f"ExecStart={VENV}/bin/jupyter lab",
+                 "Restart=always", "RestartSec=5", "After=network-online.target",
+                 "ConditionPathExists=/var/lib/jupyter/credentials.json"):
+        assert re.search(rf"^{re.escape(line)}", unit, re.MULTILINE), line
+    for implies_no_new_privileges in ("SystemCallFilter", "PrivateDevices", "NoNewPrivileges",
+                                      "ProtectKernel", "RestrictSUIDSGID"):
+        assert not re.search(rf"^{implies_no_new_privileges}", unit, re.MULTILINE)
+
+
+def test_user_can_log_in_only_after_first_boot(image: Image) -> None:
+    groups = image.run("id", "-nG", "jupyter").stdout.split()
+    assert {"jupyter", "sudo", "dialout"} <= set(groups)
+    shadow = (image.root / "etc/shadow").read_text()
+    password = re.search(r"^jupyter:([^:]*):", shadow, re.MULTILINE)
+    assert password and password.group(1).startswith("!"), "locked until first boot sets it"
+    notebooks = image.run("stat", "-c", "%U %a", "/home/jupyter/notebooks").stdout.split()
+    assert notebooks == ["jupyter", "755"]
+    assert image.run("stat", "-c", "%U %a", "/var/lib/jupyter").stdout.split() == \
+        ["jupyter", "700"]
+
+
+def test_rendered_config_has_the_keys_and_no_secret(image: Image) -> None:
+    text = (image.root / "etc/jupyter/jupyter_server_config.py").read_text()
+    compile(text, "jupyter_server_config.py", "exec")
+    for key, value in (("ServerApp.ip", '"*"'), ("ServerApp.port", "8888"),
+                       ("ServerApp.port_retries", "0"), ("ServerApp.base_url", '"/"'),
+                       ("ServerApp.root_dir", '"/home/jupyter/notebooks"'),
+                       ("ServerApp.open_browser", "False"), ("ServerApp.allow_root", "False"),
+                       ("ServerApp.allow_unauthenticated_access", "False"),
+                       ("PasswordIdentityProvider.password_required", "True"),
+                       ("PasswordIdentityProvider.allow_password_change", "False"),
+                       ("MappingKernelManager.default_kernel_name", '"scientific"')):
+        assert f"c.{key} = {value}\n" in text, key
+    assert "NotebookApp" not in text and "c.ServerApp.password" not in text
+    assert not re.search(r"(argon2|sha1):|token = \"", text)
+
+
+def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
+    root = image.root
+    assert (root / "etc/machine-id").read_text() == ""
+    for path in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed",
+                 "var/lib/systemd/credential.secret", "var/lib/jupyter/credentials.json",
+                 "root/.bash_history", "root/.cache"):
+        assert not (root / path).exists(), path
+    assert not list((root / "etc/ssh").glob("ssh_host_*")) if (root / "etc/ssh").exists() \
+        else True
+    found = subprocess.run(
+        ["find", str(root), "-xdev", "(", "-name", "jupyter_cookie_secret", "-o", "-name",
+         "jpserver-*", "-o", "-name", "*.whl", "-o", "-name", ".bash_history", "-o", "-name",
+         ".python_history", "-o", "-path", "*/jupyter/runtime", "-o", "-name", "build-image",
+         ")", "-print"], capture_output=True, text=True, check=True).stdout.split()
+    # The session's tmpfs hides the image's own /tmp: look under it separately.
+    assert [path for path in found if "/proc/" not in path] == []
+    hashes = subprocess.run(
+        ["grep", "-rIlE", r"argon2:\$argon2|sha1:[0-9a-f]{12}:|BEGIN [A-Z ]*PRIVATE KEY",
+         *(str(root / d) for d in ("etc", "home", "root", "var/lib", f"{VENV[1:]}/etc",
+                                    "usr/local/etc") if (root / d).exists())],
+        capture_output=True, text=True)
+    assert hashes.stdout == "", hashes.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_jupyter_refuses_strangers_and_admits_the_password(image: Image) -> None:
+    """What first boot will write, written here by hand: then jupyter.service's command,
+    on loopback, must refuse an API call without credentials and accept one after login."""
+    password = "test-only pässword 'with' $quotes"
+    # passwd reads no argv: give the password on stdin, never on a command line.
+    hashed = subprocess.run(["chroot", str(image.root), f"{VENV}/bin/python", "-c",
+                             "import sys; from jupyter_server.auth import passwd; "
+                             "print(passwd(sys.stdin.readline().rstrip('\\n')))"],
+                            input=password + "\n", env=image.chroot.env, capture_output=True,
+                            text=True, check=True, timeout=300)
+    assert hashed.stdout.startswith("argon2:")
+    credentials = image.root / "var/lib/jupyter/credentials.json"
+    credentials.write_text(json.dumps({"hashed_password": hashed.stdout.strip()}))
+    image.run("chown", "jupyter:jupyter", "/var/lib/jupyter/credentials.json")
+    credentials.chmod(0o600)
+    port = free_port()
+    server = subprocess.Popen(
+        ["chroot", str(image.root), "runuser", "-u", "jupyter", "--", f"{VENV}/bin/jupyter",
+         "lab", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}"],
+        env=image.chroot.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300     # Jupyter's start under emulation is slow
+        while True:
+            assert server.poll() is None, server.stdout.read() if server.stdout else ""
+            try:
+                stranger = requests.get(f"{base}/api/status", timeout=10)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "Jupyter did not start in 300 s"
+                time.sleep(2)
+        assert stranger.status_code == 403
+        with requests.Session() as browser:
+            browser.get(f"{base}/login", timeout=30)
+            xsrf = browser.cookies.get("_xsrf")
+            wrong = browser.post(f"{base}/login", data={"password": "nope", "_xsrf": xsrf},
+                                 allow_redirects=False, timeout=60)
+            assert wrong.status_code != 302
+            login = browser.post(f"{base}/login", data={"password": password, "_xsrf": xsrf},
+                                 allow_redirects=False, timeout=60)
+            assert login.status_code == 302, login.text[:500]
+            assert browser.get(f"{base}/api/status", timeout=30).status_code == 200
+            specs = browser.get(f"{base}/api/kernelspecs", timeout=60).json()
+            assert specs["default"] == "scientific" and set(specs["kernelspecs"]) == \
+                {"scientific"}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        credentials.unlink()
