@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,14 +143,17 @@ def config_env(settings: Mapping[str, Any], prefix: str = "IMAGE_CONFIG") -> dic
 
 
 def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board: Board,
-                host_env: Mapping[str, str], outputs: Path) -> None:
+                host_env: Mapping[str, str], outputs: Path) -> dict[str, float]:
     """Run each script, streaming its output with its name in front; then keep what they
-    wrote to $IMAGE_OUTPUT in `outputs` on the host (the session's /tmp goes with it)."""
+    wrote to $IMAGE_OUTPUT in `outputs` on the host (the session's /tmp goes with it).
+    Returns how long each script took."""
+    timings: dict[str, float] = {}
     work = chroot.path(WORK_IN_IMAGE)
     chroot.path(OUTPUT_IN_IMAGE).mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(template_context(config, board), indent=2))
     for script in scripts:
         log.info(f"running customize.d/{script.name} ({script.where})")
+        started = time.monotonic()
         if script.where == "chroot":
             copy = work / script.name
             shutil.copyfile(script.path, copy)
@@ -162,7 +166,9 @@ def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board
                    "IMAGE_ROOT": str(chroot.root)}
             stream([str(script.path)], env=env, prefix=script.name,
                    what=f"customize.d/{script.name}", cwd=script.path.parent)
+        timings[script.name] = time.monotonic() - started
     shutil.copytree(chroot.path(OUTPUT_IN_IMAGE), outputs, dirs_exist_ok=True)
+    return timings
 
 
 def read_outputs(outputs: Path) -> tuple[dict[str, Path], dict[str, Any]]:

@@ -79,6 +79,7 @@ class Context:
     root_mount: ExitStack | None = None
     outputs: output.Outputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    script_timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -288,8 +289,9 @@ def _run_session(ctx: Context, scripts: list[customize.Script]) -> None:
     apt_cache = ctx.cache.root / "apt" / f"{cfg.base.release}-{ctx.board.arch}"
     with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
                         apt_proxy=cfg.apt.proxy, env={}) as session:
-        customize.run_scripts(scripts, session, cfg, ctx.board, host_env=_host_env(ctx),
-                              outputs=ctx.workspace / "script-output")
+        ctx.script_timings.update(customize.run_scripts(
+            scripts, session, cfg, ctx.board, host_env=_host_env(ctx),
+            outputs=ctx.workspace / "script-output"))
 
 
 # What host scripts may see of the builder's environment: the PATH and the settings that
@@ -390,6 +392,7 @@ def _manifest(ctx: Context, packages: list[dict[str, str]]) -> dict[str, Any]:
         "config": ctx.config.to_dict(),
         "packages": packages,
         "steps": {name: round(seconds, 1) for name, seconds in ctx.timings.items()},
+        "scripts": {name: round(seconds, 1) for name, seconds in ctx.script_timings.items()},
     }
 
 

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import TEST_CACHE, engine_capable, leftover_resources, run_cli
+from conftest import (
+    REPO,
+    TEST_CACHE,
+    BaseImage,
+    engine_capable,
+    error_line,
+    leftover_resources,
+    make_base_image,
+    run_cli,
+)
 
 from builder.chroot import Chroot, chroot_session
 from builder.image import find_root, read_table
@@ -287,3 +296,54 @@ def test_jupyter_refuses_strangers_and_admits_the_password(image: Image) -> None
             server.kill()
             server.wait()
         credentials.unlink()
+
+
+# The apt step alone, on the engine tests' small arm64 image: the failures a user's package
+# list or a base's sources can cause.
+
+
+@pytest.fixture
+def apt_step(debian_rootfs: Path, tmp_path: Path) -> tuple[BaseImage, Path]:
+    scripts = tmp_path / "apt.d"
+    scripts.mkdir()
+    (scripts / "20-install-packages.chroot").symlink_to(
+        REPO / "customize.d/20-install-packages.chroot")
+    # A third-party source that cannot be reached, as Armbian's is when building offline.
+    unreachable = scripts / "15-add-unreachable-source.chroot"
+    unreachable.write_text("#!/bin/sh\necho 'deb [trusted=yes] http://127.0.0.1:9/armbian "
+                           "trixie main' > /etc/apt/sources.list.d/armbian.list\n")
+    unreachable.chmod(0o755)
+    return make_base_image(debian_rootfs, tmp_path), scripts
+
+
+def apt_build(base: BaseImage, scripts: Path, tmp_path: Path,
+              packages: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir", tmp_path / "c",
+                   "--output", tmp_path / "out", "--compress", "zstd", "--set",
+                   "customize.builtin=false", "--customize", scripts, "--set",
+                   f"packages.apt={packages}", "--set", "image.headroom=512MiB", timeout=1200)
+
+
+def test_an_unreachable_source_is_a_warning(apt_step: tuple[BaseImage, Path],
+                                            tmp_path: Path) -> None:
+    base, scripts = apt_step
+    result = apt_build(base, scripts, tmp_path, "[hello]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[20-install-packages.chroot] WARNING: apt could not reach these sources" in \
+        result.stderr
+    assert "http://127.0.0.1:9/armbian" in result.stderr
+    (manifest,) = (tmp_path / "out").glob("*.manifest.json")
+    assert "hello" in {p["name"] for p in json.loads(manifest.read_text())["packages"]}
+    assert leftover_resources(tmp_path) == []
+
+
+def test_a_package_that_does_not_exist_stops_the_build(apt_step: tuple[BaseImage, Path],
+                                                       tmp_path: Path) -> None:
+    base, scripts = apt_step
+    result = apt_build(base, scripts, tmp_path, "[hello, no-such-package-anywhere]")
+    assert result.returncode == 1
+    assert "Unable to locate package no-such-package-anywhere" in result.stderr
+    assert error_line(result) == ("build-image: error: customize.d/20-install-packages.chroot "
+                                  "failed with exit code 100")
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+    assert leftover_resources(tmp_path) == []

@@ -250,7 +250,8 @@ def test_bad_script_is_found_before_anything_runs(base: BaseImage, tmp_path: Pat
     script.chmod(0o644 if problem == "not executable" else 0o755)
     line = error_line(build(base, tmp_path, "--customize", scripts))
     expected = {"not executable": "is not executable: chmod +x",
-                "no kind": "name must be NN-name.chroot (runs in the image)", "no shebang": "has no #! line"}[problem]
+                "no kind": "name must be NN-name.chroot (runs in the image)",
+                "no shebang": "has no #! line"}[problem]
     assert expected in line
     assert not (tmp_path / "cache" / "work").exists()
 
