@@ -111,7 +111,8 @@ def find_scripts(dirs: Sequence[Path]) -> list[Script]:
                     raise BuildError(f"{path} has no #! line: start it with #!/bin/sh "
                                      f"(or the interpreter it needs)")
             chosen[path.name] = Script(path, where, int(number.group(1)))
-    return [chosen[name] for name in sorted(chosen)]
+    # By number, then name: 100-x runs after 50-y.
+    return sorted(chosen.values(), key=lambda script: (script.number, script.name))
 
 
 def script_env(config: Config, board: Board, work: str) -> dict[str, str]:
@@ -167,16 +168,36 @@ def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board
             stream([str(script.path)], env=env, prefix=script.name,
                    what=f"customize.d/{script.name}", cwd=script.path.parent)
         timings[script.name] = time.monotonic() - started
-    shutil.copytree(chroot.path(OUTPUT_IN_IMAGE), outputs, dirs_exist_ok=True)
+    # Links are copied as links: one pointing at /etc/... would otherwise publish the host's.
+    shutil.copytree(chroot.path(OUTPUT_IN_IMAGE), outputs, symlinks=True, dirs_exist_ok=True)
     return timings
+
+
+# Names the build's own outputs have: a script cannot replace them.
+RESERVED_OUTPUTS = ("img", "manifest.json", "build.log")
+RESERVED_SECTIONS = ("builder", "built", "board", "base", "config", "packages", "steps",
+                     "scripts")
 
 
 def read_outputs(outputs: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """What the scripts handed over: files to publish by name, and manifest sections."""
-    files = {p.name: p for p in sorted(outputs.iterdir()) if p.is_file()} \
-        if outputs.is_dir() else {}
+    files: dict[str, Path] = {}
+    entries = sorted(outputs.iterdir()) if outputs.is_dir() else []
+    for path in entries:
+        if path.name == "manifest" and path.is_dir() and not path.is_symlink():
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise BuildError(f"$IMAGE_OUTPUT/{path.name} is not a regular file: a customize "
+                             f"script must write the file itself there, not a link")
+        if path.name.startswith(RESERVED_OUTPUTS):
+            raise BuildError(f"$IMAGE_OUTPUT/{path.name}: the build writes that name itself; "
+                             f"name the script's output differently")
+        files[path.name] = path
     sections: dict[str, Any] = {}
     for path in sorted((outputs / "manifest").glob("*.json")):
+        if path.stem in RESERVED_SECTIONS or path.is_symlink():
+            raise BuildError(f"$IMAGE_OUTPUT/manifest/{path.name}: the manifest's "
+                             f"{path.stem!r} is the build's own; use another name")
         try:
             sections[path.stem] = json.loads(path.read_text())
         except ValueError as exc:

@@ -116,10 +116,11 @@ def check_host(ctx: Context) -> None:
     # What customizing needs, checked now rather than after a 10-minute download.
     cfg = ctx.config
     builtin = cfg.customize.builtin
+    script_dirs = [customize.BUILTIN_CUSTOMIZE] if builtin else []
     ctx.scripts = customize.find_scripts(
-        [*[customize.BUILTIN_CUSTOMIZE][:builtin], *map(_user_dir, cfg.customize.scripts)])
-    ctx.overlay_dirs = [*[customize.BUILTIN_OVERLAYS][:builtin],
-                        *map(_user_dir, cfg.customize.overlays)]
+        [*script_dirs, *map(_user_dir, cfg.customize.scripts)])
+    overlay_dirs = [customize.BUILTIN_OVERLAYS] if builtin else []
+    ctx.overlay_dirs = [*overlay_dirs, *map(_user_dir, cfg.customize.overlays)]
     ctx.rendered = customize.render_templates(
         ctx.overlay_dirs, customize.template_context(cfg, ctx.board))
     if not ctx.options.builds_image:
@@ -295,15 +296,19 @@ def _run_session(ctx: Context, scripts: list[customize.Script]) -> None:
 
 
 # What host scripts may see of the builder's environment: the PATH and the settings that
-# reach the network (proxies, CA bundles, pip's index and options), nothing else.
+# reach the network (proxies, CA bundles, pip's index), nothing else. Not pip's other
+# options (PIP_NO_DEPS, PIP_USER...): they would change what is chosen, not where from.
 HOST_ENV = ("PATH", "HOME", "LANG", "TERM", "http_proxy", "https_proxy", "no_proxy",
             "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
             "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS",
-            "XDG_CACHE_HOME", "NETRC")
+            "XDG_CACHE_HOME", "NETRC", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+            "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_TIMEOUT",
+            "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES", "PIP_CONFIG_FILE", "PIP_CACHE_DIR",
+            "PIP_KEYRING_PROVIDER")
 
 
 def _host_env(ctx: Context) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in HOST_ENV or k.startswith("PIP_")}
+    env = {k: v for k, v in os.environ.items() if k in HOST_ENV}
     cache = ctx.cache.root / "host"
     cache.mkdir(parents=True, exist_ok=True)
     env.update(IMAGE_CACHE=str(cache), IMAGE_OFFLINE="1" if ctx.options.offline else "0",
@@ -367,7 +372,7 @@ def _image_glob(root: Path, pattern: str) -> list[Path]:
     found = [root]
     for part in directories:
         found = [child for parent in found for child in in_root(root, str(parent.relative_to(
-            root))).glob(part) if child.is_dir()]
+            root))).glob(part) if in_root(root, str(child.relative_to(root))).is_dir()]
     return [path for parent in found
             for path in in_root(root, str(parent.relative_to(root))).glob(name)]
 

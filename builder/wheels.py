@@ -4,15 +4,19 @@ pip inside the image is slow (every byte of it runs under emulation), cannot use
 index, proxy or CA settings, and would compile anything without a wheel for hours. So pip
 runs here, on the host, for the image's platform, and the chroot only installs files:
 
-1. 30-describe-python.chroot writes what the image's Python is (version, CPU, glibc) and
-   which distributions Debian's packages installed: python.json.
-2. Compiled distributions from Debian are held at Debian's version: PyPI has no armv7l wheels
-   of them, and a second copy in the venv would shadow the one Debian's other packages were
-   built against. pip's resolver is offered each as a placeholder wheel (metadata only) and a
-   `name==version` constraint; the venv then sees Debian's copy through its system site.
+1. 30-describe-python.chroot writes what the image's Python is (version, CPU, glibc, the
+   values of dependency markers) and which distributions Debian's packages installed:
+   python.json.
+2. What Debian installed is held at Debian's version: pip's resolver is offered each as a
+   placeholder wheel (metadata only, tagged for the target so it wins over PyPI's wheel of the
+   same version) with a `name==version` constraint, and the venv sees Debian's copy through
+   its system site. One copy of each package: certifi keeps the system's CA store, and
+   compiled packages, of which PyPI has no armv7l wheels, never need one. When Jupyter needs
+   a newer pure-Python package than Debian has, only the compiled ones are held and the venv
+   gets its own copy of the rest.
 3. pip resolves packages.pip for the target (`pip install --dry-run --report`, wheels only,
-   the host's pip configuration), then downloads what it chose into the cache, where a wheel
-   is kept by its file name: name, version and platform.
+   the host's pip configuration, the target's marker values), then downloads what it chose
+   into the cache, where a wheel is kept by its file name: name, version and platform.
 4. The lock (`name==version --hash=sha256:...`) and those wheels go to /tmp/build-image for
    40-create-venv.chroot, which installs exactly them with `--no-index --require-hashes`.
 
@@ -33,7 +37,7 @@ import urllib.parse
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,25 @@ RELEASES: dict[str, tuple[str, tuple[int, int]]] = {
 }
 MACHINES = {"arm64": "aarch64", "armhf": "armv7l"}
 PLACEHOLDER_BUILD = "0debian"
-# PEP 440 public versions; a Debian distribution with another kind of version is not pinned.
-VERSION = re.compile(r"(\d+!)?\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?")
+# PEP 440 versions, local part included (Debian's "2.2.3+dfsg"); others cannot be held.
+VERSION = re.compile(r"(\d+!)?\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?"
+                     r"(\+[A-Za-z0-9]+(\.[A-Za-z0-9]+)*)?")
+# pip has options for the target's tags but none for its marker values (platform_machine,
+# python_version...): without this it would pick dependencies for the host's CPU and Python.
+PIP_FOR_TARGET = """\
+import json, os, runpy, sys
+from pip._vendor.packaging import markers
+target = json.loads(os.environ["BUILD_IMAGE_TARGET_MARKERS"])
+markers.default_environment = lambda: dict(target)
+sys.argv[0] = "pip"
+runpy.run_module("pip", run_name="__main__", alter_sys=True)
+"""
+
+
+@dataclass(frozen=True)
+class Provided:
+    version: str
+    compiled: bool
 
 
 @dataclass(frozen=True)
@@ -62,27 +83,40 @@ class Target:
     python: str                       # "3.13"
     machine: str                      # "aarch64", "armv7l"
     glibc: tuple[int, int]
-    provided: Mapping[str, str]       # compiled distributions from Debian: name -> version
+    provided: Mapping[str, Provided] = field(default_factory=dict)   # from Debian, by name
+    markers: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_facts(cls, facts: Mapping[str, Any]) -> Target:
         major, minor = (int(x) for x in str(facts["glibc"]).split(".")[:2])
-        provided = {name: info["version"] for name, info in facts["provided"].items()
-                    if info["compiled"]}
+        provided = {name: Provided(info["version"], info["compiled"])
+                    for name, info in facts["provided"].items()}
         return cls(python=facts["python"], machine=facts["machine"], glibc=(major, minor),
-                   provided=provided)
+                   provided=provided, markers=facts.get("markers", {}))
 
     def describe(self) -> str:
         return f"Python {self.python} on {self.machine} (glibc {self.glibc[0]}.{self.glibc[1]})"
 
+    @property
+    def abi(self) -> str:
+        return "cp" + self.python.replace(".", "")
+
     def pip_options(self) -> list[str]:
         """pip's options that make it choose for the target instead of the host."""
-        version = self.python.replace(".", "")
         options = ["--only-binary=:all:", "--implementation", "cp", "--python-version",
-                   self.python, "--abi", f"cp{version}"]
+                   self.python, "--abi", self.abi]
         for platform in platform_tags(self.machine, self.glibc):
             options += ["--platform", platform]
         return options
+
+    def pip(self, *args: str) -> tuple[list[str], dict[str, str]]:
+        """The pip command line for the target, and its environment."""
+        env = dict(os.environ)
+        if not self.markers:
+            return pip_command(*args), env
+        env["BUILD_IMAGE_TARGET_MARKERS"] = json.dumps(self.markers)
+        return [sys.executable, "-c", PIP_FOR_TARGET, "--disable-pip-version-check",
+                *args], env
 
 
 def platform_tags(machine: str, glibc: tuple[int, int]) -> list[str]:
@@ -121,60 +155,83 @@ def check_requested(requirements: Sequence[str], release: str, arch: str, cache:
     if not requirements or release not in RELEASES or arch not in MACHINES:
         return
     python, glibc = RELEASES[release]
-    target = Target(python, MACHINES[arch], glibc, {})
-    proc = run(pip_command("install", "--dry-run", "--ignore-installed", "--no-deps",
-                           "--quiet", "--progress-bar", "off", *target.pip_options(),
-                           *index_options(cache, offline), *requirements),
-               capture=True, check=False)
+    target = Target(python, MACHINES[arch], glibc)
+    argv, env = target.pip("install", "--dry-run", "--ignore-installed", "--no-deps",
+                           "--progress-bar", "off", *target.pip_options(),
+                           *index_options(cache, offline), *requirements)
+    proc = run(argv, env=env, capture=True, check=False)
     if proc.returncode != 0:
         raise BuildError(explain_failure(proc.stderr.decode(errors="replace"), target,
-                                         "packages.pip"))
+                                         cache if offline else None))
 
 
-def explain_failure(stderr: str, target: Target, what: str) -> str:
+def explain_failure(stderr: str, target: Target, offline_cache: Path | None,
+                    held: Mapping[str, str] | None = None) -> str:
     """pip's complaint as one line that says what to do."""
+    unreachable = re.search(r"(ProxyError|SSLError|NewConnectionError|ConnectTimeoutError|"
+                            r"Could not fetch URL [^:]*|HTTP error \d+)[^\n]*", stderr)
     missing = re.search(r"Could not find a version that satisfies the requirement (\S+)"
-                        r"(?: \(from ([^)]*)\))?", stderr)
+                        r"(?: \(from (?!versions:)([^)]*)\))?", stderr)
+    if unreachable:
+        return (f"pip could not reach the package index ({unreachable.group(0).strip()}): "
+                f"check the host's pip configuration (index-url, proxy, cert in pip.conf or "
+                f"PIP_* variables; sudo drops the variables unless -E), or use --offline")
     if missing:
         requirement, needed_by = missing.groups()
         name = re.split(r"[<>=!~;\[ ]", requirement)[0]
         by = f", needed by {needed_by}" if needed_by else ""
-        return (f"{what}: no wheel of {requirement} for {target.describe()}{by}: install it "
-                f"from Debian instead (add its package, e.g. python3-{canonical(name)}, to "
+        if offline_cache is not None:
+            return (f"--offline: no wheel of {requirement} for {target.describe()}{by} in the "
+                    f"cache ({offline_cache}): run once without --offline")
+        return (f"packages.pip: no wheel of {requirement} for {target.describe()}{by}: install "
+                f"it from Debian instead (add its package, e.g. python3-{canonical(name)}, to "
                 f"packages.apt), or drop it from packages.pip")
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    conflict = [line for line in lines if "conflict" in line.lower() or
-                line.startswith(("The user requested", "ERROR:"))]
-    detail = "; ".join(conflict[-3:] or lines[-2:]) or "no output"
-    return f"{what}: pip could not choose wheels for {target.describe()}: {detail}"
+    causes = [line for line in lines if re.match(r"(The user requested|\S+ \S+ depends on)",
+                                                 line)]
+    pinned = [line for line in causes if "(constraint)" in line]
+    if pinned and held:
+        names = sorted({canonical(line.split()[3]) for line in pinned if len(line.split()) > 3}
+                       & set(held))
+        versions = ", ".join(f"{n} {held[n]}" for n in names) or "some"
+        return (f"packages.pip: Debian's compiled packages are too old for what was asked "
+                f"({versions}; {'; '.join(causes[:4])}): ask for an older version in "
+                f"packages.pip, or build on a newer release")
+    detail = "; ".join(causes[:4] or lines[-2:]) or "no output"
+    return f"packages.pip: pip could not choose wheels for {target.describe()}: {detail}"
 
 
 # -- during the build ---------------------------------------------------------------------
 
 
-def placeholder_wheels(provided: Mapping[str, str], directory: Path) -> dict[str, str]:
-    """A metadata-only wheel for each compiled Debian distribution, so that pip's resolver
-    counts it as available at Debian's version; returns the constraints that hold it there.
-    The build tag in the file name keeps them apart from real wheels."""
+def placeholder_wheels(provided: Mapping[str, Provided], target: Target,
+                       directory: Path) -> dict[str, str]:
+    """A metadata-only wheel for each distribution Debian installed, so that pip's resolver
+    counts it as available at Debian's version; returns the constraints that hold them there.
+    Tagged with the target's most specific tag, so pip prefers it to a real wheel of that
+    version; the build tag keeps its file name apart from any real wheel's."""
     constraints: dict[str, str] = {}
-    for name, version in sorted(provided.items()):
-        if not VERSION.fullmatch(version):
-            log.warn(f"Debian's {name} has version {version!r}, which pip cannot compare: "
-                     f"not holding it")
+    tag = f"{target.abi}-{target.abi}-{platform_tags(target.machine, target.glibc)[0]}"
+    for name, info in sorted(provided.items()):
+        if not VERSION.fullmatch(info.version):
+            log.warn(f"Debian's {name} has version {info.version!r}, which pip cannot "
+                     f"compare: not holding it")
             continue
         stem = re.sub(r"[-_.]+", "_", name)
-        info = f"{stem}-{version}.dist-info"
+        dist_info = f"{stem}-{info.version}.dist-info"
         files = {
-            f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-            f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: orangepi-jupyter\n"
-                             "Root-Is-Purelib: true\nTag: py3-none-any\n",
+            f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\n"
+                                     f"Version: {info.version}\n",
+            f"{dist_info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: orangepi-jupyter\n"
+                                 f"Root-Is-Purelib: false\nTag: {tag}\n",
         }
-        files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
-        wheel = directory / f"{stem}-{version}-{PLACEHOLDER_BUILD}-py3-none-any.whl"
+        files[f"{dist_info}/RECORD"] = "".join(
+            f"{path},,\n" for path in [*files, f"{dist_info}/RECORD"])
+        wheel = directory / f"{stem}-{info.version}-{PLACEHOLDER_BUILD}-{tag}.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
             for path, text in files.items():
                 archive.writestr(path, text)
-        constraints[canonical(name)] = version
+        constraints[canonical(name)] = info.version
     return constraints
 
 
@@ -189,27 +246,59 @@ class Locked:
 
 def resolve(requirements: Sequence[str], target: Target, cache: Path, offline: bool,
             scratch: Path) -> list[Locked]:
-    """What pip would install for the target: everything packages.pip needs that Debian's
-    compiled packages do not already provide."""
+    """What pip would install for the target: everything packages.pip needs that Debian
+    does not provide at a version it accepts. All of Debian's packages are held if that
+    costs nothing; if holding the pure-Python ones makes pip pick an older version of a
+    package that was asked for (or no version at all), only the compiled ones are held."""
+    everything = dict(target.provided)
+    compiled = {name: info for name, info in everything.items() if info.compiled}
+    lenient = _resolve(requirements, target, compiled, cache, offline, scratch / "compiled")
+    if everything == compiled:
+        return lenient
+    try:
+        strict = _resolve(requirements, target, everything, cache, offline, scratch / "all")
+    except BuildError as exc:
+        log.info(f"holding every Debian package is not possible ({exc}); holding only the "
+                 f"{len(compiled)} compiled ones")
+        return lenient
+    asked = {canonical(re.split(r"[<>=!~;\[ ]", r)[0]) for r in requirements}
+    older = sorted(name for name in asked
+                   if _version(strict, name) != _version(lenient, name))
+    if older:
+        log.info(f"holding Debian's pure-Python packages would mean older {', '.join(older)}: "
+                 f"holding only the {len(compiled)} compiled ones; the venv gets its own copy "
+                 f"of the others it needs")
+        return lenient
+    return strict
+
+
+def _version(locked: Sequence[Locked], name: str) -> str | None:
+    return next((item.version for item in locked if canonical(item.name) == name), None)
+
+
+def _resolve(requirements: Sequence[str], target: Target, held_dists: Mapping[str, Provided],
+             cache: Path, offline: bool, scratch: Path) -> list[Locked]:
     placeholders = scratch / "debian"
-    placeholders.mkdir()
-    held = placeholder_wheels(target.provided, placeholders)
+    placeholders.mkdir(parents=True)
+    held = placeholder_wheels(held_dists, target, placeholders)
     constraints = scratch / "constraints.txt"
     constraints.write_text("".join(f"{name}=={version}\n" for name, version in held.items()))
     report = scratch / "report.json"
-    proc = run(pip_command("install", "--dry-run", "--ignore-installed", "--quiet",
-                           "--progress-bar", "off", "--report", str(report),
-                           *target.pip_options(), *index_options(cache, offline),
-                           "--find-links", str(placeholders), "--constraint", str(constraints),
-                           *requirements),
-               capture=True, check=False)
+    argv, env = target.pip("install", "--dry-run", "--ignore-installed", "--progress-bar",
+                           "off", "--report", str(report), *target.pip_options(),
+                           *index_options(cache, offline), "--find-links", str(placeholders),
+                           "--constraint", str(constraints), *requirements)
+    proc = run(argv, env=env, capture=True, check=False)
     if proc.returncode != 0:
-        raise BuildError(explain_failure(proc.stderr.decode(errors="replace"), target,
-                                         "packages.pip"))
+        stderr = proc.stderr.decode(errors="replace")
+        raise BuildError(explain_failure(stderr, target, cache if offline else None, held))
     chosen = []
     for item in json.loads(report.read_text())["install"]:
         meta, info = item["metadata"], item["download_info"]
         if canonical(meta["name"]) in held:
+            if PLACEHOLDER_BUILD not in info["url"]:
+                raise BuildError(f"pip chose {info['url']} over Debian's {meta['name']} "
+                                 f"{meta['version']}: report this as a bug")
             continue    # Debian's copy, seen by the venv through its system site
         url = info["url"]
         hashes = info.get("archive_info", {}).get("hashes", {})
@@ -228,10 +317,10 @@ def download(locked: Iterable[Locked], target: Target, cache: Path, offline: boo
                          f"without --offline")
     if missing:
         log.info(f"downloading {len(missing)} wheels into {cache}")
-        run(pip_command("download", "--no-deps", "--progress-bar", "off", "--dest", str(cache),
-                        *target.pip_options(),
-                        *[f"{item.name}=={item.version}" for item in missing]),
-            what="download wheels for the image")
+        argv, env = target.pip("download", "--no-deps", "--progress-bar", "off", "--dest",
+                               str(cache), *target.pip_options(),
+                               *[f"{item.name}=={item.version}" for item in missing])
+        run(argv, env=env, what="download wheels for the image")
     for item in locked:
         path = cache / item.filename
         if not path.is_file():
@@ -258,14 +347,20 @@ def write_wheelhouse(locked: Sequence[Locked], cache: Path, work: Path,
     house.mkdir(exist_ok=True)
     lines = [f"# The venv's packages for {target.describe()}, chosen and downloaded on the "
              f"build host.\n",
-             "# Compiled packages Debian provides are not here; the venv sees them: "
-             + (", ".join(f"{n}=={v}" for n, v in sorted(target.provided.items())) or "none")
-             + "\n"]
+             "# Debian's packages the venv uses instead: see the manifest's python section.\n"]
     for item in locked:
         shutil.copyfile(cache / item.filename, house / item.filename)
         digest = sha256_of(house / item.filename)
         lines.append(f"{item.name}=={item.version} --hash=sha256:{digest}\n")
     (work / "requirements.txt").write_text("".join(lines))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One build at a time adds to the wheel cache; the kernel drops the lock if it dies."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def main(env: Mapping[str, str]) -> None:
@@ -276,6 +371,9 @@ def main(env: Mapping[str, str]) -> None:
     if not facts_file.is_file():
         raise BuildError(f"{facts_file} is missing: 30-describe-python.chroot must run first")
     target = Target.from_facts(json.loads(facts_file.read_text()))
+    if not config["venv"]["system_site_packages"]:
+        # The venv will not see Debian's packages: it needs its own copy of everything.
+        target = Target(target.python, target.machine, target.glibc, {}, target.markers)
     cache = Path(env["IMAGE_CACHE"]) / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
     offline = env.get("IMAGE_OFFLINE") == "1"
@@ -283,22 +381,14 @@ def main(env: Mapping[str, str]) -> None:
         log.info("packages.pip is empty: no wheels to download")
         write_wheelhouse([], cache, work, target)
         return
-    log.info(f"choosing wheels of {', '.join(requirements)} for {target.describe()}; "
-             f"held at Debian's version: {', '.join(sorted(target.provided)) or 'nothing'}")
+    log.info(f"choosing wheels of {', '.join(requirements)} for {target.describe()}, with "
+             f"{len(target.provided)} Python packages from Debian")
     with tempfile.TemporaryDirectory(prefix="wheels-") as scratch, _locked(cache / ".lock"):
         locked = resolve(requirements, target, cache, offline, Path(scratch))
         download(locked, target, cache, offline)
         write_wheelhouse(locked, cache, work, target)
     size = sum((cache / item.filename).stat().st_size for item in locked)
     log.info(f"{len(locked)} wheels ({log.human_size(size)}) ready for the venv")
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One build at a time adds to the wheel cache; the kernel drops the lock if it dies."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def test_scripts_below_50_run_before_the_overlays(tmp_path: Path) -> None:
         script(tmp_path, name)
     found = find_scripts([tmp_path])
     assert [(s.name, s.before_overlays) for s in found] == [
-        ("05-a.chroot", True), ("100-d.chroot", False), ("49-b.host", True),
-        ("50-c.chroot", False)]
+        ("05-a.chroot", True), ("49-b.host", True), ("50-c.chroot", False),
+        ("100-d.chroot", False)]
 
 
 def test_settings_reach_shell_scripts_as_variables() -> None:
@@ -75,6 +75,18 @@ def test_script_outputs_become_files_and_manifest_sections(tmp_path: Path) -> No
     assert list(files) == ["requirements.txt"] and sections == {"python": {"version": "3.13.5"}}
     (tmp_path / "manifest/bad.json").write_text("{")
     with pytest.raises(BuildError, match=r"manifest/bad.json that is not JSON"):
+        read_outputs(tmp_path)
+    (tmp_path / "manifest/bad.json").unlink()
+    (tmp_path / "manifest/packages.json").write_text("[]")
+    with pytest.raises(BuildError, match=r"manifest's 'packages' is the build's own"):
+        read_outputs(tmp_path)
+    (tmp_path / "manifest/packages.json").unlink()
+    (tmp_path / "passwd").symlink_to("/etc/passwd")     # as the host would resolve it
+    with pytest.raises(BuildError, match=r"passwd is not a regular file"):
+        read_outputs(tmp_path)
+    (tmp_path / "passwd").unlink()
+    (tmp_path / "img.zst.sha256").write_text("0" * 64)
+    with pytest.raises(BuildError, match=r"the build writes that name itself"):
         read_outputs(tmp_path)
 
 

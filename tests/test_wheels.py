@@ -36,7 +36,8 @@ def make_wheel(directory: Path, name: str, version: str, tag: str = "py3-none-an
     return path
 
 
-ARMHF = wheels.Target("3.13", "armv7l", (2, 41), {"fastlib": "1.5.0"})
+FASTLIB = {"fastlib": wheels.Provided("1.5.0", compiled=True)}
+ARMHF = wheels.Target("3.13", "armv7l", (2, 41), FASTLIB)
 
 
 @pytest.fixture
@@ -61,21 +62,54 @@ def test_platform_tags_cover_every_older_glibc() -> None:
 def test_debians_compiled_package_is_held_and_not_downloaded(index: Path,
                                                               tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
-    scratch.mkdir()
     locked = wheels.resolve(["app"], ARMHF, index, offline=True, scratch=scratch)
     assert [(item.name, item.version) for item in locked] == [("app", "2.0"), ("helper", "0.3")]
     assert all(item.filename.endswith("py3-none-any.whl") for item in locked)
-    # The placeholder carries Debian's version and a build tag no real wheel has.
-    (placeholder,) = (scratch / "debian").iterdir()
-    assert placeholder.name == "fastlib-1.5.0-0debian-py3-none-any.whl"
-    assert (scratch / "constraints.txt").read_text() == "fastlib==1.5.0\n"
+    # pip chose Debian's version, through the placeholder: a build tag no real wheel has,
+    # and the target's most specific tag.
+    report = json.loads((scratch / "compiled/report.json").read_text())
+    chosen = {item["metadata"]["name"]: item["download_info"]["url"]
+              for item in report["install"]}
+    assert chosen["fastlib"].endswith(
+        "/fastlib-1.5.0-0debian-cp313-cp313-manylinux_2_41_armv7l.whl")
+    assert (scratch / "compiled/constraints.txt").read_text() == "fastlib==1.5.0\n"
+
+
+def test_pure_debian_packages_are_held_unless_something_needs_newer(index: Path,
+                                                                    tmp_path: Path) -> None:
+    old_helper = {**FASTLIB, "helper": wheels.Provided("0.3", compiled=False)}
+    target = wheels.Target("3.13", "armv7l", (2, 41), old_helper)
+    locked = wheels.resolve(["app"], target, index, offline=True, scratch=tmp_path / "a")
+    assert [item.name for item in locked] == ["app"], "Debian's helper is used"
+    make_wheel(index, "app", "3.0", requires=("fastlib>=1.0", "helper>=0.4"))
+    make_wheel(index, "helper", "0.4")
+    locked = wheels.resolve(["app"], target, index, offline=True, scratch=tmp_path / "b")
+    # Holding Debian's helper would have meant app 2.0: the newest app wins, with its own
+    # helper in the venv.
+    assert [(item.name, item.version) for item in locked] == [("app", "3.0"), ("helper", "0.4")]
+    assert (tmp_path / "b/compiled/constraints.txt").read_text() == "fastlib==1.5.0\n"
+
+
+def test_target_markers_decide_dependencies(index: Path, tmp_path: Path) -> None:
+    """A dependency for the board's CPU and Python is chosen, not one for the host's."""
+    make_wheel(index, "armonly", "1.0")
+    make_wheel(index, "x86only", "1.0")
+    make_wheel(index, "tool", "1.0", requires=('armonly; platform_machine == "armv7l"',
+                                                'x86only; platform_machine == "x86_64"'))
+    markers = {"implementation_name": "cpython", "implementation_version": "3.13.5",
+               "os_name": "posix", "platform_machine": "armv7l", "platform_release": "",
+               "platform_system": "Linux", "platform_version": "",
+               "python_full_version": "3.13.5", "platform_python_implementation": "CPython",
+               "python_version": "3.13", "sys_platform": "linux"}
+    target = wheels.Target("3.13", "armv7l", (2, 41), {}, markers)
+    locked = wheels.resolve(["tool"], target, index, offline=True, scratch=tmp_path / "s")
+    assert [item.name for item in locked] == ["armonly", "tool"]
 
 
 def test_arm64_also_holds_debians_version(index: Path, tmp_path: Path) -> None:
     """Even where a wheel exists, the venv uses Debian's copy of a compiled package: one
     copy, the one Debian's other packages were built against."""
-    target = wheels.Target("3.13", "aarch64", (2, 41), {"fastlib": "1.5.0"})
-    (tmp_path / "s").mkdir()
+    target = wheels.Target("3.13", "aarch64", (2, 41), FASTLIB)
     locked = wheels.resolve(["app"], target, index, offline=True, scratch=tmp_path / "s")
     assert "fastlib" not in {item.name for item in locked}
 
@@ -83,10 +117,15 @@ def test_arm64_also_holds_debians_version(index: Path, tmp_path: Path) -> None:
 def test_a_dependency_without_a_wheel_names_it_and_the_fix(index: Path,
                                                             tmp_path: Path) -> None:
     target = wheels.Target("3.13", "armv7l", (2, 41), {})     # Debian does not provide it
-    (tmp_path / "s").mkdir()
     with pytest.raises(BuildError) as caught:
         wheels.resolve(["app"], target, index, offline=True, scratch=tmp_path / "s")
-    message = str(caught.value)
+    assert str(caught.value).startswith("--offline: no wheel of fastlib>=1.0 for Python 3.13 "
+                                        "on armv7l (glibc 2.41), needed by app in the cache")
+    stderr = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index",
+         "--find-links", str(index), *target.pip_options(), "app"],
+        capture_output=True, text=True).stderr
+    message = wheels.explain_failure(stderr, target, None)
     assert message.startswith("packages.pip: no wheel of fastlib>=1.0 for Python 3.13 on "
                               "armv7l (glibc 2.41), needed by app")
     assert "python3-fastlib" in message and "packages.apt" in message
@@ -94,7 +133,6 @@ def test_a_dependency_without_a_wheel_names_it_and_the_fix(index: Path,
 
 
 def test_offline_download_needs_the_wheels_in_the_cache(index: Path, tmp_path: Path) -> None:
-    (tmp_path / "s").mkdir()
     locked = wheels.resolve(["app"], ARMHF, index, offline=True, scratch=tmp_path / "s")
     wheels.download(locked, ARMHF, index, offline=True)      # all there: nothing to fetch
     (index / locked[0].filename).unlink()
@@ -111,13 +149,12 @@ def test_a_changed_wheel_in_the_cache_is_refused(index: Path, tmp_path: Path) ->
 
 def test_wheelhouse_lock_installs_with_require_hashes(index: Path, tmp_path: Path) -> None:
     """The lock the chroot installs from is one pip accepts in --require-hashes mode."""
-    (tmp_path / "s").mkdir()
     work = tmp_path / "work"
     work.mkdir()
     locked = wheels.resolve(["app"], ARMHF, index, offline=True, scratch=tmp_path / "s")
     wheels.write_wheelhouse(locked, index, work, ARMHF)
     lock = (work / "requirements.txt").read_text()
-    assert "fastlib==1.5.0" in lock.splitlines()[1]        # named in the header, not pinned
+    assert "fastlib" not in lock
     target = tmp_path / "target"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index",
                     "--no-deps", "--require-hashes", "--find-links", str(work / "wheels"),
@@ -130,19 +167,20 @@ def test_wheelhouse_lock_installs_with_require_hashes(index: Path, tmp_path: Pat
 def test_main_reads_the_image_description(index: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    (work / "config.json").write_text(json.dumps({"config": {"packages": {"pip": ["app"]}}}))
+    (work / "config.json").write_text(json.dumps({"config": {
+        "packages": {"pip": ["app"]}, "venv": {"system_site_packages": True}}}))
     (work / "python.json").write_text(json.dumps({
         "python": "3.13", "machine": "armv7l", "glibc": "2.41",
         "provided": {"fastlib": {"version": "1.5.0", "compiled": True},
-                     "helper": {"version": "0.1", "compiled": False}}}))
+                     "helper": {"version": "0.1+dfsg", "compiled": False}}}))
     cache = tmp_path / "cache"
     (cache / "wheels").mkdir(parents=True)
     for wheel in index.iterdir():
         (cache / "wheels" / wheel.name).write_bytes(wheel.read_bytes())
     wheels.main({"IMAGE_CONFIG": str(work / "config.json"), "IMAGE_CACHE": str(cache),
                  "IMAGE_OFFLINE": "1"})
-    assert sorted(p.name for p in (work / "wheels").iterdir()) == [
-        "app-2.0-py3-none-any.whl", "helper-0.3-py3-none-any.whl"]
+    # Debian's helper 0.1+dfsg is held (a local version): only app comes from the wheels.
+    assert sorted(p.name for p in (work / "wheels").iterdir()) == ["app-2.0-py3-none-any.whl"]
 
 
 @pytest.mark.root
