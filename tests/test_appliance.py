@@ -190,6 +190,17 @@ def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> No
     assert f"BOARD={appliance.board}\n" in release and "JUPYTER_USER=jupyter\n" in release
 
 
+def test_debian_packages_are_compiled_and_py3compile_is_back(image: Image) -> None:
+    assert "py3compile" not in image.run("dpkg-divert", "--list").stdout
+    assert "build-image" not in (image.root / "usr/bin/py3compile").read_text()
+    assert "dh_python" in (image.root / "usr/bin/py3compile").read_text() or \
+        "py3compile" in image.run("dpkg", "-S", "/usr/bin/py3compile").stdout
+    for module in ("numpy/__init__", "pandas/__init__", "sympy/__init__"):
+        directory, name = module.split("/")
+        pyc = image.root / f"usr/lib/python3/dist-packages/{directory}/__pycache__"
+        assert list(pyc.glob(f"{name}.cpython-3*.pyc")), module
+
+
 def test_stack_imports_from_the_venv(image: Image) -> None:
     code = ("import importlib, sys\n"
             "for name in sys.argv[1:]:\n"
@@ -201,6 +212,16 @@ def test_stack_imports_from_the_venv(image: Image) -> None:
     assert all(re.match(r"\d", v) for k, v in versions.items() if k != "xlrd"), versions
     # Debian's copy of numpy, seen through the venv's system site.
     assert "/usr/lib/python3/dist-packages/numpy" in out
+    # The stack works, not only imports: PROJ's data is found from the venv, a GeoDataFrame
+    # is reprojected, a sympy integral and a scipy optimisation come out right.
+    code = ("import geopandas, shapely, sympy, scipy.optimize\n"
+            "frame = geopandas.GeoDataFrame(geometry=[shapely.Point(8.5, 47.4)], crs=4326)\n"
+            "print(round(frame.to_crs(3857).geometry[0].x))\n"
+            "x = sympy.Symbol('x'); print(sympy.integrate(2 * x, (x, 0, 3)))\n"
+            "print(round(scipy.optimize.brentq(lambda v: v * v - 2, 0, 2), 6))\n")
+    result = image.run(f"{VENV}/bin/python", "-c", code, user="jupyter")
+    assert result.stdout.split() == ["946224", "9", "1.414214"], result
+    assert "PROJ data directory not found" not in result.stderr
     assert image.run(f"{VENV}/bin/jupyter", "lab", "--version").stdout.strip()[:1] == "4"
     assert image.run(f"{VENV}/bin/jupyter", "notebook", "--version").stdout.startswith("7.")
     assert image.run("stat", "-c", "%U", VENV, f"{VENV}/bin/python").stdout.split() == \
