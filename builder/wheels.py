@@ -317,8 +317,8 @@ def download(locked: Iterable[Locked], target: Target, cache: Path, offline: boo
                          f"without --offline")
     if missing:
         log.info(f"downloading {len(missing)} wheels into {cache}")
-        argv, env = target.pip("download", "--no-deps", "--progress-bar", "off", "--dest",
-                               str(cache), *target.pip_options(),
+        argv, env = target.pip("download", "--quiet", "--no-deps", "--progress-bar", "off",
+                               "--dest", str(cache), *target.pip_options(),
                                *[f"{item.name}=={item.version}" for item in missing])
         run(argv, env=env, what="download wheels for the image")
     for item in locked:
