@@ -254,6 +254,8 @@ def resolve(requirements: Sequence[str], target: Target, cache: Path, offline: b
     compiled = {name: info for name, info in everything.items() if info.compiled}
     lenient = _resolve(requirements, target, compiled, cache, offline, scratch / "compiled")
     if everything == compiled:
+        log.info(f"Debian's {len(compiled)} compiled Python packages are held at their "
+                 f"versions")
         return lenient
     try:
         strict = _resolve(requirements, target, everything, cache, offline, scratch / "all")
@@ -262,18 +264,38 @@ def resolve(requirements: Sequence[str], target: Target, cache: Path, offline: b
                  f"{len(compiled)} compiled ones")
         return lenient
     asked = {canonical(re.split(r"[<>=!~;\[ ]", r)[0]) for r in requirements}
+    held = {canonical(name): info.version for name, info in everything.items()}
     older = sorted(name for name in asked
-                   if _version(strict, name) != _version(lenient, name))
+                   if _older(_version(strict, name) or held.get(name),
+                             _version(lenient, name) or held.get(name)))
     if older:
         log.info(f"holding Debian's pure-Python packages would mean older {', '.join(older)}: "
                  f"holding only the {len(compiled)} compiled ones; the venv gets its own copy "
                  f"of the others it needs")
         return lenient
+    log.info(f"every Debian package is held at its version ({len(everything)}); the venv gets "
+             f"only what Debian does not have")
     return strict
 
 
 def _version(locked: Sequence[Locked], name: str) -> str | None:
     return next((item.version for item in locked if canonical(item.name) == name), None)
+
+
+def _older(version: str | None, than: str | None) -> bool:
+    """Whether `version` is an older release than `than`, by their release numbers (what
+    matters here: Jupyter 4.5 against 4.6); a version that cannot be read counts as older
+    when it differs."""
+    if version is None or than is None:
+        return version != than
+    first = re.match(r"\d+(?:\.\d+)*", version)
+    second = re.match(r"\d+(?:\.\d+)*", than)
+    if first is None or second is None:
+        return version != than
+    mine = [int(x) for x in first.group(0).split(".")]
+    theirs = [int(x) for x in second.group(0).split(".")]
+    width = max(len(mine), len(theirs))
+    return mine + [0] * (width - len(mine)) < theirs + [0] * (width - len(theirs))
 
 
 def _resolve(requirements: Sequence[str], target: Target, held_dists: Mapping[str, Provided],

@@ -200,9 +200,9 @@ def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> No
 
 def test_debian_packages_are_compiled_and_py3compile_is_back(image: Image) -> None:
     assert "py3compile" not in image.run("dpkg-divert", "--list").stdout
-    assert "build-image" not in (image.root / "usr/bin/py3compile").read_text()
-    assert "dh_python" in (image.root / "usr/bin/py3compile").read_text() or \
-        "py3compile" in image.run("dpkg", "-S", "/usr/bin/py3compile").stdout
+    real = (image.root / "usr/bin/py3compile").read_text()
+    assert "build-image" not in real and "py_compile" in real, "Debian's own, back in place"
+    assert not (image.root / "usr/bin/py3compile.build-image").exists()
     for module in ("numpy/__init__", "pandas/__init__", "sympy/__init__"):
         directory, name = module.split("/")
         pyc = image.root / f"usr/lib/python3/dist-packages/{directory}/__pycache__"
@@ -230,7 +230,8 @@ def test_stack_imports_from_the_venv(image: Image) -> None:
     result = image.run(f"{VENV}/bin/python", "-c", code, user="jupyter")
     assert result.stdout.split() == ["946216", "9", "1.414214"], result
     assert "PROJ data directory not found" not in result.stderr
-    assert image.run(f"{VENV}/bin/jupyter", "lab", "--version").stdout.strip()[:1] == "4"
+    assert re.fullmatch(r"[4-9]\.\d+\.\d+", image.run(f"{VENV}/bin/jupyter", "lab",
+                                                    "--version").stdout.strip())
     assert image.run(f"{VENV}/bin/jupyter", "notebook", "--version").stdout.startswith("7.")
     assert image.run("stat", "-c", "%U", VENV, f"{VENV}/bin/python").stdout.split() == \
         ["root", "root"]

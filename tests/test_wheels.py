@@ -90,6 +90,15 @@ def test_pure_debian_packages_are_held_unless_something_needs_newer(index: Path,
     assert (tmp_path / "b/compiled/constraints.txt").read_text() == "fastlib==1.5.0\n"
 
 
+def test_asking_for_a_package_debian_has_at_its_newest_keeps_holding(index: Path,
+                                                                     tmp_path: Path) -> None:
+    current = {**FASTLIB, "helper": wheels.Provided("0.3", compiled=False)}
+    target = wheels.Target("3.13", "armv7l", (2, 41), current)
+    locked = wheels.resolve(["app", "helper"], target, index, offline=True,
+                            scratch=tmp_path / "s")
+    assert [item.name for item in locked] == ["app"], "Debian's helper 0.3 is the newest"
+
+
 def test_target_markers_decide_dependencies(index: Path, tmp_path: Path) -> None:
     """A dependency for the board's CPU and Python is chosen, not one for the host's."""
     make_wheel(index, "armonly", "1.0")
