@@ -89,6 +89,10 @@ class Builds:
             argv = [*BUILD_IMAGE, "--board", board, "--base", "debian", "--cache-dir",
                     str(CACHE), "--output", str(self.work / arch / "out"), "--compress",
                     "zstd", "--set", "image.compression_level=3"]
+            if arch == "arm64":
+                # Four minutes of emulated imports that test_stack_imports_from_the_venv
+                # repeats on the finished image; the armhf build runs the check as shipped.
+                argv += ["--set", "packages.check_imports=[]"]
             with open(log, "w") as stderr:
                 proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                         stdout=subprocess.PIPE, stderr=stderr)
@@ -180,9 +184,13 @@ def test_outputs_name_what_the_venv_holds(appliance: Appliance) -> None:
     debs = {p["name"] for p in manifest["packages"]}
     assert {"python3-numpy", "python3-geopandas", "python3-osmnx", "build-essential",
             "libgdal-dev", "python3-zmq"} <= debs
-    for module in STACK:
-        assert re.search(rf"\[70-check-stack.chroot\]   {module} \S+ from ", appliance.log), \
-            module
+    if appliance.arch == "armhf":     # the arm64 build skips the check (see Builds)
+        for module in STACK:
+            assert re.search(rf"\[70-check-stack.chroot\]   {module} \S+ from ",
+                             appliance.log), module
+        assert "[70-check-stack.chroot]   pyproj transforms with PROJ data from " \
+            f"{VENV}/share/proj" in appliance.log
+    assert re.search(r"\[70-check-stack.chroot\] jupyter lab \d+\.\d+", appliance.log)
 
 
 def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> None:
