@@ -1,6 +1,6 @@
 """Where scripts run and files are laid into the image: customize.d/ and overlays/.
 
-customize.d/ scripts run in the order of their names. The name says where a script runs:
+customize.d/ scripts run by number, then name. The name says where a script runs:
 
     NN-name.chroot[.sh|.py|...]   inside the image (chroot, under qemu-user-static)
     NN-name.host[.sh|.py|...]     on the build host, with the mounted image at $IMAGE_ROOT
@@ -14,7 +14,8 @@ executable, is an error before the build starts. Every script gets this environm
 
     IMAGE_BOARD    board id (orangepi5)          IMAGE_ARCH     armhf | arm64
     IMAGE_RELEASE  trixie, noble, ...            IMAGE_FAMILY   Armbian family (rockchip-rk3588)
-    IMAGE_CONFIG   the resolved settings as a JSON file (inside the image for .chroot scripts)
+    IMAGE_CONFIG   a JSON file {"config": settings, "board": catalog entry} (inside the image
+                   for .chroot scripts)
     IMAGE_CONFIG_<SECTION>_<KEY>   each setting for shell scripts: IMAGE_CONFIG_JUPYTER_PORT=8888,
                    lists joined by spaces, true/false, empty for null
     IMAGE_OUTPUT   a directory: a file written there is published next to the image as
@@ -24,6 +25,7 @@ executable, is an error before the build starts. Every script gets this environm
     IMAGE_ROOT     the mounted root filesystem   (.host scripts only)
     IMAGE_CACHE    a directory of the build cache for downloads (.host scripts only)
     IMAGE_OFFLINE  1 with --offline: use the cache, no network (.host scripts only)
+    IMAGE_BUILDER_PYTHON  the Python running the builder, with pip (.host scripts only)
 
 overlays/ is copied into the root filesystem with modes and symlinks kept, owned by root.
 A file ending in `.j2` is a Jinja2 template: it is rendered with `config` (the settings) and
@@ -61,7 +63,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"
 BUILTIN_OVERLAYS = REPO_ROOT / "overlays"
 WORK_IN_IMAGE = "/tmp/build-image"
-CONFIG_IN_IMAGE = f"{WORK_IN_IMAGE}/config.json"
 OUTPUT_IN_IMAGE = f"{WORK_IN_IMAGE}/output"
 # Scripts numbered below this run before overlays/ is laid in, the others after.
 OVERLAY_POINT = 50

@@ -114,3 +114,39 @@ def test_in_root_follows_links_inside_the_image(tmp_path: Path) -> None:
     assert in_root(root, "var/run/x") == root / "run/x"
     assert in_root(root, "/etc/up/etc") == root / "etc"   # .. stops at the image's /
     assert in_root(root, "../../etc/passwd") == root / "etc/passwd"
+
+
+def test_build_only_files_are_found_through_the_images_links(tmp_path: Path) -> None:
+    """finalize's globs ("home/*/.bash_history") follow links the way the image does: a home
+    that is an absolute link lands in the image, never on the host."""
+    from builder.pipeline import _image_glob
+    root = tmp_path / "root"
+    (root / "home/ann").mkdir(parents=True)
+    (root / "home/ann/.bash_history").write_text("secret\n")
+    (root / "srv/bob").mkdir(parents=True)
+    (root / "srv/bob/.bash_history").write_text("secret\n")
+    os.symlink("/srv/bob", root / "home/bob")           # absolute: the image's /srv
+    host = tmp_path / "host-home"
+    host.mkdir()
+    (host / ".bash_history").write_text("the host's own\n")
+    os.symlink(str(host), root / "home/eve")            # would be the host's, read naively
+    found = sorted(_image_glob(root, "home/*/.bash_history"))
+    assert found == [root / "home/ann/.bash_history", root / "srv/bob/.bash_history"]
+
+
+def test_host_scripts_see_where_pip_looks_not_what_it_chooses(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from builder.pipeline import _host_env
+    monkeypatch.setenv("PIP_INDEX_URL", "http://index.example/simple")
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("PIP_NO_DEPS", "1")
+    monkeypatch.setenv("BUILD_IMAGE_SECRET", "x")
+    ctx = SimpleNamespace(cache=SimpleNamespace(root=tmp_path),
+                          options=SimpleNamespace(offline=True))
+    env = _host_env(ctx)  # type: ignore[arg-type]
+    assert env["PIP_INDEX_URL"] == "http://index.example/simple"
+    assert env["https_proxy"] == "http://proxy.example:3128"
+    assert "PIP_NO_DEPS" not in env and "BUILD_IMAGE_SECRET" not in env
+    assert env["IMAGE_OFFLINE"] == "1" and env["IMAGE_CACHE"] == str(tmp_path / "host")
