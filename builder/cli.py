@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -39,6 +40,7 @@ FLAG_KEYS = {
     "output": "output.dir",
     "apt_proxy": "apt.proxy",
     "compress": "image.compression",
+    "preseed": "firstboot.preseed",
 }
 # Repeatable flags that add to a list setting.
 LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
@@ -82,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
                        help="more customize.d scripts, after the built-in ones (repeatable)")
     image.add_argument("--overlay", metavar="DIR", action="append", default=[],
                        help="more overlay files, after the built-in ones (repeatable)")
+    image.add_argument("--preseed", metavar="FILE", type=_absolute,
+                       help="answers for the first-boot wizard, put into the image as "
+                            "/boot/jupyter-firstboot.conf (every card gets them: see README)")
     image.add_argument("--apt-proxy", metavar="URL",
                        help="apt proxy for the image's apt during the build, e.g. "
                             "http://127.0.0.1:3142")
@@ -99,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="show commands and tracebacks")
     run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def _absolute(value: str) -> str:
+    """A path the build's scripts can use whatever their working directory."""
+    return str(Path(value).expanduser().absolute())
 
 
 @contextmanager
@@ -163,6 +173,11 @@ def _main(args: argparse.Namespace) -> int:
         if getattr(args, attr):
             overrides.append(f"{key}={json.dumps(getattr(args, attr))}")
     config = load_config(args.config, overrides, flags)
+    if config.firstboot.preseed:
+        # A path from a --config file, relative to where build-image was started.
+        firstboot = dataclasses.replace(config.firstboot,
+                                        preseed=_absolute(config.firstboot.preseed))
+        config = dataclasses.replace(config, firstboot=firstboot)
     if not config.board:
         raise BuildError("no board given: pass --board ID (`build-image --list-boards` shows "
                          "them; --board orangepi picks the Orange Pi 5)")

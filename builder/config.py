@@ -171,6 +171,12 @@ def _choice(*allowed: str) -> Check:
     return check
 
 
+def _password_length(value: int) -> int:
+    if value < 6:
+        raise ValueError("is too short to protect a board on a network: 6 at least")
+    return value
+
+
 class BadItem(ValueError):
     """One element of a list is wrong: the message names the element, not the whole list."""
 
@@ -235,6 +241,16 @@ class JupyterConfig:
 
 
 @dataclass(frozen=True)
+class FirstbootConfig:
+    root_password: Annotated[str, Rule(_choice("locked", "same"))]
+    min_password_length: Annotated[int, Rule(_password_length, "a whole number, 6 or more")]
+    answer_timeout: Annotated[float, Rule(_positive, "a number of seconds")]
+    unattended: Annotated[str, Rule(_choice("wait", "token"))]
+    unattended_after: Annotated[float, Rule(_positive, "a number of seconds")]
+    preseed: Annotated[str | None, Rule(_local_path)]
+
+
+@dataclass(frozen=True)
 class ImageConfig:
     headroom: ByteSize
     free_space: ByteSize
@@ -278,6 +294,7 @@ class Config:
     packages: PackagesConfig
     venv: VenvConfig
     jupyter: JupyterConfig
+    firstboot: FirstbootConfig
     image: ImageConfig
     output: OutputConfig
     customize: CustomizeConfig

@@ -29,7 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, armbian, customize, debian, fetch, image, log, output, wheels
+from builder import (
+    __version__,
+    armbian,
+    customize,
+    debian,
+    fetch,
+    firstboot,
+    image,
+    log,
+    output,
+    wheels,
+)
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_qemu
@@ -123,6 +134,8 @@ def check_host(ctx: Context) -> None:
     ctx.overlay_dirs = [*overlay_dirs, *map(_user_dir, cfg.customize.overlays)]
     ctx.rendered = customize.render_templates(
         ctx.overlay_dirs, customize.template_context(cfg, ctx.board))
+    if cfg.firstboot.preseed:
+        check_preseed(cfg)
     if not ctx.options.builds_image:
         return
     if not is_root():
@@ -147,6 +160,31 @@ def check_host(ctx: Context) -> None:
     if builtin:
         wheels.check_requested(cfg.packages.pip, cfg.base.release, ctx.board.arch,
                                ctx.cache.root / "host" / "wheels", ctx.options.offline)
+
+
+def check_preseed(cfg: Config) -> None:
+    """The preseed file is checked by the same code the card runs at first boot, so a bad
+    value stops the build now rather than a wizard on some card later."""
+    path = Path(cfg.firstboot.preseed or "").expanduser()
+    flag = f"--preseed {cfg.firstboot.preseed}"
+    if not cfg.customize.builtin:
+        raise BuildError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
+                         f"drop --preseed or customize.builtin=false")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BuildError(f"{flag}: {exc.strerror}: give the path of an existing file") from None
+    settings = firstboot.Settings(min_password_length=cfg.firstboot.min_password_length)
+    # Time zone names are checked against the host's tzdata: the same names as the image's.
+    answers, problems = firstboot.parse_preseed(text, Path("/"), settings)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BuildError(f"{flag}: {problems[0]}{more}: fix the file (README: \"Headless "
+                         f"first boot\" lists the keys)")
+    if answers.login_password or answers.jupyter_password or answers.wifi_key:
+        log.warn(f"{flag} holds plain passwords: every card flashed from this image carries "
+                 f"them until its first boot; login_password_hash and jupyter_password_hash "
+                 f"keep them out of the image")
 
 
 def _user_dir(value: str) -> Path:

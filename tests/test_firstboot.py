@@ -1,0 +1,564 @@
+"""The first-boot wizard (builder/firstboot.py) as a person meets it: on a pseudo-terminal,
+against a temporary card (a root directory with its own passwd, shadow and hostname), with
+the real chpasswd writing the shadow file, the real jupyter_server hashing and checking the
+Jupyter password, and two wizards on two terminals sharing one card."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import REPO
+
+from builder import firstboot
+from builder.firstboot import (
+    CREDENTIALS,
+    PRESEED,
+    STAMP,
+    Settings,
+    check_login_hash,
+    check_ssh_key,
+    hash_login_password,
+    parse_preseed,
+)
+
+WIZARD = REPO / "builder" / "firstboot.py"
+PYTHON = sys.executable        # the test venv's, with jupyter_server: the card's venv here
+UID = 1000
+LOGIN = "l0gin pä$$ 'q\"uo;te` #x"         # shell metacharacters, quotes, non-ASCII, '#'
+JUPYTER = "jupyter-Pässwort $(rm -rf /)"
+
+
+def ssh_public_key() -> str:
+    blob = b"".join(len(part).to_bytes(4, "big") + part
+                    for part in (b"ssh-ed25519", secrets.token_bytes(32)))
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} me@laptop"
+
+
+def verifies(hashed: str, password: str) -> bool:
+    from jupyter_server.auth.security import passwd_check
+    return bool(passwd_check(hashed, password))
+
+
+@dataclass
+class Card:
+    root: Path
+
+    def shadow(self, user: str) -> str:
+        for line in (self.root / "etc/shadow").read_text().splitlines():
+            if line.startswith(f"{user}:"):
+                return line.split(":")[1]
+        raise AssertionError(f"{user} not in shadow")
+
+    def login_accepts(self, password: str) -> bool:
+        hashed = self.shadow("jupyter")
+        return firstboot._crypt(password.encode(), hashed.encode()).decode() == hashed
+
+    def credentials(self) -> dict[str, str]:
+        return dict(json.loads((self.root / CREDENTIALS).read_text()))
+
+    def untouched(self) -> None:
+        """Nothing of setup happened: no credentials, no stamp, passwords still locked."""
+        assert not (self.root / CREDENTIALS).exists()
+        assert not (self.root / STAMP).exists()
+        assert self.shadow("jupyter") == "!"
+        assert (self.root / "etc/hostname").read_text() == "orangepipcplus\n"
+
+    def settings(self, **changes: object) -> None:
+        path = self.root / firstboot.SETTINGS
+        data = json.loads(path.read_text())
+        data.update(changes)
+        path.write_text(json.dumps(data))
+
+    def preseed(self, text: str) -> Path:
+        path = self.root / PRESEED
+        path.write_text(text)
+        path.chmod(0o600)
+        return path
+
+    def wizard(self, *args: str, console: str = "ttyT0",
+               env: dict[str, str] | None = None) -> pexpect.spawn:
+        child = pexpect.spawn(
+            PYTHON, [str(WIZARD), "--root", str(self.root), "--jupyter-python", PYTHON,
+                     "--console", console, *args],
+            env={**os.environ, **(env or {})}, encoding="utf-8", codec_errors="replace", timeout=60,
+            dimensions=(50, 200))
+        child.logfile_read = open(self.root.parent / f"{console}.log", "a")  # noqa: SIM115
+        return child
+
+    def boot(self, console: str = "ttyT0", env: dict[str, str] | None = None) -> pexpect.spawn:
+        return self.wizard("--boot", console=console, env=env)
+
+
+@pytest.fixture
+def card(tmp_path: Path) -> Iterator[Card]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: chpasswd --root changes a card's shadow file by chroot(2)")
+    if shutil.which("chpasswd") is None:
+        pytest.skip("chpasswd is missing: apt-get install passwd")
+    root = tmp_path / "card"
+    for d in ("etc/orangepi-jupyter", "boot", "var/lib/jupyter", "var/lib/orangepi-jupyter",
+              "run", "home/jupyter", "usr/share"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n"
+                                     f"jupyter:x:{UID}:{UID}:Jupyter:/home/jupyter:/bin/bash\n")
+    (root / "etc/group").write_text(f"root:x:0:\njupyter:x:{UID}:\n")
+    (root / "etc/shadow").write_text("root:$1$armbian$fakehashofroot1234:20000:0:99999:7:::\n"
+                                     "jupyter:!:20000:0:99999:7:::\n")
+    (root / "etc/gshadow").write_text("root:*::\njupyter:!::\n")
+    (root / "etc/shadow").chmod(0o640)
+    (root / "etc/hostname").write_text("orangepipcplus\n")
+    (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\torangepipcplus\n")
+    (root / "usr/share/zoneinfo").symlink_to("/usr/share/zoneinfo")
+    os.chown(root / "home/jupyter", UID, UID)
+    os.chown(root / "var/lib/jupyter", UID, UID)
+    (root / firstboot.SETTINGS).write_text(json.dumps({
+        "user": "jupyter", "venv": "/opt/jupyter", "port": 8888, "base_url": "/",
+        "board": "Orange Pi PC Plus", "consoles": [{"device": "ttyS0", "baud": 115200}],
+        "root_password": "locked", "min_password_length": 8, "answer_timeout": 60,
+        "unattended": "wait", "unattended_after": 900}))
+    yield Card(root)
+
+
+def finished(child: pexpect.spawn, code: int = 0) -> str:
+    child.expect(pexpect.EOF, timeout=120)
+    child.close()
+    assert child.exitstatus == code, child.before
+    return str(child.before)
+
+
+def dialog(child: pexpect.spawn, *exchanges: tuple[str, str]) -> None:
+    for prompt, answer in exchanges:
+        child.expect_exact(prompt)
+        child.sendline(answer)
+
+
+PASSWORDS = (("Login password for jupyter: ", LOGIN),
+             ("Login password for jupyter, again: ", LOGIN),
+             ("Jupyter password: ", JUPYTER),
+             ("Jupyter password, again: ", JUPYTER))
+DEFAULTS = (("Hostname [orangepipcplus]: ", ""), ("Time zone [Etc/UTC]: ", ""))
+
+
+def answer_everything(child: pexpect.spawn, hostname: str = "", timezone: str = "") -> None:
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    dialog(child, *PASSWORDS, ("Hostname [orangepipcplus]: ", hostname),
+           ("Time zone [Etc/UTC]: ", timezone))
+
+
+# The wizard on one console.
+
+
+@pytest.mark.root
+def test_first_boot_sets_everything_and_shows_where_to_go(card: Card) -> None:
+    child = card.boot()
+    child.expect("=== Jupyter workstation setup \\(Orange Pi PC Plus\\) ===")
+    answer_everything(child, hostname="Lab-Board-7", timezone="Europe/Berlin")
+    child.expect("Setup is complete")
+    child.expect(r"Token: (\S+)")
+    shown_token = child.match.group(1)
+    output = finished(child)
+    log = (card.root.parent / "ttyT0.log").read_text()
+    assert LOGIN not in log and JUPYTER not in log, "passwords must not be echoed"
+
+    credentials = card.credentials()
+    assert verifies(credentials["hashed_password"], JUPYTER)
+    assert credentials["hashed_password"].startswith("argon2:$argon2id$")
+    assert not verifies(credentials["hashed_password"], LOGIN)
+    assert credentials["token"] == shown_token and re.fullmatch(r"[\w-]{40,}", shown_token)
+    raw = (card.root / CREDENTIALS).read_bytes()
+    assert not raw.endswith(b"\n") or json.loads(raw)["token"] == shown_token
+    info = (card.root / CREDENTIALS).stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and (info.st_uid, info.st_gid) == (UID, UID)
+    assert card.login_accepts(LOGIN) and not card.login_accepts(JUPYTER)
+    assert card.shadow("jupyter").startswith("$y$")
+    assert card.shadow("root") == "!*", "root is locked, Armbian's 1234 gone"
+    assert (card.root / "etc/hostname").read_text() == "lab-board-7\n"
+    hosts = (card.root / "etc/hosts").read_text()
+    assert "127.0.1.1\tlab-board-7" in hosts and "orangepipcplus" not in hosts
+    assert os.readlink(card.root / "etc/localtime") == "/usr/share/zoneinfo/Europe/Berlin"
+    assert (card.root / "etc/timezone").read_text() == "Europe/Berlin\n"
+    assert (card.root / STAMP).exists()
+    assert not list((card.root / "var/lib/jupyter").glob(".*tmp")), "no temporary files left"
+    assert f":8888/lab?token={shown_token}" in log or "No network address" in log
+    assert "sudo jupyter-setup" in output
+
+
+@pytest.mark.root
+def test_bad_passwords_are_asked_again(card: Card) -> None:
+    child = card.boot()
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendline("")
+    child.expect("the password is empty; try again")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendline("short")
+    child.expect("the password is shorter than 8 characters; try again")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendline(LOGIN)
+    child.expect_exact("again: ")
+    child.sendline(LOGIN + "x")
+    child.expect("the two passwords differ; try again")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendline(LOGIN)
+    child.expect_exact("again: ")
+    child.sendline(LOGIN)
+    child.expect_exact("Jupyter password: ")
+    child.sendline(JUPYTER)
+    child.expect_exact("Jupyter password, again: ")
+    child.sendline(JUPYTER)
+    child.expect_exact("Hostname [orangepipcplus]: ")
+    child.sendline("not_a_hostname!")
+    child.expect("is not a host name")
+    child.expect_exact("Hostname [orangepipcplus]: ")
+    child.sendline("")
+    child.expect_exact("Time zone [Etc/UTC]: ")
+    child.sendline("Mars/Olympus_Mons")
+    child.expect("is not a known time zone")
+    child.expect_exact("Time zone [Etc/UTC]: ")
+    child.sendline("../../../etc/passwd")
+    child.expect("is not a time zone name")
+    child.sendline("")
+    finished(child)
+    assert card.login_accepts(LOGIN)
+    assert (card.root / "etc/hostname").read_text() == "orangepipcplus\n"
+    assert not (card.root / "etc/localtime").exists(), "Enter kept the default"
+
+
+@pytest.mark.root
+def test_garbage_and_eof_set_nothing_and_the_wizard_stays(card: Card) -> None:
+    child = card.boot()
+    child.expect("Press Enter to begin setup")
+    # What a floating UART pin or a wrong baud rate produces.
+    os.write(child.child_fd, b"\xff\xfe\x80\x1b[\x7f\xc3(\n")
+    os.write(child.child_fd, b"\xf0\x9f\x98\n")
+    child.sendline("hello")
+    child.expect("Press Enter \\(nothing else\\) to begin setup")
+    child.sendline("")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendcontrol("a")
+    child.sendline("")
+    child.expect("unreadable input ignored")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendeof()
+    child.expect("The console closed: setup stopped, nothing was changed")
+    child.expect("Press Enter to begin setup", timeout=30)
+    assert child.isalive()
+    card.untouched()
+    child.sendeof()
+    child.sendeof()
+    assert not child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=5), \
+        "EOF at the banner does not end the wizard"
+    child.sendline("")
+    child.expect_exact("Login password for jupyter: ", timeout=30)
+    child.terminate(force=True)
+    card.untouched()
+
+
+@pytest.mark.root
+def test_ctrl_c_starts_the_questions_over(card: Card) -> None:
+    child = card.boot()
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    child.expect_exact("Login password for jupyter: ")
+    child.sendline("first-attempt")
+    child.expect_exact("again: ")
+    child.sendline("first-attempt")
+    child.expect_exact("Jupyter password: ")
+    child.sendintr()
+    child.expect("\\^C: starting over; nothing was changed")
+    card.untouched()
+    dialog(child, *PASSWORDS, *DEFAULTS)
+    finished(child)
+    assert card.login_accepts(LOGIN) and not card.login_accepts("first-attempt")
+    # Echo came back after the interrupted hidden read: the terminal is usable.
+    assert verifies(card.credentials()["hashed_password"], JUPYTER)
+
+
+@pytest.mark.root
+def test_an_unanswered_question_ends_the_session(card: Card) -> None:
+    card.settings(answer_timeout=2)
+    child = card.boot()
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    child.expect_exact("Login password for jupyter: ")
+    child.expect("No answer for 2 s: setup stopped, nothing was changed", timeout=20)
+    child.expect("Press Enter to begin setup")
+    card.untouched()
+    child.terminate(force=True)
+
+
+@pytest.mark.root
+def test_the_first_console_to_answer_owns_setup(card: Card) -> None:
+    serial, screen = card.boot("ttyS0"), card.boot("tty1")
+    for child in (serial, screen):
+        child.expect("Press Enter to begin setup")
+    screen.sendline("")
+    screen.expect_exact("Login password for jupyter: ")
+    serial.sendline("")
+    serial.expect("Setup is running on tty1; this console shows the result")
+    screen.sendline(LOGIN)
+    dialog(screen, *PASSWORDS[1:], *DEFAULTS)
+    screen.expect(r"Token: (\S+)")
+    token = screen.match.group(1)
+    finished(screen)
+    serial.expect("Setup is complete", timeout=30)
+    output = finished(serial)
+    assert token not in output, "the token is shown only where setup ran"
+    assert "The token is shown on the console where setup ran" in output
+    assert card.credentials()["token"] == token
+
+
+@pytest.mark.root
+def test_console_that_gives_up_frees_the_others(card: Card) -> None:
+    card.settings(answer_timeout=3)
+    first, second = card.boot("ttyS0"), card.boot("tty1")
+    for child in (first, second):
+        child.expect("Press Enter to begin setup")
+    first.sendline("")
+    first.expect_exact("Login password for jupyter: ")
+    second.sendline("")
+    second.expect("Setup is running on ttyS0")
+    second.expect("Setup on the other console stopped without finishing", timeout=30)
+    second.expect("Press Enter to begin setup")
+    second.sendline("")
+    second.expect_exact("Login password for jupyter: ")
+    for child in (first, second):
+        child.terminate(force=True)
+    card.untouched()
+
+
+# Headless: the preseed file.
+
+
+@pytest.mark.root
+def test_complete_preseed_applies_headless_and_is_removed(card: Card) -> None:
+    key = ssh_public_key()
+    (card.root / "usr/sbin").mkdir(parents=True)
+    (card.root / "usr/sbin/netplan").write_text("")
+    card.preseed(f"# written by flash-image\nlogin_password = {LOGIN}\n"
+                 f"jupyter_password = '{JUPYTER}'\njupyter_token = generate\n"
+                 f"hostname = field-station\ntimezone = America/New_York\nssh_key = {key}\n"
+                 f"wifi_ssid = Lab WLAN\nwifi_key = correct horse battery\n")
+    child = card.boot()
+    child.expect("Applying /boot/jupyter-firstboot.conf")
+    output = finished(child)
+    assert "removed (it held secrets)" in output
+    assert not (card.root / PRESEED).exists()
+    assert card.login_accepts(LOGIN)
+    assert verifies(card.credentials()["hashed_password"], JUPYTER)
+    assert (card.root / "etc/hostname").read_text() == "field-station\n"
+    authorized = card.root / "home/jupyter/.ssh/authorized_keys"
+    assert authorized.read_text() == key + "\n"
+    info = authorized.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == UID
+    assert stat.S_IMODE(authorized.parent.stat().st_mode) == 0o700
+    plan = card.root / "etc/netplan/30-jupyter-wifi.yaml"
+    assert stat.S_IMODE(plan.stat().st_mode) == 0o600
+    wifi = json.loads(plan.read_text())["network"]["wifis"]["wlan0"]
+    assert wifi["access-points"] == {"Lab WLAN": {"password": "correct horse battery"}}
+    assert (card.root / STAMP).exists()
+
+
+@pytest.mark.root
+def test_preseed_with_hashes_needs_no_plain_password(card: Card) -> None:
+    from jupyter_server.auth import passwd
+    token = secrets.token_urlsafe(24)
+    card.preseed(f"login_password_hash = {hash_login_password(LOGIN)}\n"
+                 f"jupyter_password_hash = {passwd(JUPYTER)}\njupyter_token = {token}\n")
+    finished(card.boot())
+    assert card.login_accepts(LOGIN)
+    assert card.credentials()["token"] == token
+    assert verifies(card.credentials()["hashed_password"], JUPYTER)
+
+
+@pytest.mark.root
+def test_bad_preseed_is_reported_and_the_rest_is_asked(card: Card) -> None:
+    card.preseed(f"login_password = {LOGIN}\ncolour = blue\ntimezone = Europe/Atlantis\n"
+                 "hostname = -bad-\njupyter_password_hash = argon2:nonsense\n"
+                 "just some words\n")
+    child = card.boot()
+    child.expect("line 2: 'colour': unknown key")
+    child.expect("line 3: 'timezone': 'Europe/Atlantis' is not a known time zone")
+    child.expect("line 4: 'hostname': '-bad-' is not a host name")
+    child.expect("line 5: 'jupyter_password_hash': is not a Jupyter password hash")
+    child.expect("line 6: not 'key = value'")
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    # The valid login password is kept: the first question is Jupyter's.
+    child.sendline(JUPYTER)
+    dialog(child, *PASSWORDS[3:], *DEFAULTS)
+    finished(child)
+    assert card.login_accepts(LOGIN)
+    assert not (card.root / PRESEED).exists()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("step", [s for s in firstboot.STEP_NAMES if s != "start-jupyter"])
+def test_power_loss_between_steps_leaves_nothing_half_set(card: Card, step: str) -> None:
+    card.preseed(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n"
+                 f"hostname = after-{step}\nssh_key = {ssh_public_key()}\n")
+    child = card.boot(env={firstboot.KILL_AFTER: step})
+    child.expect(pexpect.EOF, timeout=120)
+    child.close()
+    assert child.signalstatus == signal.SIGKILL
+    done = (card.root / STAMP).exists()
+    # The stamp is what jupyter.service waits for: it exists only when everything is set.
+    assert done == (firstboot.STEP_NAMES.index(step) >= firstboot.STEP_NAMES.index("stamp"))
+    if done:
+        assert verifies(card.credentials()["hashed_password"], JUPYTER)
+        assert card.login_accepts(LOGIN)
+    # Until setup is done, the preseed (with its secrets) is kept for the next boot.
+    assert (card.root / PRESEED).exists() == (step != "remove-preseed")
+    # The next boot: the unit runs again (no stamp, or a preseed still there) and completes.
+    if (card.root / PRESEED).exists() or not done:
+        finished(card.boot())
+    assert not (card.root / PRESEED).exists() and (card.root / STAMP).exists()
+    assert card.login_accepts(LOGIN)
+    assert verifies(card.credentials()["hashed_password"], JUPYTER)
+    assert (card.root / "etc/hostname").read_text() == f"after-{step}\n"
+    keys = (card.root / "home/jupyter/.ssh/authorized_keys").read_text().splitlines()
+    assert len(keys) == 1, "a key applied twice is kept once"
+    assert not [p for p in card.root.rglob(".*.tmp")], "no temporary file is left"
+
+
+@pytest.mark.root
+def test_unattended_token_mode_shows_a_token_locally(card: Card) -> None:
+    card.settings(unattended="token", unattended_after=1)
+    child = card.boot()
+    child.expect("Nobody answered", timeout=30)
+    child.expect(r"Token: (\S+)")
+    token = child.match.group(1)
+    child.expect(r"one-time password (\S+) \(you must change it\)")
+    temporary = child.match.group(1)
+    finished(child)
+    assert card.credentials()["token"] == token
+    assert card.login_accepts(temporary)
+    lastchange = (card.root / "etc/shadow").read_text().split("jupyter:")[1].split(":")[1]
+    assert lastchange == "0", "the one-time password must be changed at first login"
+
+
+# jupyter-setup, later.
+
+
+@pytest.mark.root
+def test_rerun_rotates_the_token_and_keeps_the_passwords(card: Card) -> None:
+    card.preseed(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n")
+    finished(card.boot())
+    before = card.credentials()
+    child = card.wizard("--rotate-token")
+    child.expect(r"Token: (\S+)")
+    token = child.match.group(1)
+    finished(child)
+    after = card.credentials()
+    assert token == after["token"] != before["token"]
+    assert after["hashed_password"] == before["hashed_password"]
+    assert card.login_accepts(LOGIN)
+
+
+@pytest.mark.root
+def test_rerun_changes_only_what_is_answered(card: Card) -> None:
+    card.preseed(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n")
+    finished(card.boot())
+    before = card.credentials()
+    child = card.wizard()
+    child.expect_exact("Login password for jupyter (Enter keeps the current one): ")
+    child.sendline("")
+    child.expect_exact("Jupyter password (Enter keeps the current one): ")
+    child.sendline("a new jupyter password")
+    child.expect_exact("Jupyter password, again: ")
+    child.sendline("a new jupyter password")
+    child.expect_exact("Hostname [orangepipcplus]: ")
+    child.sendline("")
+    child.expect_exact("Time zone [Etc/UTC]: ")
+    child.sendline("")
+    child.expect_exact("Make a new Jupyter token? (the old one stops working) [y/N]: ")
+    child.sendline("")
+    finished(child)
+    after = card.credentials()
+    assert after["token"] == before["token"]
+    assert verifies(after["hashed_password"], "a new jupyter password")
+    assert card.login_accepts(LOGIN)
+
+
+@pytest.mark.root
+def test_rerun_interrupted_changes_nothing(card: Card) -> None:
+    card.preseed(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n")
+    finished(card.boot())
+    before = (card.root / CREDENTIALS).read_bytes(), card.shadow("jupyter")
+    child = card.wizard()
+    child.expect_exact("(Enter keeps the current one): ")
+    child.sendline("something new")
+    child.expect_exact("again: ")
+    child.sendintr()
+    child.expect("interrupted; nothing was changed")
+    finished(child, code=130)
+    assert ((card.root / CREDENTIALS).read_bytes(), card.shadow("jupyter")) == before
+
+
+# The parser and checks on their own.
+
+
+def test_preseed_parser_keeps_what_is_valid(tmp_path: Path) -> None:
+    answers, problems = parse_preseed(
+        "  # comment\n\nLOGIN_PASSWORD =  ' spaces kept '  \njupyter_password=a#b=c!d...\n"
+        "hostname = Board1\nssh_key = " + ssh_public_key() + "\nssh_key = ssh-rsa AAAA\n"
+        "jupyter_token = short\nwifi_key = 1234567\nhostname = twice\n",
+        Path("/"), Settings())
+    assert answers.login_password == " spaces kept "
+    assert answers.jupyter_password == "a#b=c!d..."
+    assert answers.hostname == "board1"
+    assert len(answers.ssh_keys) == 1
+    text = "\n".join(problems)
+    assert "line 7: 'ssh_key': 'ssh-rsa AAAA' is not an SSH public key line" in text
+    assert "line 8: 'jupyter_token': must be 'generate', 'none', or 16-256" in text
+    assert "line 9: 'wifi_key': must be 8-63 printable" in text
+    assert "1234567" not in text, "a secret value is never repeated back"
+    assert "line 10: 'hostname': given twice" in text
+    assert "wifi_key is given without wifi_ssid" in text
+
+
+def test_login_hashes_are_checked_by_libcrypt() -> None:
+    hashed = hash_login_password(LOGIN)
+    assert check_login_hash(hashed) == hashed
+    assert firstboot._crypt(LOGIN.encode(), hashed.encode()).decode() == hashed
+    for bad in ("$y$nothing", "plain-password", "$6$", "*"):
+        with pytest.raises(ValueError, match="is not a crypt"):
+            check_login_hash(bad)
+
+
+def test_ssh_key_with_the_wrong_type_in_front_is_refused() -> None:
+    key = ssh_public_key()
+    assert check_ssh_key(key) == key
+    with pytest.raises(ValueError):
+        check_ssh_key(key.replace("ssh-ed25519", "ssh-rsa", 1))
+    with pytest.raises(ValueError):
+        check_ssh_key(key[:40])
+
+
+def test_check_option_reports_the_problems(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.conf", tmp_path / "bad.conf"
+    good.write_text("hostname = lab\njupyter_token = generate\n")
+    bad.write_text("hostname = la b\n")
+    result = subprocess.run([sys.executable, str(WIZARD), "--check", str(good)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == ""
+    result = subprocess.run([sys.executable, str(WIZARD), "--check", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "line 1: 'hostname': 'la b' is not a host name" in \
+        result.stdout
