@@ -323,7 +323,8 @@ def _check_across_keys(config: Config, origin: Callable[[str], str]) -> None:
     """Rules that involve more than one key."""
     low, high = _COMPRESSION_LEVELS[config.image.compression]
     level = config.image.compression_level
-    if not low <= level <= high:
+    # With no compression the level means nothing: `--compress none` alone must work.
+    if config.image.compression != "none" and not low <= level <= high:
         raise BuildError(
             f"{origin('image.compression_level')}image.compression_level: {level!r} is out of "
             f"range for {config.image.compression} ({low}-{high})"

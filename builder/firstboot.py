@@ -667,10 +667,20 @@ def addresses() -> list[str]:
     return found
 
 
+def wait_for_addresses(system: System, seconds: float = 30) -> list[str]:
+    """At first boot the network may still be coming up (DHCP): wait a little for it."""
+    deadline = time.monotonic() + (seconds if system.live else 0)
+    while True:
+        found = addresses()
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(1)
+
+
 def urls(system: System, hostname: str, token: str | None) -> list[str]:
     s = system.settings
     query = f"?token={token}" if token else ""
-    hosts = [f"[{a}]" if ":" in a else a for a in addresses()]
+    hosts = [f"[{a}]" if ":" in a else a for a in wait_for_addresses(system)]
     if system.path("usr/sbin/avahi-daemon").exists():
         hosts.append(f"{hostname}.local")
     return [f"http://{host}:{s.port}{s.base_url}lab{query}" for host in hosts]

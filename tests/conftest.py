@@ -292,6 +292,16 @@ def make_base_image(rootfs: Path, work: Path, *, table: str = "dos", armbian: bo
         ssh = tree / "etc/ssh"
         ssh.mkdir(exist_ok=True)
         (ssh / "ssh_host_ed25519_key").write_text("a key every card would share\n")
+        (ssh / "sshd_config").write_text("Include /etc/ssh/sshd_config.d/*.conf\n"
+                                         "PermitRootLogin yes\nUsePAM yes\n")
+        # Armbian's root password, 1234 (replaced, not edited: the tree is hard-linked).
+        shadow = tree / "etc/shadow"
+        lines = shadow.read_text().splitlines()
+        shadow.unlink()
+        shadow.write_text("".join(
+            ("root:$y$j9T$armbian$RZ6dsJ4pWw0ObVBPnAeV3ppT3aOajBzVTTxqGZPqGh8:20000:0:99999:7:::"
+             if line.startswith("root:") else line) + "\n" for line in lines))
+        shadow.chmod(0o640)
         resolv = tree / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         resolv.symlink_to("../run/systemd/resolve/stub-resolv.conf")

@@ -1,14 +1,15 @@
 """The appliance: the built-in customize.d/ and overlays/ built on the Debian base for an armhf
-and an arm64 board, then inspected offline in a qemu chroot of the finished image: the stack
-imports, Jupyter runs and answers over HTTP, the unit is enabled and verifies, and nothing
-secret is in the image."""
+and an arm64 board (the armhf one with a --preseed), then inspected offline in a qemu chroot of
+the finished image: the stack imports, the units are enabled and verify, nothing secret is in
+the image, and after the first-boot wizard has run in it (from the preseed), Jupyter answers
+over HTTP to the password and the token it set."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -42,6 +43,10 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 BOARDS = {"armhf": "orangepipcplus", "arm64": "orangepizeroplus2-h5"}
 CACHE = TEST_CACHE / "build-cache"
 VENV = "/opt/jupyter"
+# What the armhf build's preseed sets: hashes only, so no plain password is in the image.
+LOGIN = "login pässword; 'quoted' $HOME"
+JUPYTER = "jupyter pässword \"$(true)\""
+TOKEN = "appliance-test-token-0123456789"
 STACK = ("numpy", "scipy", "pandas", "matplotlib", "sympy", "xlrd", "requests", "PIL", "geopy",
          "shapely", "pyproj", "geopandas", "osmnx")
 
@@ -93,10 +98,24 @@ class Builds:
                 # Four minutes of emulated imports that test_stack_imports_from_the_venv
                 # repeats on the finished image; the armhf build runs the check as shipped.
                 argv += ["--set", "packages.check_imports=[]"]
+            else:
+                argv += ["--preseed", str(self.preseed())]
             with open(log, "w") as stderr:
                 proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                         stdout=subprocess.PIPE, stderr=stderr)
             self.started[arch] = (proc, log)
+
+    def preseed(self) -> Path:
+        from jupyter_server.auth import passwd
+
+        from builder.firstboot import hash_login_password
+        path = self.work / "jupyter-firstboot.conf"
+        path.write_text(f"# hashes only: every card from this image would share them\n"
+                        f"login_password_hash = {hash_login_password(LOGIN)}\n"
+                        f"jupyter_password_hash = {passwd(JUPYTER)}\n"
+                        f"jupyter_token = {TOKEN}\nhostname = pcplus-lab\n"
+                        f"timezone = Europe/Berlin\n")
+        return path
 
     def result(self, arch: str) -> tuple[int, str]:
         proc, log = self.started[arch]
@@ -326,27 +345,97 @@ def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
     assert hashes.stdout == "", hashes.stdout
 
 
+def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
+    consoles = ["ttyS0", "ttyGS0", "tty1"] if image.appliance.arch == "arm64" else \
+        ["ttyS0", "tty1"]
+    units = [f"jupyter-firstboot@{console}.service" for console in consoles]
+    for unit in units:
+        assert image.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled", unit
+    verify = image.run("systemd-analyze", "verify", *units, check=False)
+    assert verify.returncode == 0 and "firstboot" not in verify.stdout + verify.stderr, verify
+    unit = (image.root / "etc/systemd/system/jupyter-firstboot@.service").read_text()
+    for line in ("StandardInput=tty", "TTYPath=/dev/%I", "TTYReset=yes", "TTYVHangup=yes",
+                 "Before=serial-getty@%i.service getty@%i.service jupyter.service",
+                 "ConditionPathExists=|!/var/lib/orangepi-jupyter/firstboot-done",
+                 "ConditionPathExists=|/boot/jupyter-firstboot.conf",
+                 "TimeoutStartSec=infinity"):
+        assert re.search(rf"^{re.escape(line)}$", unit, re.MULTILINE), line
+    assert not re.search(r"^ConditionFirstBoot", unit, re.MULTILINE), "never fires on Armbian"
+    jupyter = (image.root / "etc/systemd/system/jupyter.service").read_text()
+    assert "\nConditionPathExists=/var/lib/orangepi-jupyter/firstboot-done\n" in jupyter
+    settings = json.loads((image.root / "etc/orangepi-jupyter/firstboot.json").read_text())
+    assert settings["user"] == "jupyter" and settings["consoles"][0] == \
+        {"device": "ttyS0", "baud": 115200}
+    help_text = image.run("jupyter-setup", "--help").stdout
+    assert "--rotate-token" in help_text
+
+
+def test_no_way_in_before_first_boot(image: Image) -> None:
+    """Root locked with no password, no autologin anywhere, no root over SSH."""
+    shadow = (image.root / "etc/shadow").read_text()
+    assert re.search(r"^root:!\*:", shadow, re.MULTILINE)
+    assert not list((image.root / "etc/systemd/system").glob("*getty*.service.d"))
+    assert not (image.root / "root/.not_logged_in_yet").exists()
+    # sshd's effective settings need a host key and its run directory: both made in the
+    # session's /tmp and /run (tmpfs), never in the image.
+    image.run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/tmp/test-host-key")
+    image.run("mkdir", "-p", "/run/sshd")
+    sshd = image.run("/usr/sbin/sshd", "-T", "-h", "/tmp/test-host-key", check=False)
+    assert "permitrootlogin no" in sshd.stdout.lower(), sshd.stderr
+    assert not (image.root / "var/lib/orangepi-jupyter/firstboot-done").exists()
+    preseed = image.root / "boot/jupyter-firstboot.conf"
+    if image.appliance.arch == "armhf":
+        info = preseed.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
+        assert "_password =" not in preseed.read_text(), "hashes only"
+    else:
+        assert not preseed.exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def test_jupyter_refuses_strangers_and_admits_the_password(image: Image) -> None:
-    """What first boot will write, written here by hand: then jupyter.service's command,
-    on loopback, must refuse an API call without credentials and accept one after login."""
-    password = "test-only pässword 'with' $quotes"
-    # passwd reads no argv: give the password on stdin, never on a command line.
-    hashed = subprocess.run(["chroot", str(image.root), f"{VENV}/bin/python", "-c",
-                             "import sys; from jupyter_server.auth import passwd; "
-                             "print(passwd(sys.stdin.readline().rstrip('\\n')))"],
-                            input=password + "\n", env=image.chroot.env, capture_output=True,
-                            text=True, check=True, timeout=300)
-    assert hashed.stdout.startswith("argon2:")
+def first_boot(image: Image) -> None:
+    """What jupyter-firstboot@ttyS0 does at first boot, run in the image: from the build's
+    preseed on armhf (hashes; nobody at the console), with `jupyter-setup --preseed` and
+    plain passwords on arm64 (hashed by the image's own jupyter_server and libcrypt)."""
+    if image.appliance.arch == "armhf":
+        result = subprocess.run(
+            ["chroot", str(image.root), "python3", "/usr/lib/orangepi-jupyter/firstboot.py",
+             "--boot", "--console", "ttyS0"], stdin=subprocess.DEVNULL, env=image.chroot.env,
+            capture_output=True, text=True, timeout=600)
+    else:
+        preseed = image.root / "root/setup.conf"
+        preseed.write_text(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n"
+                           f"jupyter_token = {TOKEN}\nhostname = zero-lab\n")
+        result = image.run("jupyter-setup", "--preseed", "/root/setup.conf", check=False)
+        preseed.unlink()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Setup is complete" in result.stdout
+    assert "starts at the next boot (not started here" in result.stdout
+    assert not (image.root / "boot/jupyter-firstboot.conf").exists()
+    assert (image.root / "var/lib/orangepi-jupyter/firstboot-done").exists()
     credentials = image.root / "var/lib/jupyter/credentials.json"
-    credentials.write_text(json.dumps({"hashed_password": hashed.stdout.strip()}))
-    image.run("chown", "jupyter:jupyter", "/var/lib/jupyter/credentials.json")
-    credentials.chmod(0o600)
+    assert image.run("stat", "-c", "%U %a", "/var/lib/jupyter/credentials.json").stdout.split() \
+        == ["jupyter", "600"]
+    assert json.loads(credentials.read_text())["token"] == TOKEN
+    check = image.run("python3", "-c",
+                      "import sys; sys.path.insert(0, '/usr/lib/orangepi-jupyter'); "
+                      "import firstboot; h = open('/etc/shadow').read().split('jupyter:')[1]"
+                      ".split(':')[0]; print(firstboot._crypt(sys.argv[1].encode(), h.encode())"
+                      ".decode() == h)", LOGIN)
+    assert check.stdout.strip() == "True", "the login password is the preseed's"
+    hostname = {"armhf": "pcplus-lab", "arm64": "zero-lab"}[image.appliance.arch]
+    assert (image.root / "etc/hostname").read_text() == f"{hostname}\n"
+
+
+def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image) -> None:
+    """The wizard's credentials, then jupyter.service's command on loopback: a stranger is
+    refused, the password and the token get in, the default kernel is the stack's."""
+    first_boot(image)
     port = free_port()
     log = image.appliance.raw.parent / "jupyter.log"
     with open(log, "w") as output:
@@ -367,13 +456,17 @@ def test_jupyter_refuses_strangers_and_admits_the_password(image: Image) -> None
                 assert time.monotonic() < deadline, "Jupyter did not start in 300 s"
                 time.sleep(2)
         assert stranger.status_code == 403
+        assert requests.get(f"{base}/api/status", timeout=30,
+                            headers={"Authorization": f"token {TOKEN}"}).status_code == 200
+        assert requests.get(f"{base}/api/status", timeout=30,
+                            headers={"Authorization": "token wrong"}).status_code == 403
         with requests.Session() as browser:
             browser.get(f"{base}/login", timeout=30)
             xsrf = browser.cookies.get("_xsrf")
-            wrong = browser.post(f"{base}/login", data={"password": "nope", "_xsrf": xsrf},
+            wrong = browser.post(f"{base}/login", data={"password": LOGIN, "_xsrf": xsrf},
                                  allow_redirects=False, timeout=60)
-            assert wrong.status_code != 302
-            login = browser.post(f"{base}/login", data={"password": password, "_xsrf": xsrf},
+            assert wrong.status_code != 302, "the login password is not Jupyter's"
+            login = browser.post(f"{base}/login", data={"password": JUPYTER, "_xsrf": xsrf},
                                  allow_redirects=False, timeout=60)
             assert login.status_code == 302, login.text[:500]
             assert browser.get(f"{base}/api/status", timeout=30).status_code == 200
@@ -387,9 +480,6 @@ def test_jupyter_refuses_strangers_and_admits_the_password(image: Image) -> None
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-        credentials.unlink()
-        # What the server made at its start (cookie secret, jpserver-*.json) goes too.
-        shutil.rmtree(image.root / "home/jupyter/.local", ignore_errors=True)
 
 
 # The apt step alone, on the engine tests' small arm64 image: the failures a user's package

@@ -244,3 +244,47 @@ def test_progress_bars_on_a_terminal_and_plain_lines_in_a_log(armbian: FakeArmbi
     quiet = run_cli(*args[:-1], tmp_path / "third-cache", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout.strip().endswith(".img")
+
+
+# --preseed: checked by the wizard's own parser before anything is downloaded.
+
+
+def preseed_plan(tmp_path: Path, text: str | None, *extra: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "jupyter-firstboot.conf"
+    if text is not None:
+        path.write_text(text)
+    return run_cli("--board", "orangepipcplus", "--base", "debian", "--dry-run",
+                   "--cache-dir", tmp_path / "cache", "--preseed", path, *extra)
+
+
+def test_bad_preseed_stops_the_build_with_one_line(tmp_path: Path) -> None:
+    result = preseed_plan(tmp_path, "hostname = -x-\njupyter_token = short\n")
+    assert result.returncode == 1
+    assert error_line(result) == (
+        f"build-image: error: --preseed {tmp_path}/jupyter-firstboot.conf: line 1: "
+        f"'hostname': '-x-' is not a host name (letters, digits and '-', at most 63, not "
+        f"starting or ending with '-') (and 1 more): fix the file (README: \"Headless first "
+        f"boot\" lists the keys)")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.img"))
+
+
+def test_missing_preseed(tmp_path: Path) -> None:
+    result = preseed_plan(tmp_path, None)
+    assert result.returncode == 1
+    assert "jupyter-firstboot.conf: No such file or directory: give the path of an existing " \
+        "file" in error_line(result)
+
+
+def test_plain_passwords_in_a_preseed_are_warned_about(tmp_path: Path) -> None:
+    plain = preseed_plan(tmp_path, "login_password = a long password\n")
+    assert plain.returncode == 0, plain.stderr
+    assert "holds plain passwords: every card flashed from this image carries them" in \
+        plain.stderr
+    hashed = preseed_plan(tmp_path, "jupyter_token = generate\nhostname = lab\n")
+    assert hashed.returncode == 0 and "plain passwords" not in hashed.stderr
+
+
+def test_preseed_needs_the_builtin_wizard(tmp_path: Path) -> None:
+    result = preseed_plan(tmp_path, "hostname = lab\n", "--set", "customize.builtin=false")
+    assert result.returncode == 1
+    assert "the first-boot wizard is part of the built-in customize.d" in error_line(result)

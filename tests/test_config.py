@@ -59,6 +59,12 @@ BAD_OVERRIDES = [
     ("base.armbian_mirror=ftp://x", "--set base.armbian_mirror: 'ftp://x' is not an http(s) URL"),
     ("base.release=Trixie!", "--set base.release: 'Trixie!' is not a valid name"),
     ("download.timeout=0", "--set download.timeout: 0 must be greater than 0"),
+    ("firstboot.root_password=open", "--set firstboot.root_password: 'open' is not one of "
+                                     "locked, same"),
+    ("firstboot.min_password_length=4", "--set firstboot.min_password_length: 4 is too short"),
+    ("firstboot.unattended=open", "--set firstboot.unattended: 'open' is not one of wait, token"),
+    ("firstboot.preseed=http://x/p.conf", "--set firstboot.preseed: 'http://x/p.conf' is not a "
+                                          "local file path"),
     ("download.retries=-1", "--set download.retries: -1 must be 0 or more"),
     ("download.retries=many", "--set download.retries: 'many' is not a whole number of retries"),
     ("nothing=1", "--set nothing: unknown key (known: board, base, packages"),
@@ -76,6 +82,9 @@ def test_bad_override(override: str, message: str) -> None:
 
 
 GOOD_OVERRIDES = [
+    # The level is for compressors: the default one must not stop `--compress none`.
+    ("image.compression=none", lambda c: c.image.compression == "none"),
+    ("firstboot.unattended=token", lambda c: c.firstboot.unattended == "token"),
     ("jupyter.port=9000", lambda c: c.jupyter.port == 9000),
     ("jupyter.ip=::", lambda c: c.jupyter.ip == "::"),
     ("jupyter.base_url=/lab/", lambda c: c.jupyter.base_url == "/lab/"),

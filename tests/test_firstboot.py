@@ -562,3 +562,50 @@ def test_check_option_reports_the_problems(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 1 and "line 1: 'hostname': 'la b' is not a host name" in \
         result.stdout
+
+
+# Armbian's own first login, replaced at build time (customize.d/55-replace-armbian-firstlogin).
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path) -> None:
+    from conftest import debugfs, leftover_resources, make_base_image, root_partition, run_cli
+    base = make_base_image(debian_rootfs, tmp_path)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("50-install-firstboot.host", "55-replace-armbian-firstlogin.chroot"):
+        shutil.copy2(REPO / "customize.d" / name, scripts / name)
+    result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
+                     tmp_path / "cache", "--output", tmp_path / "out", "--compress", "none",
+                     "--set", "image.headroom=256MiB", "--set", "customize.builtin=false",
+                     "--customize", scripts, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert leftover_resources(tmp_path) == []
+    for line in ("removed /root/.not_logged_in_yet",
+                 "removed /etc/systemd/system/getty@.service.d/override.conf",
+                 "removed /etc/systemd/system/serial-getty@.service.d/override.conf",
+                 "root: locked until first boot", "sshd: PermitRootLogin no"):
+        assert line in result.stderr, line
+    image = next((tmp_path / "out").glob("*.img"))
+    part = root_partition(image, 4 << 20)
+
+    def read(path: str) -> str:
+        return debugfs(part, f"cat {path}").stdout
+
+    def exists(path: str) -> bool:
+        return "File not found" not in debugfs(part, f"stat {path}").stderr
+
+    assert not exists("/root/.not_logged_in_yet")
+    for unit in ("getty@.service.d", "serial-getty@.service.d"):
+        assert not exists(f"/etc/systemd/system/{unit}")
+    root_hash = next(line for line in read("/etc/shadow").splitlines()
+                     if line.startswith("root:")).split(":")[1]
+    assert root_hash == "!*", "Armbian's 1234 is gone, and nothing replaces it in the image"
+    sshd = read("/etc/ssh/sshd_config")
+    assert "\nPermitRootLogin yes" not in sshd and "# PermitRootLogin yes" in sshd
+    assert "PermitRootLogin no" in read("/etc/ssh/sshd_config.d/10-orangepi-jupyter.conf")
+    wizard = read("/usr/lib/orangepi-jupyter/firstboot.py")
+    assert wizard == (REPO / "builder/firstboot.py").read_text()
+    assert "/usr/lib/orangepi-jupyter/firstboot.py" in \
+        debugfs(part, "stat /usr/local/sbin/jupyter-setup").stdout
