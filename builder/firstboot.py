@@ -50,6 +50,7 @@ import subprocess
 import sys
 import termios
 import time
+import traceback
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -93,6 +94,10 @@ class AnswerTimeout(Exception):
     """Nobody answered in time."""
 
 
+class TooNoisy(Exception):
+    """Only noise came from the line, several times in a row."""
+
+
 # Settings, written into the image by the builder from its configuration.
 
 
@@ -129,8 +134,8 @@ class Settings:
 HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 TIMEZONE = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}")
 TOKEN = re.compile(r"[A-Za-z0-9_\-]{16,256}")
-ARGON2 = re.compile(r"argon2:\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+"
-                    r"\$[A-Za-z0-9+/]+")
+ARGON2 = re.compile(r"argon2:\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{11,}"
+                    r"\$[A-Za-z0-9+/]{22,}")
 SHA1 = re.compile(r"sha1:[0-9a-f]+:[0-9a-f]{40}")
 CRYPT = re.compile(r"\$[a-z0-9]{1,4}\$[./A-Za-z0-9$=,]+")
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
@@ -163,7 +168,7 @@ def check_timezone(value: str, root: Path) -> str:
         raise ValueError("is not a time zone name (e.g. Europe/Berlin, UTC)")
     if not zoneinfo.is_dir():
         raise ValueError("this image has no time zone data (tzdata): the time zone stays UTC")
-    if not (zoneinfo / zone).is_file():
+    if not (zoneinfo / zone).is_file() or (zoneinfo / zone).read_bytes()[:4] != b"TZif":
         raise ValueError("is not a known time zone (e.g. Europe/Berlin, America/New_York, "
                          "UTC)")
     return zone
@@ -188,9 +193,15 @@ def check_jupyter_hash(value: str) -> str:
 
 def check_login_hash(value: str) -> str:
     hashed = value.strip()
-    if not CRYPT.fullmatch(hashed) or _crypt(b"probe", hashed.encode())[:1] in (b"*", b""):
-        raise ValueError("is not a crypt(3) hash ($y$..., $6$..., as made by "
-                         "`mkpasswd` or `openssl passwd -6`)")
+    # libcrypt hashes a probe with the same method and salt: a whole hash gives a result of
+    # its own length and prefix; a truncated one (no hash part, a short one) does not.
+    probe = _crypt(b"probe", hashed.encode()).decode(errors="replace") if \
+        CRYPT.fullmatch(hashed) else ""
+    if not (probe and len(probe) == len(hashed) and "$" in hashed
+            and probe[:hashed.rindex("$")] == hashed[:hashed.rindex("$")]
+            and len(hashed) - hashed.rindex("$") > 20):
+        raise ValueError("is not a whole crypt(3) hash ($y$..., $6$..., as made by "
+                         "`mkpasswd -m yescrypt`)")
     return hashed
 
 
@@ -273,9 +284,10 @@ def hash_jupyter_password(password: str, python: str) -> str:
     code = ("import sys; from jupyter_server.auth import passwd; "
             "print(passwd(sys.stdin.readline().rstrip('\\n')))")
     try:
-        result = subprocess.run([python, "-c", code], input=password + "\n", text=True,
-                                capture_output=True, timeout=120,
-                                env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        # -I and cwd /: run from a notebook user's directory, nothing there gets imported.
+        result = subprocess.run([python, "-I", "-X", "utf8", "-c", code],
+                                input=password + "\n", text=True, capture_output=True,
+                                timeout=120, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SetupError(f"cannot run {python} to hash the Jupyter password: {exc}") from None
     if result.returncode != 0:
@@ -316,22 +328,40 @@ def unquote(value: str) -> str:
     return value
 
 
-def parse_preseed(text: str, root: Path, settings: Settings) -> tuple[Answers, list[str]]:
+def parse_preseed(data: str | bytes, root: Path,
+                  settings: Settings) -> tuple[Answers, list[str]]:
     """`key = value` lines; `#` starts a comment only at the beginning of a line, so a
-    password may contain it. Quotes around a value keep its leading or trailing spaces.
-    Returns what is valid and one line per problem; a bad value is left unanswered."""
+    password may contain it. Quotes around a value keep its leading or trailing spaces, and
+    are needed for a value with " #" in it (so a comment after a value is an error, not part
+    of a password). Bytes are read as UTF-8 (a BOM, as Windows editors write, is allowed).
+    Returns what is valid and one line per problem; a bad value is left unanswered, and a
+    secret is never repeated in a problem."""
     answers, problems = Answers(), []
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), 1):
+    if isinstance(data, str):
+        data = data.encode()
+    for number, raw_line in enumerate(data.split(b"\n"), 1):
+        try:
+            raw = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"line {number}: not UTF-8 text (save the file as UTF-8)")
+            continue
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.partition("=")
-        key, value = key.strip().lower(), unquote(value.strip())
-        where = f"line {number}: {key or raw.strip()!r}"
-        if not sep:
+        key = key.strip().lower()
+        where = f"line {number}: {key!r}" if key else f"line {number}"
+        if not sep or not key:
             problems.append(f"line {number}: not 'key = value'")
             continue
+        value = value.strip()
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+        if not quoted and re.search(r"\s#", value):
+            problems.append(f"{where}: a comment after a value is not allowed (put the comment "
+                            f"on its own line, or the value in quotes if ' #' belongs to it)")
+            continue
+        value = unquote(value)
         if key not in KEYS:
             problems.append(f"{where}: unknown key (known: {', '.join(KEYS)})")
             continue
@@ -443,8 +473,10 @@ def write_atomically(path: Path, data: bytes, mode: int,
     """Write, fsync, then rename over the old file and fsync the directory: after a power
     cut the file is either the old one or the new one, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    # A fresh name, created exclusively: the user can write to some of these directories
+    # (~/.ssh) and must not be able to plant a link or a FIFO there for us to write through.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         if owner:
             os.fchown(fd, *owner)
@@ -484,10 +516,15 @@ def _step_done(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def apply(system: System, answers: Answers, say: Callable[[str], None],
-          first_boot: bool) -> Outcome:
+ISSUE = "etc/issue.d/jupyter-setup.issue"
+
+
+def apply(system: System, answers: Answers, say: Callable[[str], None], first_boot: bool,
+          remove_preseed: bool = True, temporary_login: bool = False) -> Outcome:
     """Apply everything, the stamp last. On a first boot every answer must be there; later
-    (jupyter-setup, a new preseed) what is not answered stays as it is."""
+    (jupyter-setup, a new preseed) what is not answered stays as it is. With
+    `temporary_login` the login password must be changed at the first login, and it and the
+    token are shown before each console's login prompt until jupyter-setup runs again."""
     s = system.settings
     user = s.user
     uid, gid, home = system.account(user)
@@ -511,6 +548,8 @@ def apply(system: System, answers: Answers, say: Callable[[str], None],
 
     if answers.login_hash:
         system.chpasswd(user, answers.login_hash)
+        if temporary_login:
+            system.run("chage", "--lastday", "0", *_root_option(system), user)
         say(f"login password of {user}: set")
     _step_done("login-password")
     if answers.login_hash and s.root_password == "same":
@@ -541,11 +580,19 @@ def apply(system: System, answers: Answers, say: Callable[[str], None],
         credentials["token"] = token
     system.write(CREDENTIALS, json.dumps(credentials, indent=1), 0o600, (uid, gid))
     say("Jupyter password and token: saved")
+    # Made up on the card with nobody there: readable by root only (agetty shows it before
+    # the login prompt on the board's own consoles), gone when jupyter-setup runs again.
+    if temporary_login and answers.login_password:
+        system.write(ISSUE, f"Jupyter token: {token}\nOne-time login password of {user}: "
+                            f"{answers.login_password} (change it at the first login, then "
+                            f"run sudo jupyter-setup)\n\n", 0o600)
+    elif system.path(ISSUE).exists():
+        system.path(ISSUE).unlink()
     _step_done("jupyter-credentials")
     system.write(STAMP, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"), 0o644)
     _step_done("stamp")
     preseed = system.path(PRESEED)
-    if preseed.exists():
+    if remove_preseed and preseed.exists():
         preseed.unlink()
         sync_directory(preseed.parent)
         say(f"/{PRESEED}: applied and removed (it held secrets)")
@@ -597,10 +644,20 @@ def set_timezone(system: System, zone: str) -> None:
 def add_ssh_keys(system: System, keys: Sequence[str], owner: tuple[int, int],
                  home: str) -> int:
     ssh = system.path(home.lstrip("/")) / ".ssh"
-    ssh.mkdir(mode=0o700, exist_ok=True)
-    os.chown(ssh, *owner)
-    ssh.chmod(0o700)
     authorized = ssh / "authorized_keys"
+    # The home directory belongs to the user: a link there must not lead root's chown or
+    # write elsewhere (~/.ssh -> /etc).
+    for path in (ssh, authorized):
+        if path.is_symlink():
+            raise SetupError(f"{path} is a symbolic link: not following it (remove it, then "
+                             f"run sudo jupyter-setup again)")
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(ssh, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     existing = authorized.read_text().splitlines() if authorized.exists() else []
     new = [key for key in keys if key not in existing]
     write_atomically(authorized, "".join(f"{line}\n" for line in [*existing, *new]).encode(),
@@ -620,16 +677,25 @@ def set_wifi(system: System, ssid: str, key: str | None) -> str:
             subprocess.run(["netplan", "apply"], capture_output=True, timeout=120, check=False)
         return f"Wi-Fi {ssid}: configured (netplan)"
     if system.path("usr/sbin/NetworkManager").exists():
-        security = (f"\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={key}\n" if key else "")
+        security = (f"\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={_keyfile(key)}\n" if key
+                    else "")
         system.write(f"etc/NetworkManager/system-connections/{name}.nmconnection",
-                     f"[connection]\nid={ssid}\ntype=wifi\nautoconnect=true\n\n"
-                     f"[wifi]\nmode=infrastructure\nssid={ssid}\n{security}\n"
+                     f"[connection]\nid={_keyfile(ssid)}\ntype=wifi\nautoconnect=true\n\n"
+                     f"[wifi]\nmode=infrastructure\nssid={_keyfile(ssid)}\n{security}\n"
                      f"[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n", 0o600)
         if system.live:
             subprocess.run(["nmcli", "connection", "reload"], capture_output=True, timeout=60,
                            check=False)
         return f"Wi-Fi {ssid}: configured (NetworkManager)"
     return f"Wi-Fi {ssid}: NOT configured: this image has neither netplan nor NetworkManager"
+
+
+def _keyfile(value: str) -> str:
+    """A value as NetworkManager's keyfile (GKeyFile) reads it back unchanged."""
+    escaped = value.replace("\\", "\\\\")
+    if escaped.startswith(" "):
+        escaped = "\\s" + escaped[1:]
+    return escaped
 
 
 def start_jupyter(system: System, boot: bool) -> str:
@@ -686,9 +752,10 @@ def urls(system: System, hostname: str, token: str | None) -> list[str]:
     return [f"http://{host}:{s.port}{s.base_url}lab{query}" for host in hosts]
 
 
-def result_text(system: System, outcome: Outcome, with_token: bool) -> str:
+def result_text(system: System, outcome: Outcome, found: list[str], with_token: bool) -> str:
     s = system.settings
-    shown = urls(system, outcome.hostname, outcome.token if with_token else None)
+    query = f"?token={outcome.token}" if outcome.token else ""
+    shown = [url if with_token else url.removesuffix(query) for url in found]
     lines = ["", "Setup is complete.", ""]
     if shown:
         lines += ["Open Jupyter in a browser on the same network:"] + [f"    {u}" for u in shown]
@@ -700,7 +767,7 @@ def result_text(system: System, outcome: Outcome, with_token: bool) -> str:
         lines.append(f"Token: {outcome.token}   (or log in with the Jupyter password)")
     elif outcome.token:
         lines.append("The token is shown on the console where setup ran.")
-    if outcome.temporary_login_password:
+    if outcome.temporary_login_password and with_token:
         lines.append(f"Log in here as {s.user} with the one-time password "
                      f"{outcome.temporary_login_password} (you must change it), then run "
                      f"`sudo jupyter-setup` to set your own passwords.")
@@ -719,6 +786,7 @@ class Console:
     def __init__(self, fd_in: int, fd_out: int, name: str) -> None:
         self.fd_in, self.fd_out, self.name = fd_in, fd_out, name
         self._buffer = b""
+        self._after_cr = False        # a line ended with CR: an LF right after it is its end
         self.is_tty = os.isatty(fd_in)
 
     def say(self, text: str = "", end: str = "\n") -> None:
@@ -752,12 +820,18 @@ class Console:
     def _read_raw(self, timeout: float | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for end in (b"\n", b"\r"):
-                if end in self._buffer:
-                    line, _, self._buffer = self._buffer.partition(end)
-                    if end == b"\r" and self._buffer.startswith(b"\n"):
-                        self._buffer = self._buffer[1:]
-                    return line
+            # Terminals end lines with CR (picocom, screen), LF or CR LF (pyserial's
+            # miniterm); the LF of a CR LF may come in a later read than its CR.
+            if self._after_cr and self._buffer:
+                self._buffer = self._buffer.removeprefix(b"\n")
+                self._after_cr = False
+            ends = [i for i in (self._buffer.find(b"\n"), self._buffer.find(b"\r")) if i >= 0]
+            if ends:
+                cut = min(ends)
+                line, end = self._buffer[:cut], self._buffer[cut:cut + 1]
+                self._buffer = self._buffer[cut + 1:]
+                self._after_cr = end == b"\r"
+                return line
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise AnswerTimeout
@@ -779,6 +853,7 @@ class Console:
 
     def discard_input(self) -> None:
         self._buffer = b""
+        self._after_cr = False
         if self.is_tty:
             with contextlib.suppress(termios.error):
                 termios.tcflush(self.fd_in, termios.TCIFLUSH)
@@ -796,11 +871,15 @@ class Wizard:
             hidden: bool = False) -> str | None:
         """Ask until the answer passes `check`; Enter gives `default` (None: keep)."""
         shown = f" [{default}]" if default else ""
+        noise = 0
         while True:
             self.console.say(f"{prompt}{shown}: ", end="")
             try:
                 answer = self.console.read_line(self.timeout, hidden=hidden)
             except Garbage:
+                noise += 1
+                if noise >= NOISE_LIMIT:
+                    raise TooNoisy from None
                 self.console.say("\n  unreadable input ignored (is the terminal set to the "
                                  "right baud rate?)")
                 self.console.discard_input()
@@ -940,8 +1019,10 @@ def quiet_kernel(system: System) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             printk.write_text(saved.read_text())
+        # Status lines on again, unless the kernel command line asked for a quiet boot.
         with contextlib.suppress(OSError):
-            os.kill(1, signal.SIGRTMIN + 20)
+            if "quiet" not in Path("/proc/cmdline").read_text().split():
+                os.kill(1, signal.SIGRTMIN + 20)
 
 
 def banner(system: System) -> str:
@@ -954,9 +1035,12 @@ def banner(system: System) -> str:
 
 def boot(system: System, console: Console) -> int:
     """The wizard on one console at first boot; returns once setup is complete (here or on
-    another console)."""
-    # A getty hanging up the line, or a cable unplugged, must not end setup.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    another console). It never fails: the getty waits for it, and one that started in its
+    place would fight the wizard of a restarted unit for the line."""
+    # A getty hanging up the line or a cable unplugged must not end setup, and noise on a
+    # floating line must not stop it (Ctrl-\) or freeze its output (Ctrl-S).
+    for name in ("SIGHUP", "SIGQUIT", "SIGTSTP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     shared = Coordination(system, console.name)
     started = time.monotonic()
     with quiet_kernel(system):
@@ -967,7 +1051,11 @@ def boot(system: System, console: Console) -> int:
         if problems:
             console.say("The preseed's other answers are kept; setup asks for the rest.")
         if preseed is not None and _complete(preseed, system) and shared.claim():
-            return _finish(system, console, shared, preseed, announce=True)
+            if shared.result() is None:
+                code = _finish(system, console, shared, preseed, announce=True)
+                if code is not None:
+                    return code
+            shared.release()
         prompted = False
         while True:
             try:
@@ -978,6 +1066,12 @@ def boot(system: System, console: Console) -> int:
                 code, prompted = None, False
                 console.discard_input()
                 console.say()
+            except Exception as exc:   # a bug must not leave the card with no way in
+                traceback.print_exc()      # to the journal (StandardError=journal)
+                shared.release()
+                console.say(f"\nSetup hit an error ({exc}); starting again.")
+                code, prompted = None, False
+                time.sleep(2)
             if code is not None:
                 return code
 
@@ -995,9 +1089,9 @@ def _wait_for_someone(system: System, console: Console, shared: Coordination,
         console.say("Press Enter to begin setup on this console. ", end="")
     s = system.settings
     if (s.unattended == "token" and time.monotonic() - started > s.unattended_after
-            and shared.claim()):
+            and _claim_unfinished(system, shared)):
         console.say("\nNobody answered: Jupyter gets a token, shown on the consoles.")
-        return _unattended(system, console, shared), True
+        return _unattended(system, console, shared, preseed or Answers()), False
     try:
         line = console.read_line(1.0)
     except AnswerTimeout:
@@ -1012,22 +1106,32 @@ def _wait_for_someone(system: System, console: Console, shared: Coordination,
     if line.strip():
         console.say("Press Enter (nothing else) to begin setup. ", end="")
         return None, True
-    if not shared.claim():
-        _watch(console, shared)
+    if not _claim_unfinished(system, shared):
+        if shared.result() is None:
+            _watch(console, shared)
         return None, False
     return _session(system, console, shared, preseed or Answers()), False
+
+
+def _claim_unfinished(system: System, shared: Coordination) -> bool:
+    """Own the session, unless another console has just finished setup."""
+    if not shared.claim():
+        return False
+    if shared.result() is not None:
+        shared.release()
+        return False
+    return True
 
 
 def _read_preseed(system: System) -> tuple[Answers | None, list[str]]:
     path = system.path(PRESEED)
     try:
-        text = path.read_text(errors="replace")
+        data = path.read_bytes()
     except FileNotFoundError:
         return None, []
     except OSError as exc:
         return None, [f"cannot be read: {exc.strerror}"]
-    answers, problems = parse_preseed(text, system.root, system.settings)
-    return answers, problems
+    return parse_preseed(data, system.root, system.settings)
 
 
 def _complete(answers: Answers, system: System) -> bool:
@@ -1046,15 +1150,21 @@ def _watch(console: Console, shared: Coordination) -> None:
             return
         if shared.claim():
             shared.release()
-            console.say("Setup on the other console stopped without finishing.")
+            if shared.result() is None:
+                console.say("Setup on the other console stopped without finishing.")
             return
         time.sleep(1)
+
+
+# Lines of noise in a row that end a session: a floating UART keeps sending them, and a
+# session it started must not hold the other consoles off for ever.
+NOISE_LIMIT = 5
 
 
 def _session(system: System, console: Console, shared: Coordination,
              preseed: Answers) -> int | None:
     """Questions and setup on the console that owns the session. None: the session ended
-    without setting anything (timeout, EOF, Ctrl-C handled); back to the banner."""
+    without finishing (timeout, EOF, noise, a failure); back to the banner."""
     wizard = Wizard(system, console, first_boot=not system.done())
     try:
         while True:
@@ -1069,6 +1179,10 @@ def _session(system: System, console: Console, shared: Coordination,
                     f"changed.")
         shared.release()
         return None
+    except TooNoisy:
+        console.say("\nOnly noise on this line: setup stopped, nothing was changed.")
+        shared.release()
+        return None
     except EOFError:
         console.say("\nThe console closed: setup stopped, nothing was changed.")
         shared.release()
@@ -1078,48 +1192,47 @@ def _session(system: System, console: Console, shared: Coordination,
 
 
 def _finish(system: System, console: Console, shared: Coordination, answers: Answers,
-            announce: bool) -> int:
-    if announce:
-        console.say(f"Applying /{PRESEED}...")
-    # From here on an interrupt would leave setup half-done: it is ignored until the end.
+            announce: bool, temporary_login: bool = False) -> int | None:
+    """Apply, start Jupyter, show the result here and to the other consoles. Ctrl-C is
+    ignored from the first change to the last line shown: the token must reach the screen,
+    and the lock must be released."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        outcome = apply(system, answers, console.say, first_boot=not system.done())
-        console.say(start_jupyter(system, boot=True))
-        _step_done("start-jupyter")
-    except SetupError as exc:
-        console.say(f"\nSetup failed: {exc}\nNothing is marked done; it runs again at the next "
-                    f"boot.")
+        if announce:
+            console.say(f"Applying /{PRESEED}...")
+        try:
+            outcome = apply(system, answers, console.say, first_boot=not system.done(),
+                            temporary_login=temporary_login)
+            console.say(start_jupyter(system, boot=True))
+            _step_done("start-jupyter")
+        except SetupError as exc:
+            done = system.done()
+            console.say(f"\nSetup failed: {exc}\n" + (
+                "Setup itself is complete; see the journal (journalctl -b)." if done else
+                "Nothing is marked done: answer the questions again."))
+            shared.release()
+            return EXIT_OK if done else None
+        if temporary_login:
+            outcome.temporary_login_password = answers.login_password
+        console.say("Looking for the board's network addresses...")
+        found = urls(system, outcome.hostname, outcome.token)
+        shared.publish(result_text(system, outcome, found, with_token=temporary_login))
+        console.say(result_text(system, outcome, found, with_token=True))
         shared.release()
-        return EXIT_FAILED
+        return EXIT_OK
     finally:
         signal.signal(signal.SIGINT, previous)
-    shared.publish(result_text(system, outcome, with_token=False))
-    console.say(result_text(system, outcome, with_token=True))
-    shared.release()
-    return EXIT_OK
 
 
-def _unattended(system: System, console: Console, shared: Coordination) -> int:
+def _unattended(system: System, console: Console, shared: Coordination,
+                preseed: Answers) -> int | None:
     """Nobody came: a token for Jupyter and a one-time login password, shown only on the
-    board's own consoles; the Jupyter password is random and never shown."""
-    temporary = secrets.token_urlsafe(9)
-    answers = Answers(login_password=temporary,
-                      jupyter_password=secrets.token_urlsafe(24), token="generate")
-    try:
-        outcome = apply(system, answers, console.say, first_boot=True)
-        system.run("chage", "--lastday", "0", *_root_option(system), system.settings.user)
-        console.say(start_jupyter(system, boot=True))
-    except SetupError as exc:
-        console.say(f"\nSetup failed: {exc}")
-        shared.release()
-        return EXIT_FAILED
-    outcome.temporary_login_password = temporary
-    text = result_text(system, outcome, with_token=True)
-    shared.publish(text)
-    console.say(text)
-    shared.release()
-    return EXIT_OK
+    board's own consoles (and before their login prompts); the Jupyter password is random
+    and never shown. What a partial preseed says (SSH key, Wi-Fi, hostname) is applied."""
+    answers = replace(preseed, ssh_keys=list(preseed.ssh_keys), token="generate",
+                      login_hash=None, login_password=secrets.token_urlsafe(9),
+                      jupyter_hash=None, jupyter_password=secrets.token_urlsafe(24))
+    return _finish(system, console, shared, answers, announce=False, temporary_login=True)
 
 
 def _root_option(system: System) -> list[str]:
@@ -1133,11 +1246,11 @@ def rerun(system: System, console: Console, preseed_file: Path | None,
           rotate_token: bool) -> int:
     if preseed_file is not None:
         try:
-            text = preseed_file.read_text()
+            data = preseed_file.read_bytes()
         except OSError as exc:
             console.say(f"jupyter-setup: {preseed_file}: {exc.strerror}")
             return EXIT_FAILED
-        answers, problems = parse_preseed(text, system.root, system.settings)
+        answers, problems = parse_preseed(data, system.root, system.settings)
         if problems:
             for problem in problems:
                 console.say(f"jupyter-setup: {preseed_file}: {problem}")
@@ -1161,14 +1274,17 @@ def rerun(system: System, console: Console, preseed_file: Path | None,
             return EXIT_INTERRUPTED
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        outcome = apply(system, answers, console.say, first_boot=not system.done())
+        # Only the file it was given is "the preseed" here; /boot's stays for the next boot.
+        outcome = apply(system, answers, console.say, first_boot=not system.done(),
+                        remove_preseed=False)
         console.say(start_jupyter(system, boot=False))
+        found = urls(system, outcome.hostname, outcome.token)
+        console.say(result_text(system, outcome, found, with_token=True))
     except SetupError as exc:
         console.say(f"jupyter-setup: {exc}")
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGINT, previous)
-    console.say(result_text(system, outcome, with_token=True))
     return EXIT_OK
 
 
@@ -1189,10 +1305,14 @@ def configure_line(fd: int, baud: int | None) -> None:
     if not os.isatty(fd):
         return
     attrs = termios.tcgetattr(fd)
-    attrs[0] |= termios.ICRNL | termios.IXON
-    attrs[0] &= ~(termios.INLCR | termios.IGNCR)
+    # CR stays CR and ends a line by itself (VEOL), so CR LF is one line end, not two.
+    # No XON/XOFF: a stray Ctrl-S from a floating line would freeze our output.
+    attrs[0] &= ~(termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
     attrs[1] |= termios.OPOST | termios.ONLCR
     attrs[3] |= termios.ICANON | termios.ECHO | termios.ECHOE | termios.ISIG
+    attrs[6][termios.VEOL] = b"\r"
+    # Only Ctrl-C signals: no quit (Ctrl-\) or suspend (Ctrl-Z) from noise.
+    attrs[6][termios.VQUIT] = attrs[6][termios.VSUSP] = b"\x00"
     speed = getattr(termios, f"B{baud}", None) if baud else None
     if speed is not None:
         attrs[4] = attrs[5] = speed
@@ -1223,7 +1343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(0, 1, args.console or _tty_name())
     if args.check:
         try:
-            _, problems = parse_preseed(args.check.read_text(), system.root, system.settings)
+            _, problems = parse_preseed(args.check.read_bytes(), system.root, system.settings)
         except OSError as exc:
             console.say(f"jupyter-setup: {args.check}: {exc.strerror}")
             return EXIT_FAILED

@@ -171,12 +171,12 @@ def check_preseed(cfg: Config) -> None:
         raise BuildError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
                          f"drop --preseed or customize.builtin=false")
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise BuildError(f"{flag}: {exc.strerror}: give the path of an existing file") from None
     settings = firstboot.Settings(min_password_length=cfg.firstboot.min_password_length)
     # Time zone names are checked against the host's tzdata: the same names as the image's.
-    answers, problems = firstboot.parse_preseed(text, Path("/"), settings)
+    answers, problems = firstboot.parse_preseed(data, Path("/"), settings)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BuildError(f"{flag}: {problems[0]}{more}: fix the file (README: \"Headless "
@@ -185,6 +185,9 @@ def check_preseed(cfg: Config) -> None:
         log.warn(f"{flag} holds plain passwords: every card flashed from this image carries "
                  f"them until its first boot; login_password_hash and jupyter_password_hash "
                  f"keep them out of the image")
+    if answers.token not in (None, "generate", "none"):
+        log.warn(f"{flag} sets a fixed jupyter_token: every card flashed from this image "
+                 f"will accept it; 'generate' makes one per card")
 
 
 def _user_dir(value: str) -> Path:
