@@ -459,9 +459,13 @@ class System:
         if result.returncode != 0:
             raise SetupError(f"{' '.join(argv[:2])} failed: {result.stderr.strip()}")
 
+    def shadow_root(self) -> list[str]:
+        """--root for the shadow tools (chpasswd, chage) when the card is not "/"."""
+        root = self.root.resolve()
+        return [] if root == Path("/") else ["--root", str(root)]
+
     def chpasswd(self, user: str, hashed: str) -> None:
-        root = [] if self.root.resolve() == Path("/") else ["--root", str(self.root.resolve())]
-        self.run("chpasswd", "--encrypted", *root, stdin=f"{user}:{hashed}\n")
+        self.run("chpasswd", "--encrypted", *self.shadow_root(), stdin=f"{user}:{hashed}\n")
 
     def write(self, relative: str, data: str, mode: int = 0o644,
               owner: tuple[int, int] | None = None) -> None:
@@ -549,7 +553,7 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
     if answers.login_hash:
         system.chpasswd(user, answers.login_hash)
         if temporary_login:
-            system.run("chage", "--lastday", "0", *_root_option(system), user)
+            system.run("chage", "--lastday", "0", *system.shadow_root(), user)
         say(f"login password of {user}: set")
     _step_done("login-password")
     if answers.login_hash and s.root_password == "same":
@@ -1233,10 +1237,6 @@ def _unattended(system: System, console: Console, shared: Coordination,
                       login_hash=None, login_password=secrets.token_urlsafe(9),
                       jupyter_hash=None, jupyter_password=secrets.token_urlsafe(24))
     return _finish(system, console, shared, answers, announce=False, temporary_login=True)
-
-
-def _root_option(system: System) -> list[str]:
-    return [] if system.root.resolve() == Path("/") else ["--root", str(system.root.resolve())]
 
 
 # jupyter-setup after first boot.
