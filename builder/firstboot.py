@@ -813,6 +813,10 @@ class Console:
             if saved is not None:
                 termios.tcsetattr(self.fd_in, termios.TCSANOW, saved)
                 self.say()
+        if saved is None and self._after_cr and self.is_tty:
+            # The terminal's CR was echoed as a bare carriage return (no ECHOCTL "^M"):
+            # the next line must not overwrite the answer.
+            self.say()
         try:
             text = raw.decode()
         except UnicodeDecodeError:
@@ -1310,6 +1314,8 @@ def configure_line(fd: int, baud: int | None) -> None:
     attrs[0] &= ~(termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
     attrs[1] |= termios.OPOST | termios.ONLCR
     attrs[3] |= termios.ICANON | termios.ECHO | termios.ECHOE | termios.ISIG
+    # Enter (CR) would echo as "^M" after every answer.
+    attrs[3] &= ~termios.ECHOCTL
     attrs[6][termios.VEOL] = b"\r"
     # Only Ctrl-C signals: no quit (Ctrl-\) or suspend (Ctrl-Z) from noise.
     attrs[6][termios.VQUIT] = attrs[6][termios.VSUSP] = b"\x00"

@@ -629,13 +629,17 @@ def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path) ->
 @pytest.mark.root
 @pytest.mark.parametrize("end", ["\r", "\r\n"], ids=["CR", "CRLF"])
 def test_terminals_that_end_lines_with_cr(card: Card, end: str) -> None:
-    """picocom and screen send CR for Enter, pyserial's miniterm CR LF: one line end each."""
+    """picocom and screen send CR for Enter, pyserial's miniterm CR LF: one line end each.
+    The echo of Enter is a line end, not "^M", and no prompt overwrites the answer before."""
     child = card.boot()
     child.expect("Press Enter to begin setup")
     child.send(end)
     for prompt, answer in (*PASSWORDS, ("Hostname [orangepipcplus]: ", "crlf-board"),
                            ("Time zone [Etc/UTC]: ", "")):
         child.expect_exact(prompt)
+        assert "^M" not in child.before
+        if prompt.startswith("Time zone"):
+            assert re.search(r"^crlf-board\r*\n", child.before), child.before
         child.send(answer + end)
     finished(child)
     assert card.login_accepts(LOGIN)
