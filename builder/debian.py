@@ -48,6 +48,10 @@ class DebianBoard:
     modules: tuple[str, ...] = ("sunxi-mmc", "mmc_block", "ext4")
 
 
+# arm64 boards are tried on QEMU's virt machine (try-image), whose disk is virtio: with its
+# driver in the initrd (30 KiB) the image a board boots is the image QEMU boots.
+ARM64_MODULES = ("sunxi-mmc", "mmc_block", "ext4", "virtio_blk")
+
 BOARDS: dict[str, DebianBoard] = {
     "orangepizero": DebianBoard("orangepi_zero", "sun8i-h2-plus-orangepi-zero.dtb",
                                 "linux-image-armmp"),
@@ -57,10 +61,10 @@ BOARDS: dict[str, DebianBoard] = {
                                 "linux-image-armmp"),
     "orangepioneplus": DebianBoard("orangepi_one_plus",
                                    "allwinner/sun50i-h6-orangepi-one-plus.dtb",
-                                   "linux-image-arm64"),
+                                   "linux-image-arm64", ARM64_MODULES),
     "orangepizeroplus2-h5": DebianBoard("orangepi_zero_plus2",
                                         "allwinner/sun50i-h5-orangepi-zero-plus2.dtb",
-                                        "linux-image-arm64"),
+                                        "linux-image-arm64", ARM64_MODULES),
 }
 
 # What a bootable, networked, apt-able system needs beyond debootstrap's minbase.
