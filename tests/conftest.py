@@ -24,6 +24,7 @@ from mirror import Mirror
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO.parent / "shared" / "data" / "armbian-images.json"
 BUILD_IMAGE = [sys.executable, "-m", "builder"]
+TRY_IMAGE = [sys.executable, "-m", "builder.tryimage"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

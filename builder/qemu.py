@@ -1,0 +1,437 @@
+"""Booting an image in QEMU: the machine for a board, the trial disk, the QEMU process.
+
+The image a user flashes is never booted itself. try-image boots a trial disk made from it in a
+work directory it removes afterwards: the image decompressed (or, for a raw .img, copied
+sparsely, sharing blocks where the filesystem can reflink), with the few changes emulation
+needs written into it with debugfs, without mounting anything (so try-image needs no root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log
+from builder.boards import Board
+from builder.errors import BuildError
+from builder.fetch import COMPRESSIONS, image_suffix
+from builder.image import Partition, Table, copy_sparse
+from builder.run import run, spawn
+
+# Where U-Boot's SPL sits on an Allwinner card, and the magic of its boot header.
+ALLWINNER_SPL_OFFSET = 8 << 10
+ALLWINNER_MAGIC = b"eGON.BT0"
+# Written into the trial disk only. Emulated userspace is 5-20 times slower than a board: udev's
+# coldplug can take minutes, and systemd gives a device (the serial console the getty and the
+# wizard wait for) 90 s by default before failing what needs it.
+SLOW_MACHINE_CONF = ("# try-image: emulation is slow; never in an image for a board\n"
+                     "[Manager]\nDefaultDeviceTimeoutSec=900s\nDefaultTimeoutStartSec=900s\n")
+SLOW_MACHINE_PATH = "/etc/systemd/system.conf.d/90-try-image-slow-machine.conf"
+PRESEED_PATH = "/boot/jupyter-firstboot.conf"
+FIRSTBOOT_UNIT = "/etc/systemd/system/jupyter-firstboot@.service"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """How QEMU runs a board."""
+
+    name: str               # "orangepi-pc" or "virt"
+    qemu: str               # the QEMU binary
+    console: str            # the guest's serial console device
+    memory_mib: int
+
+    @property
+    def boots_uboot(self) -> bool:
+        return self.name == "orangepi-pc"
+
+
+def machine_for(board: Board, memory_mib: int | None) -> Machine:
+    """QEMU emulates the Orange Pi PC (Allwinner H3) itself: H3 and H2+ boards boot their
+    own U-Boot there. For arm64 boards QEMU has no Allwinner or Rockchip machine: the generic
+    `virt` machine boots the image's kernel and root filesystem."""
+    if board.arch == "armhf" and board.soc in ("Allwinner H3", "Allwinner H2+"):
+        # The Orange Pi PC has 1 GiB, and QEMU emulates exactly that board.
+        return Machine("orangepi-pc", "qemu-system-arm", "ttyS0", 1024)
+    if board.arch == "arm64":
+        return Machine("virt", "qemu-system-aarch64", "ttyAMA0",
+                       memory_mib or max(board.ram_mib, 1024))
+    raise BuildError(f"try-image boots Allwinner H3/H2+ boards (on QEMU's orangepi-pc) and arm64 "
+                     f"boards (on QEMU's virt machine); {board.id} ({board.soc}, {board.arch}) "
+                     f"is neither: test it on the board")
+
+
+def require_qemu(machine: Machine) -> None:
+    if shutil.which(machine.qemu) is None:
+        raise BuildError(f"{machine.qemu} not found: install it with: apt-get install "
+                         f"qemu-system-arm (it provides qemu-system-arm and qemu-system-aarch64)")
+
+
+# The root filesystem, read and written without mounting it.
+
+
+class Ext4:
+    """An ext4 filesystem inside a disk image file, through debugfs's offset= syntax."""
+
+    def __init__(self, disk: Path, partition: Partition) -> None:
+        self.disk = disk
+        self.partition = partition
+        self.spec = f"{disk}?offset={partition.start}"
+
+    def _debugfs(self, command: str, *, write: bool = False) -> subprocess.CompletedProcess[bytes]:
+        argv = ["debugfs", *(["-w"] if write else []), "-R", command, self.spec]
+        return run(argv, capture=True, check=False)
+
+    def read(self, path: str) -> bytes | None:
+        proc = self._debugfs(f"cat {path}")
+        # debugfs prints its errors on stderr and exits 0: an absent file is empty stdout plus
+        # "File not found by ext2_lookup" on stderr.
+        if b"not found" in proc.stderr or proc.returncode != 0:
+            return None
+        return proc.stdout
+
+    def exists(self, path: str) -> bool:
+        return b"Inode:" in self._debugfs(f"stat {path}").stdout
+
+    def listdir(self, path: str) -> list[str]:
+        proc = self._debugfs(f"ls -p {path}")
+        # -p: /inode/mode/uid/gid/name/size/ per entry.
+        names = [line.split("/")[5] for line in proc.stdout.decode(errors="replace").splitlines()
+                 if line.count("/") >= 6]
+        return [n for n in names if n not in (".", "..")]
+
+    def dump(self, path: str, target: Path) -> None:
+        proc = self._debugfs(f"dump {path} {target}")
+        if not target.exists() or b"not found" in proc.stderr:
+            raise BuildError(f"{path} could not be read from {self.disk}")
+
+    def write(self, path: str, data: bytes, mode: int, work: Path) -> None:
+        """Create or replace a file (owned by root)."""
+        self.makedirs(os.path.dirname(path))
+        source = work / "debugfs-write.tmp"
+        source.write_bytes(data)
+        try:
+            self._debugfs(f"rm {path}", write=True)
+            proc = self._debugfs(f"write {source} {path}", write=True)
+        finally:
+            source.unlink()
+        self._debugfs(f"sif {path} mode 0{0o100000 | mode:o}", write=True)
+        self._debugfs(f"sif {path} uid 0", write=True)
+        self._debugfs(f"sif {path} gid 0", write=True)
+        if self.read(path) != data:
+            raise BuildError(f"could not write {path} into {self.disk}: "
+                             f"{proc.stderr.decode(errors='replace').strip()}")
+
+    def makedirs(self, path: str) -> None:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(1, len(parts) + 1):
+            directory = "/" + "/".join(parts[:depth])
+            if not self.exists(directory):
+                self._debugfs(f"mkdir {directory}", write=True)
+
+    def symlink(self, path: str, target: str) -> None:
+        self.makedirs(os.path.dirname(path))
+        self._debugfs(f"symlink {path} {target}", write=True)
+        if not self.exists(path):
+            raise BuildError(f"could not create the link {path} in {self.disk}")
+
+    def remove(self, path: str) -> None:
+        self._debugfs(f"rm {path}", write=True)
+
+    def block_count(self) -> tuple[int, int]:
+        """(block size, blocks): the filesystem's size as made."""
+        proc = run(["dumpe2fs", "-h", self.spec], capture=True, check=False)
+        text = proc.stdout.decode(errors="replace")
+        size = re.search(r"^Block size:\s+(\d+)", text, re.M)
+        count = re.search(r"^Block count:\s+(\d+)", text, re.M)
+        if not size or not count:
+            raise BuildError(f"dumpe2fs could not read the root filesystem of {self.disk}")
+        return int(size.group(1)), int(count.group(1))
+
+
+def find_root_fs(disk: Path, table: Table) -> Ext4:
+    """The partition holding the operating system: ext4 with /etc/os-release."""
+    for part in sorted(table.partitions, key=lambda p: p.number):
+        fs = Ext4(disk, part)
+        if fs.exists("/etc/os-release"):
+            return fs
+    raise BuildError(f"{disk} has no ext4 partition with an operating system "
+                     f"(/etc/os-release): not an image build-image made")
+
+
+# The trial disk.
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """What the virt machine boots directly: files copied out of the image's /boot."""
+
+    kernel: Path
+    initrd: Path | None
+    append: str
+
+
+def work_directory(parent: Path | None) -> Path:
+    """A directory for the trial disk, removed afterwards; ones left by a try-image that was
+    killed (its process is gone) are removed first, so a killed run leaves nothing for long."""
+    base = parent or Path(os.environ.get("TMPDIR") or "/var/tmp")
+    base.mkdir(parents=True, exist_ok=True)
+    for stale in base.glob("try-image-*"):
+        match = re.match(r"try-image-(\d+)-", stale.name)
+        if match and stale.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"try-image-{os.getpid()}-", dir=base))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_trial_disk(image: Path, target: Path) -> None:
+    """The image as a raw disk in `target`: decompressed, or a sparse (reflinked) copy."""
+    suffix = image_suffix(image.name)
+    if suffix == ".img":
+        log.info(f"copying {image.name} to a trial disk (the image itself is never booted)")
+        copy_sparse(image, target)
+        return
+    size = image.stat().st_size
+    zeros = bytes(1 << 20)
+    with open(image, "rb") as src, open(target, "wb") as out, \
+            log.progress(f"decompressing {image.name}", size) as bar, \
+            spawn(COMPRESSIONS[suffix], stdin=src,
+                  what=f"decompress {image}: the file is corrupt or truncated") as proc:
+        assert proc.stdout is not None
+        written = seen = 0
+        while chunk := proc.stdout.read(len(zeros)):
+            if chunk == zeros[: len(chunk)]:
+                out.seek(len(chunk), os.SEEK_CUR)       # keep the trial disk sparse
+            else:
+                out.write(chunk)
+            written += len(chunk)
+            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
+            bar.update(position - seen)
+            seen = position
+        out.truncate(written)
+    if written == 0:
+        raise BuildError(f"{image} decompressed to nothing: it is not a disk image")
+
+
+def grow_to_power_of_two(disk: Path) -> int:
+    """QEMU's SD card emulation wants a power-of-two size; the margin is also what the image's
+    first boot grows its root filesystem into, which try-image checks."""
+    size = disk.stat().st_size
+    target = 1 << size.bit_length()         # strictly larger, even when size is a power of 2
+    os.truncate(disk, target)
+    return target
+
+
+def check_bootable(machine: Machine, disk: Path, fs: Ext4, work: Path) -> Kernel | None:
+    """Refuse, before QEMU starts, a disk that cannot boot on `machine`."""
+    if machine.boots_uboot:
+        with open(disk, "rb") as f:
+            f.seek(ALLWINNER_SPL_OFFSET + 4)
+            magic = f.read(len(ALLWINNER_MAGIC))
+        if magic != ALLWINNER_MAGIC:
+            raise BuildError(f"{disk.name}: no U-Boot at 8 KiB (no Allwinner boot header): the "
+                             f"image cannot boot an Orange Pi; was it made from a board image?")
+        if not (fs.exists("/boot/extlinux/extlinux.conf") or fs.exists("/boot/boot.scr")):
+            raise BuildError(f"{disk.name}: no /boot/extlinux/extlinux.conf or /boot/boot.scr: "
+                             f"U-Boot would find nothing to boot")
+        _boot_files(fs)          # the kernel it names must be there
+        return None
+    kernel, initrd, append = _boot_files(fs)
+    kernel_file = work / "vmlinuz"
+    fs.dump(kernel, kernel_file)
+    initrd_file = None
+    if initrd:
+        initrd_file = work / "initrd.img"
+        fs.dump(initrd, initrd_file)
+        _strip_uboot_header(initrd_file)
+    return Kernel(kernel_file, initrd_file, append)
+
+
+def _boot_files(fs: Ext4) -> tuple[str, str | None, str]:
+    """(kernel, initrd, kernel arguments) as the image's boot configuration names them:
+    extlinux.conf (Debian bases), else Armbian's /boot/Image and armbianEnv.txt."""
+    extlinux = fs.read("/boot/extlinux/extlinux.conf")
+    if extlinux:
+        text = extlinux.decode(errors="replace")
+        fields: dict[str, str] = {}
+        for line in text.splitlines():
+            words = line.strip().split(None, 1)
+            if len(words) == 2 and words[0].lower() in ("kernel", "linux", "initrd", "append"):
+                fields.setdefault(words[0].lower(), words[1].strip())
+        kernel = fields.get("kernel") or fields.get("linux")
+        if not kernel:
+            raise BuildError("/boot/extlinux/extlinux.conf names no kernel: the image cannot "
+                             "boot")
+        paths = [kernel, fields.get("initrd")]
+        resolved = [p if p is None or p.startswith("/boot/") or not fs.exists(f"/boot/{p}")
+                    else f"/boot/{p}" for p in paths]
+        for path in resolved:
+            if path and not fs.exists(path):
+                raise BuildError(f"extlinux.conf names {path}, which is not in the image: "
+                                 f"it cannot boot")
+        return resolved[0] or kernel, resolved[1], fields.get("append", "")
+    for kernel in ("/boot/Image", "/boot/zImage"):
+        if fs.exists(kernel):
+            env = (fs.read("/boot/armbianEnv.txt") or b"").decode(errors="replace")
+            root = re.search(r"^rootdev=(\S+)", env, re.M)
+            initrd = "/boot/uInitrd" if fs.exists("/boot/uInitrd") else None
+            return kernel, initrd, f"root={root.group(1) if root else '/dev/vda1'} rootwait rw"
+    raise BuildError("no kernel in /boot (no extlinux.conf, Image or zImage): the image cannot "
+                     "boot")
+
+
+def _strip_uboot_header(initrd: Path) -> None:
+    """Armbian's uInitrd is a U-Boot legacy image: a 64-byte header before the initrd."""
+    with open(initrd, "rb") as f:
+        head = f.read(4)
+    if head == b"\x27\x05\x19\x56":
+        data = initrd.read_bytes()[64:]
+        initrd.write_bytes(data)
+
+
+def kernel_arguments(append: str, machine: Machine) -> str:
+    """The image's own arguments with the console moved to the virt machine's UART."""
+    kept = [a for a in shlex.split(append) if not a.startswith("console=")]
+    return " ".join([*kept, f"console={machine.console},115200",
+                     # Slow emulation; the same as SLOW_MACHINE_CONF, for the initrd as well.
+                     "systemd.default_device_timeout_sec=900"])
+
+
+def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
+                          preseed: bytes | None) -> list[str]:
+    """What the trial disk needs that a board does not; returns what was changed, to report."""
+    changes = []
+    fs.write(SLOW_MACHINE_PATH, SLOW_MACHINE_CONF.encode(), 0o644, work)
+    changes.append(f"{SLOW_MACHINE_PATH}: device and start timeouts for a slow machine")
+    if machine.console != "ttyS0" and fs.exists(FIRSTBOOT_UNIT):
+        # The board's wizard waits on its UART; virt's UART is a PL011, ttyAMA0.
+        link = (f"/etc/systemd/system/dev-{machine.console}.device.wants/"
+                f"jupyter-firstboot@{machine.console}.service")
+        fs.symlink(link, "/etc/systemd/system/jupyter-firstboot@.service")
+        changes.append(f"setup wizard also on {machine.console}, virt's serial console")
+    if preseed is not None:
+        fs.write(PRESEED_PATH, preseed, 0o600, work)
+        changes.append(f"{PRESEED_PATH}: from --preseed")
+    elif fs.exists(PRESEED_PATH):
+        # Its answers are unknown here (hashes): set it aside so the wizard asks, and answer.
+        fs.remove(PRESEED_PATH)
+        changes.append(f"{PRESEED_PATH}: the image's own preseed set aside (its passwords are "
+                       f"unknown here); pass --preseed to try one")
+    return changes
+
+
+# The QEMU process.
+
+
+def free_port(preferred: int | None) -> int:
+    """`preferred` when nothing listens on it, else any free port on 127.0.0.1."""
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                log.warn(f"port {preferred} on 127.0.0.1 is in use: using another")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def command(machine: Machine, disk: Path, kernel: Kernel | None, serial: str,
+            host_port: int, guest_port: int) -> list[str]:
+    """QEMU's command line. `serial` is a -serial argument (a socket, or mon:stdio)."""
+    forward = f"hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+    if machine.name == "orangepi-pc":
+        return [machine.qemu, "-M", "orangepi-pc", "-m", str(machine.memory_mib),
+                "-drive", f"file={disk},if=sd,format=raw",
+                "-nic", f"user,model=allwinner-sun8i-emac,{forward}",
+                "-serial", serial, "-display", "none", "-monitor", "none"]
+    assert kernel is not None
+    argv = [machine.qemu, "-M", "virt", "-cpu", "cortex-a53",
+            # One vCPU: on a 2-core host a second one only adds contention.
+            "-smp", "1", "-m", str(machine.memory_mib),
+            "-kernel", str(kernel.kernel),
+            "-append", kernel_arguments(kernel.append, machine),
+            "-drive", f"file={disk},if=virtio,format=raw",
+            "-nic", f"user,model=virtio-net-pci,{forward}",
+            "-serial", serial, "-display", "none", "-monitor", "none"]
+    if kernel.initrd:
+        argv[argv.index("-append"):argv.index("-append")] = ["-initrd", str(kernel.initrd)]
+    return argv
+
+
+def _die_with_parent() -> None:
+    # QEMU must not outlive try-image, even when try-image is killed with SIGKILL.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def running(argv: Sequence[str], log_path: Path,
+            interactive: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """QEMU, stopped (terminated, then killed) when the block ends, however it ends."""
+    log.debug("+ " + shlex.join(argv))
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdin=None if interactive else subprocess.DEVNULL,
+                                stdout=None if interactive else out, stderr=out,
+                                preexec_fn=_die_with_parent)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def connect_serial(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> socket.socket:
+    """QEMU's serial socket, once QEMU has made it (it waits for us before it starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BuildError(f"QEMU stopped at once (exit {proc.returncode}): "
+                             f"{_qemu_error(path.parent)}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise BuildError(f"QEMU made no serial socket in {timeout:.0f} s") from None
+            time.sleep(0.1)
+
+
+def _qemu_error(work: Path) -> str:
+    try:
+        lines = (work / "qemu.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no output"
+    return lines[-1] if lines else "no output"

@@ -1,0 +1,596 @@
+"""`try-image`: boot a built image in QEMU, to use it, or (--smoke) to prove it works.
+
+The steps, in order: check the request; make the trial disk (decompressed or copied, never the
+image itself); pick the machine for the board; refuse a disk that cannot boot; write into the
+trial disk what emulation needs; boot. With --smoke the program is the person at the serial
+console: it answers the setup wizard, logs in to Jupyter, runs a cell that uses the stack,
+looks at JupyterLab in a headless browser, logs in on the console, shuts down, boots again and
+checks that setup does not run twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder import __version__, firstboot, log, qemu
+from builder import browser as browser_check
+from builder import jupyter_client as jupyter
+from builder.boards import Board, load_catalog
+from builder.cli import signals_as_exceptions
+from builder.errors import BuildError, Interrupted
+from builder.fetch import image_suffix
+from builder.image import read_table
+from builder.run import require_programs
+from builder.serial_console import ConsoleError, SerialConsole, tail
+
+EXIT_ERROR = 1
+EXIT_FAILED = 2
+# Generous, because emulation is slow (measured figures are in README "Trying an image").
+TIMEOUTS: dict[str, float] = {
+    "u-boot": 180,          # QEMU start to "Starting kernel"
+    "kernel": 600,          # to systemd's welcome
+    "userspace": 1500,      # to the setup wizard's banner
+    "wizard": 900,          # answering it, to "Setup is complete"
+    "jupyter": 1200,        # to Jupyter answering HTTP
+    "cell": 1200,           # a kernel started and the stack's cell run
+    "browser": 600,         # JupyterLab's page in Chromium
+    "login": 900,           # the console's login prompt and a shell
+    "shutdown": 600,
+    "second-boot": 2400,    # from QEMU's start to the login prompt and Jupyter again
+}
+PHASES = ("u-boot", "kernel", "userspace", "wizard", "jupyter", "cell")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="try-image",
+        description="Boot an image made by build-image in QEMU: an Allwinner H3/H2+ board on "
+                    "QEMU's orangepi-pc, an arm64 board on QEMU's virt machine. Without "
+                    "--smoke, the serial console is this terminal (answer the setup wizard, "
+                    "then open the URL printed here; Ctrl-A X quits QEMU). The image itself is "
+                    "never modified.")
+    p.add_argument("image", help="an .img, .img.xz or .img.zst made by build-image")
+    p.add_argument("--board", help="the board the image is for (default: read from the image)")
+    p.add_argument("--smoke", action="store_true",
+                   help="answer the wizard, check Jupyter, the stack, a browser, a second "
+                        "boot; exit non-zero on any failure")
+    p.add_argument("--preseed", metavar="FILE", type=Path,
+                   help="put FILE on the trial card as /boot/jupyter-firstboot.conf (with "
+                        "--smoke it must hold plain login_password and jupyter_password)")
+    p.add_argument("--port", type=int, default=8888,
+                   help="host port forwarded to Jupyter on 127.0.0.1 (default 8888; another "
+                        "free one when it is taken)")
+    p.add_argument("--memory", type=int, metavar="MIB",
+                   help="guest memory for the virt machine (default: the board's, at least "
+                        "1024); the orangepi-pc machine always has 1024")
+    p.add_argument("--timeout", action="append", default=[], metavar="PHASE=SECONDS",
+                   help=f"change a phase's time limit; phases: {', '.join(TIMEOUTS)}")
+    p.add_argument("--report", type=Path, default=Path("try-image-report"), metavar="DIR",
+                   help="where --smoke writes its report, serial logs and screenshot "
+                        "(default ./try-image-report)")
+    p.add_argument("--no-browser", action="store_true",
+                   help="skip the headless Chromium check")
+    p.add_argument("--workdir", type=Path, metavar="DIR",
+                   help="where the temporary trial disk goes (default $TMPDIR or /var/tmp)")
+    p.add_argument("--keep-disk", type=Path, metavar="PATH",
+                   help="keep the trial disk, as the guest left it, at PATH")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show commands and tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+@dataclass(frozen=True)
+class Request:
+    """What was asked for, checked before anything is decompressed."""
+
+    image: Path
+    board: str | None
+    smoke: bool
+    preseed: bytes | None
+    credentials: Credentials | None      # from the preseed, for --smoke
+    port: int
+    memory: int | None
+    timeouts: dict[str, float]
+    report: Path
+    browser: bool
+    workdir: Path | None
+    keep_disk: Path | None
+
+
+@dataclass
+class Credentials:
+    user: str
+    login_password: str
+    jupyter_password: str
+    token: str | None
+
+
+@dataclass
+class Report:
+    """What --smoke found, written as report.json and printed as a summary."""
+
+    image: str
+    board: str = ""
+    machine: str = ""
+    ok: bool = False
+    failed_phase: str | None = None
+    error: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)      # seconds each
+    checks: list[str] = field(default_factory=list)             # what passed, in order
+    notes: list[str] = field(default_factory=list)
+    stack: dict[str, Any] = field(default_factory=dict)
+
+    def passed(self, what: str) -> None:
+        self.checks.append(what)
+        log.info(f"ok: {what}")
+
+
+class SmokeFailure(Exception):
+    def __init__(self, phase: str, message: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+def check_request(args: argparse.Namespace) -> Request:
+    image = args.image.expanduser().absolute() if isinstance(args.image, Path) else \
+        Path(args.image).expanduser().absolute()
+    if not image.is_file():
+        raise BuildError(f"{image}: no such image file (give the .img, .img.xz or .img.zst "
+                         f"build-image wrote)")
+    suffix = image_suffix(image.name)
+    if suffix == ".img.gz":
+        raise BuildError(f"{image.name}: try-image reads .img, .img.xz and .img.zst")
+    timeouts = dict(TIMEOUTS)
+    for item in args.timeout:
+        name, _, value = item.partition("=")
+        if name not in TIMEOUTS:
+            raise BuildError(f"--timeout {item}: no phase {name!r}; phases are "
+                             f"{', '.join(TIMEOUTS)}")
+        try:
+            timeouts[name] = float(value)
+        except ValueError:
+            raise BuildError(f"--timeout {item}: give seconds, like {name}=600") from None
+        if timeouts[name] <= 0:
+            raise BuildError(f"--timeout {item}: must be more than 0 seconds")
+    if not 1 <= args.port <= 65535:
+        raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535")
+    preseed = credentials = None
+    if args.preseed:
+        try:
+            preseed = args.preseed.read_bytes()
+        except OSError as exc:
+            raise BuildError(f"--preseed {args.preseed}: {exc.strerror}") from None
+        answers, problems = firstboot.parse_preseed(preseed, Path("/"), firstboot.Settings())
+        if problems:
+            raise BuildError(f"--preseed {args.preseed}: {problems[0]}")
+        if args.smoke:
+            if not (answers.login_password and answers.jupyter_password):
+                raise BuildError(f"--preseed {args.preseed}: --smoke logs in with the "
+                                 f"passwords, so it needs plain login_password and "
+                                 f"jupyter_password (not hashes)")
+            token = answers.token if answers.token not in (None, "generate", "none") else None
+            credentials = Credentials("", answers.login_password, answers.jupyter_password,
+                                      token)
+    if args.keep_disk and args.keep_disk.exists():
+        raise BuildError(f"--keep-disk {args.keep_disk}: already exists; give a new path")
+    require_programs("debugfs", "dumpe2fs", "sfdisk", "cp",
+                     *({".img.xz": ["xz"], ".img.zst": ["zstd"]}.get(suffix, [])))
+    # The board from --board or the manifest build-image wrote beside the image: its machine
+    # and QEMU are checked now, before minutes of decompressing.
+    board = args.board or _manifest_board(image)
+    if board:
+        qemu.require_qemu(qemu.machine_for(load_catalog().lookup(board)[0], args.memory))
+    return Request(image=image, board=args.board, smoke=args.smoke, preseed=preseed,
+                   credentials=credentials, port=args.port, memory=args.memory,
+                   timeouts=timeouts, report=args.report.expanduser().absolute(),
+                   browser=not args.no_browser, workdir=args.workdir,
+                   keep_disk=args.keep_disk.absolute() if args.keep_disk else None)
+
+
+def _manifest_board(image: Path) -> str | None:
+    stem = image.name[: -len(image_suffix(image.name))]
+    try:
+        manifest = json.loads((image.parent / f"{stem}.manifest.json").read_text())
+        return str(manifest["board"]["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _release(fs: qemu.Ext4) -> dict[str, str]:
+    """/etc/orangepi-jupyter-release: which board and user the image was built for."""
+    data = fs.read("/etc/orangepi-jupyter-release")
+    if data is None:
+        return {}
+    fields = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip('"')
+    return fields
+
+
+@dataclass
+class Trial:
+    """The mutable state of one try-image run."""
+
+    request: Request
+    work: Path
+    disk: Path
+    board: Board
+    machine: qemu.Machine
+    fs: qemu.Ext4
+    kernel: qemu.Kernel | None
+    user: str
+    guest_port: int
+    root_bytes: int                 # the root filesystem's size in the image, before boot
+    host_port: int = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.host_port}"
+
+
+def prepare_trial(request: Request, work: Path) -> Trial:
+    disk = work / "disk.img"
+    qemu.make_trial_disk(request.image, disk)
+    table = read_table(disk)
+    fs = qemu.find_root_fs(disk, table)
+    release = _release(fs)
+    name = request.board or release.get("BOARD")
+    if not name:
+        raise BuildError(f"{request.image.name} does not say which board it is for (no "
+                         f"/etc/orangepi-jupyter-release): pass --board")
+    board, _ = load_catalog().lookup(name)
+    if request.board and release.get("BOARD") and release["BOARD"] != board.id:
+        log.warn(f"--board {board.id}, but the image was built for {release['BOARD']}")
+    machine = qemu.machine_for(board, request.memory)
+    qemu.require_qemu(machine)
+    block_size, blocks = fs.block_count()
+    kernel = qemu.check_bootable(machine, disk, fs, work)
+    size = qemu.grow_to_power_of_two(disk)
+    log.info(f"{board.name} ({board.soc}) on QEMU's {machine.name} machine; trial disk "
+             f"{log.human_size(size)}")
+    for change in qemu.prepare_for_emulation(fs, machine, work, request.preseed):
+        log.info(f"trial disk: {change}")
+    return Trial(request=request, work=work, disk=disk, board=board, machine=machine, fs=fs,
+                 kernel=kernel, user=release.get("JUPYTER_USER", "jupyter"),
+                 guest_port=int(release.get("JUPYTER_PORT", "8888")),
+                 root_bytes=block_size * blocks)
+
+
+# Interactive.
+
+
+def run_interactive(trial: Trial) -> int:
+    trial.host_port = qemu.free_port(trial.request.port)
+    argv = qemu.command(trial.machine, trial.disk, trial.kernel, "mon:stdio", trial.host_port,
+                        trial.guest_port)
+    log.info(f"booting; the serial console is this terminal. When setup is done, Jupyter is "
+             f"at {trial.base}/lab (forwarded to the guest's port {trial.guest_port}). "
+             f"Ctrl-A X quits QEMU; Ctrl-A H lists the other keys.")
+    with qemu.running(argv, trial.work / "qemu.log", interactive=True) as proc:
+        return proc.wait()
+
+
+# --smoke.
+
+
+@contextlib.contextmanager
+def booted(trial: Trial, name: str) -> Iterator[tuple[SerialConsole, Any]]:
+    """QEMU running the trial disk, its serial console connected and logged to the report."""
+    sock_path = trial.work / "serial.sock"
+    sock_path.unlink(missing_ok=True)
+    argv = qemu.command(trial.machine, trial.disk, trial.kernel,
+                        f"unix:{sock_path},server=on,wait=on", trial.host_port, trial.guest_port)
+    log_path = trial.request.report / f"serial-{name}.log"
+    with open(log_path, "wb") as serial_log, \
+            qemu.running(argv, trial.work / "qemu.log") as proc:
+        sock = qemu.connect_serial(sock_path, proc)
+        console = SerialConsole(sock.fileno(), serial_log)
+        try:
+            yield console, proc
+        finally:
+            console.close()
+            sock.close()
+
+
+def _phase(report: Report, name: str, started: float) -> float:
+    now = time.monotonic()
+    report.phases[name] = round(now - started, 1)
+    log.info(f"{name}: {report.phases[name]:.0f} s")
+    return now
+
+
+def _expect(console: SerialConsole, patterns: dict[str, str], timeout: float,
+            phase: str) -> Any:
+    try:
+        return console.expect(patterns, timeout, phase)
+    except ConsoleError as exc:
+        raise SmokeFailure(phase, str(exc).split(": ", 1)[-1]) from None
+
+
+def run_smoke(trial: Trial, report: Report) -> None:
+    t = trial.request.timeouts
+    credentials = trial.request.credentials
+    trial.host_port = qemu.free_port(trial.request.port)
+    with booted(trial, "boot1") as (console, proc):
+        started = time.monotonic()
+        if trial.machine.boots_uboot:
+            _expect(console, {"spl": r"U-Boot SPL"}, t["u-boot"], "u-boot")
+            _expect(console, {"kernel": r"Starting kernel"}, t["u-boot"], "u-boot")
+            started = _phase(report, "u-boot", started)
+        _expect(console, {"systemd": r"Welcome to [^\n]*!|systemd\[1\]: systemd \d+"},
+                t["kernel"], "kernel")
+        started = _phase(report, "kernel", started)
+        _expect(console, {"banner": r"=== Jupyter workstation setup"}, t["userspace"],
+                "userspace")
+        started = _phase(report, "userspace", started)
+        credentials = answer_wizard(console, trial, credentials, t["wizard"])
+        started = _phase(report, "wizard", started)
+        report.passed("the setup wizard ran on the serial console and completed")
+        try:
+            jupyter.wait_until_up(trial.base, t["jupyter"], alive=lambda: proc.poll() is None)
+        except jupyter.JupyterError as exc:
+            raise SmokeFailure("jupyter", str(exc)) from None
+        started = _phase(report, "jupyter", started)
+        check_jupyter(trial, credentials, report)
+        started = _phase(report, "cell", started)
+        if credentials.token and trial.request.browser:
+            check_browser(trial, credentials.token, report)
+        elif trial.request.browser:
+            report.notes.append("browser check skipped: the preseed fixes no token")
+        log_in_on_console(console, credentials, t["login"])
+        report.passed("a login prompt on the serial console after setup; the login "
+                      "password works there")
+        shut_down(console, proc, trial, credentials, t["shutdown"])
+        report.passed("the guest shut down cleanly")
+    second_boot(trial, credentials, report)
+
+
+def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | None,
+                  timeout: float) -> Credentials:
+    """The wizard's questions, answered as a person would; a preseed answers them itself."""
+    if known is not None:
+        _expect(console, {"done": r"Setup is complete\."}, timeout, "wizard")
+        known.user = trial.user
+        return known
+    creds = Credentials(trial.user, secrets.token_urlsafe(12), secrets.token_urlsafe(12),
+                        None)
+    deadline = time.monotonic() + timeout
+    prompts = {
+        "begin": r"Press Enter (?:\(nothing else\) )?to begin setup[^\n]*",
+        "login_again": r"Login password for \S+, again: ",
+        "login": r"Login password for \S+: ",
+        "jupyter_again": r"Jupyter password, again: ",
+        "jupyter": r"Jupyter password: ",
+        "hostname": r"Hostname \[[^\]\n]*\]: ",
+        "timezone": r"Time zone \[[^\]\n]*\]: ",
+        "differ": r"the two passwords differ|the password [^\n]*; try again",
+        "done": r"Setup is complete\.",
+        "running": r"Setup is running on (\S+);",
+    }
+    while True:
+        left = deadline - time.monotonic()
+        got = _expect(console, prompts, max(left, 1), "wizard")
+        if got.name == "done":
+            break
+        if got.name == "running":
+            raise SmokeFailure("wizard", f"setup started on {got.groups[0]}, not on the serial "
+                                         f"console (a preseed on the card?)")
+        if got.name == "differ":
+            raise SmokeFailure("wizard", f"the wizard refused a password: {got.text!r}")
+        answer = {"begin": "", "login": creds.login_password,
+                  "login_again": creds.login_password, "jupyter": creds.jupyter_password,
+                  "jupyter_again": creds.jupyter_password}.get(got.name, "")
+        console.send(answer + "\r")
+    token = _expect(console, {"token": r"Token: (\S+)\s"}, 120, "wizard")
+    creds.token = token.groups[0]
+    return creds
+
+
+def check_jupyter(trial: Trial, creds: Credentials, report: Report) -> None:
+    t = trial.request.timeouts
+    try:
+        jupyter.refuses_strangers(trial.base)
+        report.passed("Jupyter refuses requests without credentials (403)")
+        if creds.token:
+            jupyter.token_works(trial.base, creds.token)
+            report.passed("the token shown by the wizard gets in")
+        session = jupyter.Session(trial.base)
+        try:
+            session.login(creds.jupyter_password)
+            report.passed("the Jupyter password logs in through the login form")
+            kernel = session.start_kernel()
+            result = session.execute(kernel, jupyter.STACK_CELL, t["cell"])
+            session.stop_kernel(kernel)
+        finally:
+            session.close()
+        got = jupyter.check_stack_output(result.stdout)
+    except (jupyter.JupyterError, OSError) as exc:
+        raise SmokeFailure("cell", str(exc)) from None
+    except Exception as exc:   # requests' and websocket's errors: a network failure
+        raise SmokeFailure("cell", f"{type(exc).__name__}: {exc}") from None
+    report.stack = got
+    report.passed(f"a kernel ran a cell importing numpy, scipy, pandas, matplotlib, sympy "
+                  f"and geopandas, with the right answers, in {result.seconds:.0f} s")
+    if got["user"] != trial.user:
+        raise SmokeFailure("cell", f"Jupyter's kernel runs as {got['user']}, not {trial.user}")
+    report.passed(f"Jupyter runs as {trial.user}, not root")
+    if got["root_bytes"] <= trial.root_bytes:
+        raise SmokeFailure("cell", f"the root filesystem was not expanded at first boot "
+                                   f"({got['root_bytes']} bytes, as in the image)")
+    report.passed(f"the root filesystem grew at first boot "
+                  f"({log.human_size(trial.root_bytes)} → {log.human_size(got['root_bytes'])})")
+
+
+def check_browser(trial: Trial, token: str, report: Report) -> None:
+    chromium = browser_check.find_chromium()
+    if chromium is None:
+        report.notes.append("browser check skipped: chromium is not installed "
+                            "(apt-get install chromium)")
+        log.warn(report.notes[-1])
+        return
+    started = time.monotonic()
+    try:
+        seen = browser_check.check_jupyterlab(
+            trial.base, token, trial.request.report / "jupyterlab.png",
+            timeout=trial.request.timeouts["browser"], chromium=chromium)
+    except browser_check.BrowserError as exc:
+        raise SmokeFailure("browser", str(exc)) from None
+    _phase(report, "browser", started)
+    report.passed(f"JupyterLab loads in headless Chromium with the token "
+                  f"(“{seen.title}”; screenshot {seen.screenshot.name})")
+
+
+SHELL_MARK = "TRY-IMAGE-SHELL"
+
+
+def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float) -> None:
+    _expect(console, {"login": r"login: $|login: "}, timeout, "login")
+    console.wait_quiet(3)
+    console.send(creds.user + "\r")
+    _expect(console, {"password": r"Password: "}, 120, "login")
+    console.send(creds.login_password + "\r")
+    # A command whose output differs from its echo proves a shell ran it.
+    console.send(f"echo {SHELL_MARK}-$((6*7))\r")
+    got = _expect(console, {"shell": rf"{SHELL_MARK}-42", "refused": r"Login incorrect"},
+                  timeout, "login")
+    if got.name == "refused":
+        raise SmokeFailure("login", "the login password was refused on the serial console")
+
+
+def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credentials,
+              timeout: float) -> None:
+    """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
+    unmounted disk. QEMU's orangepi-pc does not power off (the kernel's last words never
+    come): QEMU is stopped once systemd says it has synced and detached everything."""
+    console.send("sudo -p TRY-IMAGE-SUDO: poweroff\r")
+    _expect(console, {"sudo": r"TRY-IMAGE-SUDO:"}, 120, "shutdown")
+    console.send(creds.login_password + "\r")
+    try:
+        console.expect({"halted": r"systemd-shutdown\[1\]: Powering off|reboot: Power down"},
+                       timeout, "shutdown")
+    except ConsoleError as exc:
+        if proc.poll() is None:
+            raise SmokeFailure("shutdown", str(exc).split(": ", 1)[-1]) from None
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=5)
+
+
+def second_boot(trial: Trial, creds: Credentials, report: Report) -> None:
+    t = trial.request.timeouts["second-boot"]
+    started = time.monotonic()
+    with booted(trial, "boot2") as (console, proc):
+        got = _expect(console, {"wizard": r"=== Jupyter workstation setup",
+                                "login": r"login: "}, t, "second-boot")
+        if got.name == "wizard":
+            raise SmokeFailure("second-boot", "the setup wizard ran again on the second boot")
+        report.passed("the second boot goes to the login prompt; the wizard does not run again")
+        try:
+            jupyter.wait_until_up(trial.base, max(60, t - (time.monotonic() - started)),
+                                  alive=lambda: proc.poll() is None)
+            jupyter.refuses_strangers(trial.base)
+            if creds.token:
+                jupyter.token_works(trial.base, creds.token)
+            session = jupyter.Session(trial.base)
+            try:
+                session.login(creds.jupyter_password)
+            finally:
+                session.close()
+        except (jupyter.JupyterError, OSError) as exc:
+            raise SmokeFailure("second-boot", str(exc)) from None
+        except Exception as exc:
+            raise SmokeFailure("second-boot", f"{type(exc).__name__}: {exc}") from None
+        _phase(report, "second-boot", started)
+        report.passed("Jupyter started by itself on the second boot, with the same password"
+                      + (" and token" if creds.token else ""))
+
+
+def summary(report: Report) -> str:
+    lines = [f"try-image --smoke: {'PASSED' if report.ok else 'FAILED'} — {report.image} "
+             f"({report.board} on QEMU {report.machine})", "", "phases (seconds):"]
+    lines += [f"  {name:<12} {seconds:7.0f}" for name, seconds in report.phases.items()]
+    lines += ["", "checks passed:"] + [f"  ✓ {c}" for c in report.checks]
+    if report.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in report.notes]
+    if not report.ok:
+        lines += ["", f"FAILED in {report.failed_phase}: {report.error}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, directory: Path) -> None:
+    (directory / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    (directory / "summary.txt").write_text(summary(report))
+
+
+def try_image(request: Request) -> int:
+    with contextlib.ExitStack() as stack:
+        work = qemu.work_directory(request.workdir)
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        trial = prepare_trial(request, work)
+        if not request.smoke:
+            code = run_interactive(trial)
+        else:
+            request.report.mkdir(parents=True, exist_ok=True)
+            report = Report(image=request.image.name, board=trial.board.id,
+                            machine=trial.machine.name)
+            try:
+                run_smoke(trial, report)
+                report.ok = True
+            except SmokeFailure as exc:
+                report.failed_phase, report.error = exc.phase, str(exc)
+            finally:
+                write_report(report, request.report)
+            sys.stdout.write(summary(report))
+            if not report.ok:
+                logs = sorted(request.report.glob("serial-boot*.log"))
+                print(f"\ntry-image: {report.failed_phase} failed: {report.error}\n"
+                      f"last 50 lines of the serial console ({logs[-1] if logs else '-'}):\n"
+                      f"{tail(logs[-1]) if logs else ''}", file=sys.stderr)
+            code = 0 if report.ok else EXIT_FAILED
+        if request.keep_disk:
+            shutil.move(trial.disk, request.keep_disk)
+            log.info(f"trial disk kept at {request.keep_disk}")
+        return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    args = parser().parse_args(argv)
+    log.setup(quiet=args.quiet, debug=args.debug)
+    try:
+        with signals_as_exceptions():
+            return try_image(check_request(args))
+    except BuildError as exc:
+        if args.debug:
+            raise
+        print(f"try-image: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"try-image: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"try-image: interrupted by {name}; QEMU was stopped and the trial disk removed",
+              file=sys.stderr)
+        return 128 + exc.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())

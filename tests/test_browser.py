@@ -1,0 +1,261 @@
+"""The browser check against a real JupyterLab server on loopback, with Debian's Chromium."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import pytest
+import requests
+
+from builder.browser import BrowserError, check_jupyterlab, find_chromium
+
+pytestmark = pytest.mark.slow
+
+needs_chromium = pytest.mark.skipif(
+    find_chromium() is None, reason="chromium is not installed (ci/setup-host --dev installs it)")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SERVER_START = 120.0
+
+
+@dataclass
+class Server:
+    url: str
+    token: str
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("jupyter")
+    env = dict(os.environ)
+    # Jupyter's config, runtime and data dirs and IPython's all come from here, so the
+    # server neither reads nor writes the user's.
+    for var, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "config"),
+                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_DATA_DIR", "data"),
+                     ("IPYTHONDIR", "ipython"), ("XDG_CONFIG_HOME", "xdg-config"),
+                     ("XDG_CACHE_HOME", "xdg-cache"), ("XDG_DATA_HOME", "xdg-data")):
+        (base / sub).mkdir()
+        env[var] = str(base / sub)
+    (base / "notebooks").mkdir()
+    token = secrets.token_hex(24)
+    port = free_port()
+    log = base / "server.log"
+    argv = [str(Path(sys.executable).parent / "jupyter"), "lab",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+            # Without this a taken port is silently replaced by the next one, and the tests
+            # would talk to whatever listens there (QEMU's port forward of another test).
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.token={token}", "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={base / 'notebooks'}", "--allow-root"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, cwd=base,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        session = requests.Session()
+        session.trust_env = False
+        deadline = time.monotonic() + SERVER_START
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"jupyter lab exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                answer = session.get(f"{url}/api/status",
+                                     headers={"Authorization": f"token {token}"}, timeout=5)
+                if answer.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"jupyter lab did not answer in {SERVER_START:.0f} s:\n"
+                            f"{log.read_text()}")
+            time.sleep(0.3)
+        yield Server(url=url, token=token, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Isolated:
+    tmp: Path
+    marker: str
+
+
+def chromium_processes(isolated: Isolated) -> list[str]:
+    """Processes that inherited this test's marker or name its temporary dir: Chromium and
+    every helper it forked, whatever their command line says."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if isolated.marker.encode() in environ or str(isolated.tmp).encode() in cmdline:
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{proc.name}: {command}")
+    return found
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Isolated]:
+    """Chromium's user-data-dir goes to a dir of this test's, and its processes carry a marker
+    in their environment; afterwards both must be gone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    marker = f"TEST_BROWSER_MARKER={secrets.token_hex(8)}"
+    name, value = marker.split("=")
+    monkeypatch.setenv(name, value)
+    # Chromium's singleton socket goes to $TMPDIR itself (a path inside tmp_path would be too
+    # long for a socket), so what it leaves there is found by comparison.
+    system_tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    before = set(system_tmp.glob("org.chromium.*"))
+    result = Isolated(tmp=tmp, marker=marker)
+    yield result
+    assert list(tmp.iterdir()) == [], "Chromium's user-data-dir was left behind"
+    assert chromium_processes(result) == []
+    assert set(system_tmp.glob("org.chromium.*")) - before == set()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@needs_chromium
+def test_jupyterlab_loads_and_is_photographed(jupyter: Server, isolated: Isolated,
+                                              tmp_path: Path) -> None:
+    shot = tmp_path / "out" / "lab.png"
+    result = check_jupyterlab(jupyter.url, jupyter.token, shot, timeout=180)
+    assert "JupyterLab" in result.title
+    assert result.screenshot == shot
+    assert 0 < result.seconds < 180
+    assert png_size(shot) == (1280, 800)
+    assert shot.stat().st_size > 10_000        # a page with content, not a blank frame
+    assert (tmp_path / "out" / "lab.chromium.log").exists()
+
+
+@needs_chromium
+def test_wrong_token_ends_on_the_login_page(jupyter: Server, isolated: Isolated,
+                                           tmp_path: Path) -> None:
+    shot = tmp_path / "bad.png"
+    wrong = secrets.token_hex(24)
+    started = time.monotonic()
+    with pytest.raises(BrowserError) as caught:
+        check_jupyterlab(jupyter.url, wrong, shot, timeout=60)
+    message = str(caught.value)
+    assert "login" in message
+    assert "wrong token?" in message
+    assert "\n" not in message
+    assert wrong not in message
+    assert time.monotonic() - started < 60     # a login page is final: no need to wait it out
+    png_size(shot)                              # what the browser showed, for the user
+
+
+@needs_chromium
+def test_a_server_that_never_answers_times_out(isolated: Isolated, tmp_path: Path) -> None:
+    with socket.socket() as silent:
+        # Listening but never accepting: the connection opens and no answer ever comes.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(BrowserError) as caught:
+            check_jupyterlab(url, "t0ken", tmp_path / "never.png", timeout=10)
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert message.startswith("JupyterLab did not load in 10 s:"), message
+    assert url in message
+    assert "t0ken" not in message
+    assert elapsed < 10 + 5
+
+
+@needs_chromium
+def test_a_refused_connection_is_named(isolated: Isolated, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(BrowserError) as caught:
+        check_jupyterlab(url, "t0ken", tmp_path / "refused.png", timeout=5)
+    assert "ERR_CONNECTION_REFUSED" in str(caught.value)
+
+
+@needs_chromium
+def test_ctrl_c_still_stops_chromium(isolated: Isolated, tmp_path: Path) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        # Interrupt once Chromium runs: its processes then exist and must be cleaned up.
+        ready = threading.Event()
+
+        def watch() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end and not chromium_processes(isolated):
+                time.sleep(0.1)
+            time.sleep(1)
+            ready.set()
+            os.kill(os.getpid(), signal.SIGALRM)
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        watcher = threading.Thread(target=watch, daemon=True)
+        try:
+            watcher.start()
+            with pytest.raises(KeyboardInterrupt):
+                check_jupyterlab(url, "t0ken", tmp_path / "ctrl-c.png", timeout=120)
+        finally:
+            watcher.join()
+            signal.signal(signal.SIGALRM, previous)
+    assert ready.is_set()
+
+
+def test_missing_chromium_path_names_the_package(tmp_path: Path) -> None:
+    with pytest.raises(BrowserError) as caught:
+        check_jupyterlab("http://127.0.0.1:9", "t", tmp_path / "x.png",
+                         chromium="/nonexistent/chromium")
+    assert "apt-get install chromium" in str(caught.value)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_no_chromium_on_path_names_the_package(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert find_chromium() is None
+    with pytest.raises(BrowserError) as caught:
+        check_jupyterlab("http://127.0.0.1:9", "t", tmp_path / "x.png")
+    assert str(caught.value) == "chromium not found: install it with: apt-get install chromium"

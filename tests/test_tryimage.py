@@ -1,0 +1,299 @@
+"""try-image before and around the boot: what it refuses before QEMU starts, a guest that
+hangs, Ctrl-C, a taken port, leftovers. Small images made here (no root needed: the root
+filesystem is filled from a directory with mkfs.ext4 -d); real QEMU. The boots of real
+appliance images are in test_appliance.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TRY_IMAGE, cli_env
+
+from builder import qemu
+from builder.boards import load_catalog
+
+pytestmark = pytest.mark.slow
+ROOT_OFFSET = 4 << 20
+
+
+def make_image(path: Path, board: str, files: dict[str, bytes], uboot: bytes | None = None,
+               size_mib: int = 24) -> Path:
+    """An MBR image with one ext4 root from 4 MiB holding `files`, like build-image's."""
+    tree = path.parent / f"{path.name}.tree"
+    files = {"etc/os-release": b"ID=debian\n",
+             "etc/orangepi-jupyter-release": f"BOARD={board}\nJUPYTER_USER=jupyter\n"
+                                             f"JUPYTER_PORT=8888\n".encode(), **files}
+    for name, data in files.items():
+        target = tree / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=b"label: dos\nstart=8192, type=83\n",
+                   check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), "-E", f"offset={ROOT_OFFSET}",
+                    str(path), f"{(size_mib << 10) - 4096}k"], check=True)
+    if uboot is not None:
+        with open(path, "r+b") as f:
+            f.seek(8 << 10)
+            f.write(uboot)
+    shutil.rmtree(tree)
+    return path
+
+
+def try_image(*args: str | Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TRY_IMAGE, *map(str, args)], cwd=REPO, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_of(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("try-image: error: ")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+EXTLINUX_ARM64 = (b"label debian\n  kernel /boot/vmlinuz-test\n  initrd /boot/initrd.img-test\n"
+                  b"  append root=/dev/vda1 rootwait rw console=ttyS0,115200\n")
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def assert_nothing_left(work: Path) -> None:
+    assert list(work.iterdir()) == []
+    running = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True)
+    assert running.stdout == "", running.stdout
+
+
+def qemu_running(work: Path) -> bool:
+    return bool(subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"],
+                               capture_output=True).stdout)
+
+
+def test_not_an_image(tmp_path: Path, work: Path) -> None:
+    text = tmp_path / "notes.img"
+    text.write_text("not a disk image\n" * 100)
+    proc = try_image(text, "--workdir", work)
+    assert proc.returncode == 1
+    assert "has no partition table" in error_of(proc)
+    assert_nothing_left(work)
+    missing = try_image(tmp_path / "missing.img.xz")
+    assert missing.returncode == 1 and "no such image file" in error_of(missing)
+    gz = tmp_path / "x.img.gz"
+    gz.write_bytes(b"\x1f\x8b")
+    assert "reads .img, .img.xz and .img.zst" in error_of(try_image(gz))
+
+
+def test_bad_options_are_refused_before_anything_is_done(tmp_path: Path, work: Path) -> None:
+    image = make_image(tmp_path / "a.img", "orangepizeroplus2-h5", {})
+    cases = {
+        ("--timeout", "kernal=5"): "no phase 'kernal'",
+        ("--timeout", "kernel=soon"): "give seconds",
+        ("--timeout", "kernel=0"): "more than 0",
+        ("--port", "70000"): "give a TCP port",
+        ("--smoke", "--preseed", tmp_path / "missing.conf"): "No such file",
+    }
+    hashed = tmp_path / "hashed.conf"
+    from jupyter_server.auth import passwd
+
+    from builder.firstboot import hash_login_password
+    hashed.write_text(f"login_password_hash = {hash_login_password('abcdefgh1')}\n"
+                      f"jupyter_password_hash = {passwd('abcdefgh2')}\n")
+    cases[("--smoke", "--preseed", hashed)] = "needs plain login_password and jupyter_password"
+    broken = tmp_path / "broken.conf"
+    broken.write_text("login_password = short\nflavour = vanilla\n")
+    cases[("--preseed", broken)] = "--preseed"
+    for args, message in cases.items():
+        proc = try_image(image, "--workdir", work, *args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert message in error_of(proc), (args, proc.stderr)
+        assert_nothing_left(work)
+
+
+def test_unbootable_images_are_refused_before_qemu_starts(tmp_path: Path, work: Path) -> None:
+    # An H3 board's image without U-Boot at 8 KiB.
+    no_uboot = make_image(tmp_path / "pc.img", "orangepipcplus",
+                          {"boot/extlinux/extlinux.conf": b"label x\n  kernel /boot/zImage\n",
+                           "boot/zImage": b"\0" * 1024})
+    proc = try_image(no_uboot, "--workdir", work)
+    assert proc.returncode == 1
+    assert "no U-Boot at 8 KiB" in error_of(proc)
+    assert_nothing_left(work)
+    # U-Boot, but no boot configuration.
+    header = b"\0\0\0\0" + qemu.ALLWINNER_MAGIC + b"\0" * 1000
+    no_config = make_image(tmp_path / "pc2.img", "orangepipcplus", {}, uboot=header)
+    assert "U-Boot would find nothing to boot" in error_of(try_image(no_config, "--workdir", work))
+    # An arm64 image whose extlinux.conf names a kernel that is not there.
+    no_kernel = make_image(tmp_path / "zero.img", "orangepizeroplus2-h5",
+                           {"boot/extlinux/extlinux.conf": EXTLINUX_ARM64})
+    message = error_of(try_image(no_kernel, "--workdir", work))
+    assert "/boot/vmlinuz-test, which is not in the image" in message
+    nothing = make_image(tmp_path / "zero2.img", "orangepizeroplus2-h5", {})
+    assert "no kernel in /boot" in error_of(try_image(nothing, "--workdir", work))
+    # A board QEMU has no machine for.
+    rk = make_image(tmp_path / "rk.img", "orangepi5", {})
+    proc = try_image(rk, "--workdir", work, "--board", "orangepirv2")
+    assert proc.returncode == 1
+    assert "Allwinner H3/H2+ boards" in error_of(proc)
+    assert_nothing_left(work)
+
+
+def test_missing_qemu_names_the_package(tmp_path: Path, work: Path) -> None:
+    """Found from the manifest beside the image, before the image is even decompressed."""
+    image = make_image(tmp_path / "x-trixie.img", "orangepizeroplus2-h5", {})
+    subprocess.run(["zstd", "-q", "--rm", str(image)], check=True)
+    (tmp_path / "x-trixie.manifest.json").write_text(
+        '{"board": {"id": "orangepizeroplus2-h5"}}')
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("debugfs", "dumpe2fs", "sfdisk", "cp", "zstd"):
+        (tools / tool).symlink_to(shutil.which(tool) or tool)
+    env = cli_env(PATH=str(tools))
+    proc = try_image(tmp_path / "x-trixie.img.zst", "--workdir", work, env=env)
+    assert proc.returncode == 1
+    assert "qemu-system-aarch64 not found: install it with: apt-get install qemu-system-arm" \
+        in error_of(proc)
+    assert "decompressing" not in proc.stderr
+    assert_nothing_left(work)
+
+
+def hanging_image(tmp_path: Path) -> Path:
+    """An arm64 image whose 'kernel' is zeros: QEMU runs it, and nothing is ever printed."""
+    return make_image(tmp_path / "hang.img", "orangepizeroplus2-h5", {
+        "boot/extlinux/extlinux.conf": EXTLINUX_ARM64,
+        "boot/vmlinuz-test": b"\0" * 65536, "boot/initrd.img-test": b"\0" * 4096})
+
+
+def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) -> None:
+    image = hanging_image(tmp_path)
+    report = tmp_path / "report"
+    started = time.monotonic()
+    proc = try_image(image, "--smoke", "--workdir", work, "--report", report,
+                     "--timeout", "kernel=8")
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 60
+    assert "try-image: kernel failed: no 'systemd' on the serial console in 8 s" in proc.stderr
+    assert "last 50 lines of the serial console" in proc.stderr
+    assert "FAILED" in proc.stdout
+    result = (report / "report.json").read_text()
+    assert '"failed_phase": "kernel"' in result
+    assert (report / "serial-boot1.log").exists()
+    assert_nothing_left(work)
+    image_before = image.read_bytes()
+    assert image.read_bytes() == image_before
+
+
+def test_ctrl_c_stops_qemu_and_removes_the_trial_disk(tmp_path: Path, work: Path) -> None:
+    image = hanging_image(tmp_path)
+    original = image.read_bytes()
+    proc = subprocess.Popen([*TRY_IMAGE, str(image), "--smoke", "--workdir", str(work),
+                             "--report", str(tmp_path / "report")], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not qemu_running(work):
+            assert time.monotonic() < deadline, "QEMU did not start"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "interrupted by SIGINT; QEMU was stopped and the trial disk removed" in stderr
+    assert_nothing_left(work)
+    assert image.read_bytes() == original
+
+
+def test_killed_try_image_leaves_no_qemu_and_the_next_run_removes_its_disk(
+        tmp_path: Path, work: Path) -> None:
+    image = hanging_image(tmp_path)
+    proc = subprocess.Popen([*TRY_IMAGE, str(image), "--smoke", "--workdir", str(work),
+                             "--report", str(tmp_path / "report")], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not qemu_running(work):
+        assert time.monotonic() < deadline, "QEMU did not start"
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while qemu_running(work):
+        assert time.monotonic() < deadline, "QEMU outlived try-image"
+        time.sleep(0.2)
+    assert len(list(work.glob("try-image-*"))) == 1       # SIGKILL: no cleanup ran
+    # The next run (here: one refused at once) removes the dead run's trial disk.
+    try_image(tmp_path / "hang.img", "--workdir", work, "--timeout", "nope=1")
+    qemu.work_directory(work).rmdir()
+    assert list(work.iterdir()) == []
+
+
+def test_a_taken_port_is_replaced_by_a_free_one() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = qemu.free_port(port)
+        assert other != port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", other))       # really free
+    free = qemu.free_port(None)
+    assert qemu.free_port(free) == free
+
+
+def test_machines_for_boards() -> None:
+    catalog = load_catalog()
+    pc = qemu.machine_for(catalog.lookup("orangepipcplus")[0], None)
+    assert (pc.name, pc.qemu, pc.console, pc.memory_mib) == \
+        ("orangepi-pc", "qemu-system-arm", "ttyS0", 1024)
+    zero = qemu.machine_for(catalog.lookup("orangepizero")[0], None)
+    assert zero.name == "orangepi-pc"
+    h5 = qemu.machine_for(catalog.lookup("orangepizeroplus2-h5")[0], 2048)
+    assert (h5.name, h5.console, h5.memory_mib) == ("virt", "ttyAMA0", 2048)
+    assert qemu.kernel_arguments("root=UUID=x rootwait console=ttyS0,115200 quiet", h5) == \
+        "root=UUID=x rootwait quiet console=ttyAMA0,115200 " \
+        "systemd.default_device_timeout_sec=900"
+
+
+def test_trial_disk_changes(tmp_path: Path) -> None:
+    """What emulation gets written into the trial disk, read back with debugfs."""
+    disk = make_image(tmp_path / "d.img", "orangepizeroplus2-h5", {
+        "boot/jupyter-firstboot.conf": b"jupyter_password_hash = x\n",
+        "etc/systemd/system/jupyter-firstboot@.service": b"[Unit]\n"})
+    from builder.image import read_table
+    fs = qemu.find_root_fs(disk, read_table(disk))
+    machine = qemu.machine_for(load_catalog().lookup("orangepizeroplus2-h5")[0], None)
+    changes = qemu.prepare_for_emulation(fs, machine, tmp_path, None)
+    assert len(changes) == 3, changes
+    assert fs.read(qemu.SLOW_MACHINE_PATH) == qemu.SLOW_MACHINE_CONF.encode()
+    assert fs.read("/boot/jupyter-firstboot.conf") is None, "the image's preseed set aside"
+    assert fs.exists("/etc/systemd/system/dev-ttyAMA0.device.wants/"
+                     "jupyter-firstboot@ttyAMA0.service")
+    qemu.prepare_for_emulation(fs, machine, tmp_path, b"login_password = abcdefgh\n")
+    assert fs.read("/boot/jupyter-firstboot.conf") == b"login_password = abcdefgh\n"
+    stat = subprocess.run(["debugfs", "-R", "stat /boot/jupyter-firstboot.conf", fs.spec],
+                          capture_output=True, text=True).stdout
+    assert "Mode:  0600" in stat
+    size = qemu.grow_to_power_of_two(disk)
+    assert size == 32 << 20 and disk.stat().st_size == size
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "try-image"
+    assert script.exists(), "pip install -e . makes the try-image command"
+    assert os.access(script, os.X_OK)
