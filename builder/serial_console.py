@@ -9,6 +9,7 @@ it must not hide a prompt.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import select
@@ -19,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-# CSI and OSC sequences, other two-byte escapes, and control characters except newline and tab.
-_ESCAPES = re.compile(rb"\x1b\[[0-9;?!]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]"
-                      rb"|[\x00-\x08\x0b-\x1f\x7f]")
+# Escape sequences: CSI (ESC [ ... final), OSC (ESC ] ... BEL or ST), and the short ones
+# (ESC 7, ESC c, ESC ( B ...: any final byte but the [ and ] that open the long ones); then
+# control characters except newline and tab.
+_SEQUENCE = rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-Z\\^-~]"
+_SEQUENCES = re.compile(_SEQUENCE)
+_ESCAPES = re.compile(_SEQUENCE + rb"|[\x00-\x08\x0b-\x1f\x7f]")
+# A sequence still open after this many bytes is noise, not a sequence: let it through.
+_LONGEST_SEQUENCE = 64
 # How much cleaned text is kept to match against: prompts are short; a boot log is not.
 _WINDOW = 256 << 10
 
@@ -51,7 +57,7 @@ class Match:
     name: str
     text: str               # the matched text
     groups: tuple[str, ...]
-    at: float               # monotonic time it arrived
+    at: float               # monotonic time of the match
 
 
 # Lines after which waiting longer is pointless, with what they usually mean.
@@ -85,6 +91,8 @@ class SerialConsole:
         self._closed = False
         self._stopping = False
         self._last_data = time.monotonic()
+        self._pending = b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._changed = threading.Condition()
         os.set_blocking(fd, False)
         self._reader = threading.Thread(target=self._read_forever, name="serial-reader",
@@ -125,11 +133,21 @@ class SerialConsole:
             if self.echo is not None:
                 self.echo.write(data)
                 self.echo.flush()
-            clean = _ESCAPES.sub(b"", data).decode("utf-8", errors="replace")
+            clean = self._clean(data)
             with self._changed:
-                self._text = (self._text + clean.replace("\ufffd", ""))[-_WINDOW:]
+                self._text = (self._text + clean)[-_WINDOW:]
                 self._last_data = time.monotonic()
                 self._changed.notify_all()
+
+    def _clean(self, data: bytes) -> str:
+        """Text without escapes; a sequence or a UTF-8 character cut between two reads is
+        kept back until its end arrives, so it is neither half-removed nor garbled."""
+        data = self._pending + data
+        self._pending = b""
+        cut = data.rfind(b"\x1b")
+        if cut >= 0 and len(data) - cut < _LONGEST_SEQUENCE and not _SEQUENCES.match(data, cut):
+            data, self._pending = data[:cut], data[cut:]
+        return self._decoder.decode(_ESCAPES.sub(b"", data)).replace("\ufffd", "")
 
     def expect(self, patterns: Mapping[str, str], timeout: float, phase: str) -> Match:
         """Wait for the first of `patterns` (name → regular expression) to appear; text up to
@@ -146,7 +164,9 @@ class SerialConsole:
                     return Match(name, m.group(0), tuple(g or "" for g in m.groups()),
                                  time.monotonic())
                 for rx, meaning in self.fatal.items():
-                    if (m := rx.search(self._text)):
+                    # Once the line is complete: the message names the cause, which follows.
+                    m = rx.search(self._text)
+                    if m and (m.end() < len(self._text) or self._closed):
                         raise GuestFailed(phase, f"{meaning}: {m.group(0).strip()!r}")
                 if self._closed:
                     raise ConsoleClosed(phase, f"the serial line closed while waiting for "

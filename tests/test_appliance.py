@@ -6,11 +6,13 @@ over HTTP to the password and the token it set."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -23,6 +25,7 @@ from conftest import (
     BUILD_IMAGE,
     REPO,
     TEST_CACHE,
+    TRY_IMAGE,
     BaseImage,
     cli_env,
     engine_capable,
@@ -80,13 +83,30 @@ class Image:
         return result
 
 
+@dataclass
+class Smoke:
+    proc: subprocess.Popen[str]
+    work: Path
+    image: Path
+    sha256: str         # of the image before try-image read it
+
+
+# What the armhf smoke test puts on the trial card: try-image must know the passwords.
+SMOKE_PRESEED = ("login_password = smoke login pässword\njupyter_password = smoke jupyter pw\n"
+                 "jupyter_token = smoke-test-token-0123456789abcdef\nhostname = smoke-pc\n")
+
+
 class Builds:
     """Both appliance builds, started together: each spends most of its time in one
-    emulated dpkg or Python process, so two of them use a 2-core machine's second core."""
+    emulated dpkg or Python process, so two of them use a 2-core machine's second core. Each
+    finished image is booted with try-image --smoke at once, while the other tests run."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
         self.started: dict[str, tuple[subprocess.Popen[str], Path]] = {}
+        self.smokes: dict[str, Smoke] = {}
+        self.finishing: dict[str, threading.Thread] = {}
+        self.stopping = False
 
     def start(self) -> None:
         for arch, board in BOARDS.items():
@@ -104,6 +124,20 @@ class Builds:
                 proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                         stdout=subprocess.PIPE, stderr=stderr)
             self.started[arch] = (proc, log)
+            self.finishing[arch] = threading.Thread(target=self._finish, args=(arch,))
+            self.finishing[arch].start()
+
+    def _finish(self, arch: str) -> None:
+        """Waits for a build; boots its image with try-image the moment it is there."""
+        proc, _ = self.started[arch]
+        try:
+            proc.communicate(timeout=3600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        if proc.returncode == 0 and not self.stopping:
+            image = next((self.work / arch / "out").glob("*.img.zst"))
+            self.start_smoke(arch, image)
 
     def preseed(self) -> Path:
         from jupyter_server.auth import passwd
@@ -119,15 +153,45 @@ class Builds:
 
     def result(self, arch: str) -> tuple[int, str]:
         proc, log = self.started[arch]
-        try:
-            proc.communicate(timeout=3600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        self.finishing[arch].join()
         return proc.returncode, log.read_text()
 
+    def start_smoke(self, arch: str, image: Path) -> None:
+        """try-image --smoke on a finished image, started as soon as it is built: booting
+        takes minutes of emulation, which run while the other tests inspect the images."""
+        work = self.work / arch / "try"
+        work.mkdir()
+        argv = [*TRY_IMAGE, str(image), "--smoke", "--report", str(work / "report"),
+                "--workdir", str(work)]
+        if arch == "armhf":
+            preseed = work / "smoke.conf"
+            preseed.write_text(SMOKE_PRESEED)
+            argv += ["--preseed", str(preseed)]
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+        with open(work / "try-image.log", "w") as stderr:
+            proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
+                                    stdout=subprocess.PIPE, stderr=stderr)
+        self.smokes[arch] = Smoke(proc, work, image, digest)
+
+    def smoke(self, arch: str) -> tuple[Smoke, str, str]:
+        assert arch in self.smokes, f"try-image was not started for {arch} (see the build)"
+        smoke = self.smokes[arch]
+        try:
+            stdout, _ = smoke.proc.communicate(timeout=3 * 3600)
+        except subprocess.TimeoutExpired:
+            smoke.proc.kill()
+            stdout, _ = smoke.proc.communicate()
+        return smoke, stdout, (smoke.work / "try-image.log").read_text()
+
     def stop(self) -> None:
+        self.stopping = True
         for proc, _ in self.started.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for thread in self.finishing.values():
+            thread.join()
+        for proc in [p for p, _ in self.started.values()] + \
+                [s.proc for s in self.smokes.values()]:
             if proc.poll() is None:
                 proc.terminate()
                 proc.communicate()
@@ -313,6 +377,16 @@ def test_rendered_config_has_the_keys_and_no_secret(image: Image) -> None:
         assert f"c.{key} = {value}\n" in text, key
     assert "NotebookApp" not in text and "c.ServerApp.password" not in text
     assert not re.search(r"(argon2|sha1):|token = \"", text)
+    # No news popup and no update checks: the overrides name settings the image's JupyterLab
+    # has, with values of the types its schema wants.
+    share = image.root / VENV.lstrip("/") / "share/jupyter/lab"
+    overrides = json.loads((share / "settings/overrides.json").read_text())
+    plugin = "@jupyterlab/apputils-extension:notification"
+    assert overrides[plugin] == {"fetchNews": "false", "checkForUpdates": False}
+    schema = json.loads((share / "schemas/@jupyterlab/apputils-extension/notification.json")
+                        .read_text())["properties"]
+    assert schema["fetchNews"]["type"] == "string" and schema["checkForUpdates"]["type"] == \
+        "boolean"
 
 
 def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
@@ -486,6 +560,48 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# Booted: try-image --smoke on the compressed output, as a user would try it (started by the
+# appliance fixture). armhf on QEMU's Orange Pi PC from its own U-Boot, with a preseed put on
+# the trial card; arm64 on QEMU's virt machine, where try-image answers the wizard itself.
+
+
+def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -> None:
+    smoke, stdout, stderr = builds.smoke(appliance.arch)
+    print(stdout)
+    assert smoke.proc.returncode == 0, stdout + stderr[-6000:]
+    report = smoke.work / "report"
+    result = json.loads((report / "report.json").read_text())
+    assert result["ok"] and result["failed_phase"] is None
+    machine = {"armhf": "orangepi-pc", "arm64": "virt"}[appliance.arch]
+    assert result["machine"] == machine and result["board"] == appliance.board
+    phases = {"kernel", "userspace", "wizard", "jupyter", "cell", "browser", "second-boot"}
+    if appliance.arch == "armhf":
+        phases.add("u-boot")
+    assert set(result["phases"]) == phases, result["phases"]
+    assert result["stack"]["user"] == "jupyter"
+    assert set(result["stack"]["versions"]) == {"numpy", "scipy", "pandas", "matplotlib",
+                                                "sympy", "geopandas"}
+    checks = "\n".join(result["checks"])
+    for expected in ("wizard ran on the serial console", "without credentials",
+                     "token shown by the wizard gets in", "password logs in",
+                     "Jupyter runs as jupyter", "root filesystem grew",
+                     "JupyterLab loads in headless Chromium", "login prompt on the serial",
+                     "wizard does not run again", "Jupyter started by itself"):
+        assert expected in checks, (expected, checks)
+    assert (report / "jupyterlab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    serial = (report / "serial-boot1.log").read_bytes()
+    assert b"=== Jupyter workstation setup" in serial
+    assert b"=== Jupyter workstation setup" not in (report / "serial-boot2.log").read_bytes()
+    if appliance.arch == "armhf":
+        assert b"Starting kernel" in serial and b"smoke-pc login:" in serial
+    # The image is untouched, and nothing is left running or lying around.
+    assert hashlib.sha256(smoke.image.read_bytes()).hexdigest() == smoke.sha256
+    assert list(smoke.work.glob("try-image-*")) == []
+    running = subprocess.run(["pgrep", "-f", f"qemu-system.*{smoke.work}"], capture_output=True,
+                             text=True)
+    assert running.stdout == ""
 
 
 # The apt step alone, on the engine tests' small arm64 image: the failures a user's package
