@@ -279,15 +279,19 @@ def hash_login_password(password: str) -> str:
 
 
 def hash_jupyter_password(password: str, python: str) -> str:
-    """An argon2 hash made by the venv's own jupyter_server; the password goes through a pipe,
-    never the command line."""
-    code = ("import sys; from jupyter_server.auth import passwd; "
-            "print(passwd(sys.stdin.readline().rstrip('\\n')))")
+    """An argon2 hash in jupyter_server's format, made by the venv's Python; the password goes
+    through a pipe, never the command line."""
+    # jupyter_server.auth.passwd's own recipe (argon2id, 10 MiB, t=10, p=8, "argon2:" prefix)
+    # through argon2-cffi, which jupyter_server requires: importing jupyter_server itself took
+    # over two minutes on a busy emulated board. The tests check the result with
+    # jupyter_server's passwd_check.
+    code = ("import sys, argon2; print('argon2:' + argon2.PasswordHasher(memory_cost=10240, "
+            "time_cost=10, parallelism=8).hash(sys.stdin.readline().rstrip('\\n')))")
     try:
         # -I and cwd /: run from a notebook user's directory, nothing there gets imported.
         result = subprocess.run([python, "-I", "-X", "utf8", "-c", code],
                                 input=password + "\n", text=True, capture_output=True,
-                                timeout=120, cwd="/")
+                                timeout=300, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SetupError(f"cannot run {python} to hash the Jupyter password: {exc}") from None
     if result.returncode != 0:
