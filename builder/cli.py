@@ -7,7 +7,7 @@ import dataclasses
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -134,24 +134,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     args = parser().parse_args(argv)
     log.setup(quiet=args.quiet, debug=args.debug)
+    return run_reporting("build-image", lambda: _main(args), debug=args.debug,
+                         after_interrupt="everything started was cleaned up (a partial "
+                                         "download is kept and resumes on the next run)")
+
+
+def run_reporting(program: str, body: Callable[[], int], *, debug: bool,
+                  after_interrupt: str) -> int:
+    """Run a command's body: an error becomes one line and exit 1, a signal a line saying
+    what was cleaned up and 128 + its number (with --debug, errors keep their traceback)."""
     try:
         with signals_as_exceptions():
-            return _main(args)
+            return body()
     except BuildError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"build-image: error: {exc}", file=sys.stderr)
+        print(f"{program}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        if args.debug:
+        if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"build-image: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except Interrupted as exc:
         name = signal.Signals(exc.signum).name
-        print(f"build-image: interrupted by {name}; everything started was cleaned up "
-              f"(a partial download is kept and resumes on the next run)", file=sys.stderr)
+        print(f"{program}: interrupted by {name}; {after_interrupt}", file=sys.stderr)
         return 128 + exc.signum
 
 

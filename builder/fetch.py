@@ -303,6 +303,34 @@ def _check_remote_signature(source: BaseSource, path: Path, trust: Trust, http: 
 ZEROS = bytes(1 << 20)
 
 
+def decompress_sparse(compressed: Path, suffix: str, target: Path, name: str) -> int:
+    """Decompress into `target` with a progress bar, skipping runs of zeros (a sparse file);
+    returns the size written."""
+    size = compressed.stat().st_size
+    with open(compressed, "rb") as src, open(target, "wb") as out, \
+            log.progress(f"decompressing {name}", size) as bar, \
+            spawn(COMPRESSIONS[suffix], stdin=src,
+                  what=f"decompress {compressed}: the file is corrupt or truncated") as proc:
+        assert proc.stdout is not None
+        written = 0
+        seen = 0
+        while chunk := proc.stdout.read(len(ZEROS)):
+            if chunk == ZEROS[: len(chunk)]:
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+            written += len(chunk)
+            # The decompressor shares our file description of src, so its read position is
+            # how far it has come.
+            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
+            bar.update(position - seen)
+            seen = position
+        out.truncate(written)
+        out.flush()
+        os.fsync(out.fileno())
+    return written
+
+
 def _decompress(compressed: Path, source: BaseSource, digest: str, signature: str | None,
                 cache: Cache) -> CachedImage:
     """Decompress into a sparse raw image: runs of zeros are skipped, not written, so a 4 GiB
@@ -310,29 +338,8 @@ def _decompress(compressed: Path, source: BaseSource, digest: str, signature: st
     final = cache.image_path(digest)
     tmp = final.with_name(f".{final.name}.tmp")
     tmp.unlink(missing_ok=True)  # left by a build that was killed
-    size = compressed.stat().st_size
     try:
-        with open(compressed, "rb") as src, open(tmp, "wb") as out, \
-                log.progress(f"decompressing {source.filename}", size) as bar, \
-                spawn(COMPRESSIONS[source.suffix], stdin=src,
-                      what=f"decompress {compressed}: the file is corrupt or truncated") as proc:
-            assert proc.stdout is not None
-            written = 0
-            seen = 0
-            while chunk := proc.stdout.read(len(ZEROS)):
-                if chunk == ZEROS[: len(chunk)]:
-                    out.seek(len(chunk), os.SEEK_CUR)
-                else:
-                    out.write(chunk)
-                written += len(chunk)
-                # The decompressor shares our file description of src, so its read position
-                # is how far it has come.
-                position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
-                bar.update(position - seen)
-                seen = position
-            out.truncate(written)
-            out.flush()
-            os.fsync(out.fileno())
+        written = decompress_sparse(compressed, source.suffix, tmp, source.filename)
         if written == 0:
             raise BuildError(f"{compressed} decompressed to nothing: it is not a disk image")
         stat = tmp.stat()

@@ -26,9 +26,9 @@ from pathlib import Path
 from builder import log
 from builder.boards import Board
 from builder.errors import BuildError
-from builder.fetch import COMPRESSIONS, image_suffix
+from builder.fetch import decompress_sparse, image_suffix
 from builder.image import Partition, Table, copy_sparse
-from builder.run import run, spawn
+from builder.run import run
 
 # Where U-Boot's SPL sits on an Allwinner card, and the magic of its boot header.
 ALLWINNER_SPL_OFFSET = 8 << 10
@@ -211,24 +211,7 @@ def make_trial_disk(image: Path, target: Path) -> None:
         log.info(f"copying {image.name} to a trial disk (the image itself is never booted)")
         copy_sparse(image, target)
         return
-    size = image.stat().st_size
-    zeros = bytes(1 << 20)
-    with open(image, "rb") as src, open(target, "wb") as out, \
-            log.progress(f"decompressing {image.name}", size) as bar, \
-            spawn(COMPRESSIONS[suffix], stdin=src,
-                  what=f"decompress {image}: the file is corrupt or truncated") as proc:
-        assert proc.stdout is not None
-        written = seen = 0
-        while chunk := proc.stdout.read(len(zeros)):
-            if chunk == zeros[: len(chunk)]:
-                out.seek(len(chunk), os.SEEK_CUR)       # keep the trial disk sparse
-            else:
-                out.write(chunk)
-            written += len(chunk)
-            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
-            bar.update(position - seen)
-            seen = position
-        out.truncate(written)
+    written = decompress_sparse(image, suffix, target, image.name)
     if written == 0:
         raise BuildError(f"{image} decompressed to nothing: it is not a disk image")
 

@@ -15,7 +15,6 @@ import contextlib
 import json
 import secrets
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,8 +26,8 @@ from builder import __version__, firstboot, log, qemu
 from builder import browser as browser_check
 from builder import jupyter_client as jupyter
 from builder.boards import Board, load_catalog
-from builder.cli import signals_as_exceptions
-from builder.errors import BuildError, Interrupted
+from builder.cli import run_reporting
+from builder.errors import BuildError
 from builder.fetch import image_suffix
 from builder.image import read_table
 from builder.run import require_programs
@@ -571,25 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     args = parser().parse_args(argv)
     log.setup(quiet=args.quiet, debug=args.debug)
-    try:
-        with signals_as_exceptions():
-            return try_image(check_request(args))
-    except BuildError as exc:
-        if args.debug:
-            raise
-        print(f"try-image: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        if args.debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"try-image: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        print(f"try-image: interrupted by {name}; QEMU was stopped and the trial disk removed",
-              file=sys.stderr)
-        return 128 + exc.signum
+    return run_reporting("try-image", lambda: try_image(check_request(args)), debug=args.debug,
+                         after_interrupt="QEMU was stopped and the trial disk removed")
 
 
 if __name__ == "__main__":
