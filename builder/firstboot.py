@@ -803,14 +803,19 @@ class Console:
             while data:
                 data = data[os.write(self.fd_out, data):]
 
-    def read_line(self, timeout: float | None, hidden: bool = False) -> str:
-        """One line without its end. Raises AnswerTimeout, EOFError or Garbage."""
+    def read_line(self, timeout: float | None, hidden: bool = False, prompt: str = "") -> str:
+        """One line without its end, after showing `prompt`. Raises AnswerTimeout, EOFError or
+        Garbage."""
         saved = None
         if hidden and self.is_tty:
             saved = termios.tcgetattr(self.fd_in)
             quiet = termios.tcgetattr(self.fd_in)
             quiet[3] &= ~(termios.ECHO | termios.ECHONL)
             termios.tcsetattr(self.fd_in, termios.TCSANOW, quiet)
+        # The prompt only once echo is off: a password sent the moment the prompt shows (a
+        # paste, a program at the other end) was seen echoed in clear on a serial console.
+        if prompt:
+            self.say(prompt, end="")
         try:
             raw = self._read_raw(timeout)
         finally:
@@ -885,9 +890,9 @@ class Wizard:
         shown = f" [{default}]" if default else ""
         noise = 0
         while True:
-            self.console.say(f"{prompt}{shown}: ", end="")
             try:
-                answer = self.console.read_line(self.timeout, hidden=hidden)
+                answer = self.console.read_line(self.timeout, hidden=hidden,
+                                                prompt=f"{prompt}{shown}: ")
             except Garbage:
                 noise += 1
                 if noise >= NOISE_LIMIT:

@@ -638,9 +638,14 @@ def test_terminals_that_end_lines_with_cr(card: Card, end: str) -> None:
                            ("Time zone [Etc/UTC]: ", "")):
         child.expect_exact(prompt)
         assert "^M" not in child.before
+        # Answers sent the moment the prompt shows, as a program or a paste does: a hidden
+        # one is never echoed (the prompt appears only once echo is off).
+        assert LOGIN not in child.before and JUPYTER not in child.before
         if prompt.startswith("Time zone"):
             assert re.search(r"^crlf-board\r*\n", child.before), child.before
         child.send(answer + end)
+    child.expect("hashing the Jupyter password")
+    assert LOGIN not in child.before and JUPYTER not in child.before
     finished(child)
     assert card.login_accepts(LOGIN)
     assert (card.root / "etc/hostname").read_text() == "crlf-board\n"
@@ -759,3 +764,31 @@ def test_wifi_for_networkmanager_keeps_odd_names(tmp_path: Path) -> None:
     nothing = firstboot.set_wifi(firstboot.System(tmp_path / "bare", Settings(), PYTHON),
                                  "Lab", None)
     assert "NOT configured" in nothing
+
+
+def test_a_hidden_prompt_shows_only_once_echo_is_off(tmp_path: Path) -> None:
+    """A program or a paste answers the moment the prompt shows: the terminal must already
+    have echo off by then (seen in clear on QEMU's serial console when the prompt came first).
+    The prompt is written on a pty; the line's echo flag is read at that very moment."""
+    import termios
+    master, slave = os.openpty()
+    try:
+        console = firstboot.Console(slave, slave, "pts")
+        echo_when_prompted: list[bool] = []
+        write = console.say
+
+        def say(text: str = "", end: str = "\n") -> None:
+            if text.startswith("Login password"):
+                echo_when_prompted.append(bool(termios.tcgetattr(slave)[3] & termios.ECHO))
+            write(text, end)
+
+        console.say = say  # type: ignore[method-assign]
+        wizard = firstboot.Wizard(firstboot.System(tmp_path, Settings(), PYTHON), console,
+                                  first_boot=True)
+        os.write(master, LOGIN.encode() + b"\r")
+        assert wizard.ask("Login password for jupyter", lambda v: v, hidden=True) == LOGIN
+        assert echo_when_prompted == [False]
+        assert termios.tcgetattr(slave)[3] & termios.ECHO, "echo is back on afterwards"
+    finally:
+        os.close(master)
+        os.close(slave)
