@@ -339,6 +339,11 @@ def run_smoke(trial: Trial, report: Report) -> None:
         credentials = answer_wizard(console, trial, credentials, t["wizard"])
         started = _phase(report, "wizard", started)
         report.passed("the setup wizard ran on the serial console and completed")
+        serial = (trial.request.report / "serial-boot1.log").read_bytes()
+        for secret in (credentials.login_password, credentials.jupyter_password):
+            if secret.encode() in serial:
+                raise SmokeFailure("wizard", "a password appeared on the serial console")
+        report.passed("no password appeared on the serial console")
         try:
             jupyter.wait_until_up(trial.base, t["jupyter"], alive=lambda: proc.poll() is None)
         except jupyter.JupyterError as exc:
