@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
                         "--smoke it must hold plain login_password and jupyter_password)")
     p.add_argument("--port", type=int, default=8888,
                    help="host port forwarded to Jupyter on 127.0.0.1 (default 8888; another "
-                        "free one when it is taken)")
+                        "free one when it is taken; 0: any free one)")
     p.add_argument("--memory", type=int, metavar="MIB",
                    help="guest memory for the virt machine (default: the board's, at least "
                         "1024); the orangepi-pc machine always has 1024")
@@ -163,8 +163,8 @@ def check_request(args: argparse.Namespace) -> Request:
             raise BuildError(f"--timeout {item}: give seconds, like {name}=600") from None
         if timeouts[name] <= 0:
             raise BuildError(f"--timeout {item}: must be more than 0 seconds")
-    if not 1 <= args.port <= 65535:
-        raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535")
+    if not 0 <= args.port <= 65535:
+        raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535 (0: any free one)")
     preseed = credentials = None
     if args.preseed:
         try:

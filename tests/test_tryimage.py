@@ -297,3 +297,30 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "try-image"
     assert script.exists(), "pip install -e . makes the try-image command"
     assert os.access(script, os.X_OK)
+
+
+def test_interactive_mode_gives_the_terminal_the_serial_console(tmp_path: Path,
+                                                                work: Path) -> None:
+    """Without --smoke the guest's serial console is the user's terminal; Ctrl-A X quits QEMU
+    and try-image cleans up after it."""
+    import pexpect
+    image = hanging_image(tmp_path)
+    child = pexpect.spawn(TRY_IMAGE[0], [*TRY_IMAGE[1:], str(image), "--workdir", str(work),
+                                         "--port", "0"],
+                          cwd=str(REPO), env=cli_env(), encoding="utf-8", timeout=60)
+    try:
+        child.expect(r"Jupyter is\s+at http://127\.0\.0\.1:(\d+)/lab")
+        port = int(child.match.group(1))
+        assert 0 < port < 65536
+        child.expect("Ctrl-A X quits QEMU")
+        deadline = time.monotonic() + 30
+        while not qemu_running(work):
+            assert time.monotonic() < deadline, "QEMU did not start"
+            time.sleep(0.2)
+        time.sleep(1)
+        child.send("\x01x")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert_nothing_left(work)
