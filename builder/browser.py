@@ -26,6 +26,8 @@ from urllib.parse import quote
 import requests
 import websocket
 
+from builder.run import die_with_parent
+
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
 INSTALL_HINT = "install it with: apt-get install chromium"
 
@@ -197,7 +199,8 @@ def _start(program: str, profile: Path, log_path: Path) -> subprocess.Popen[byte
         # Its own session, so the renderers and zygotes it forks can be signalled as a group
         # and a Ctrl-C in the terminal reaches us, not Chromium, first.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent())
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

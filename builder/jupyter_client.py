@@ -15,6 +15,17 @@ import requests
 import websocket
 
 
+def _session() -> requests.Session:
+    # The guest is on 127.0.0.1: never through a proxy from the environment, which would
+    # also be handed the token and the password.
+    http = requests.Session()
+    http.trust_env = False
+    return http
+
+
+_HTTP = _session()
+
+
 class JupyterError(Exception):
     """Jupyter did not do what a user needs: one line saying what."""
 
@@ -34,7 +45,7 @@ def wait_until_up(base: str, timeout: float, alive: Any = None) -> float:
         if alive is not None and not alive():
             raise JupyterError(f"the guest stopped before Jupyter answered ({last})")
         try:
-            requests.get(f"{base}/api/status", timeout=10)
+            _HTTP.get(f"{base}/api/status", timeout=10)
             return time.monotonic() - started
         except requests.RequestException as exc:
             last = type(exc).__name__
@@ -44,15 +55,15 @@ def wait_until_up(base: str, timeout: float, alive: Any = None) -> float:
 
 def refuses_strangers(base: str) -> None:
     for path in ("/api/status", "/api/contents", "/api/kernels"):
-        answer = requests.get(f"{base}{path}", timeout=60)
+        answer = _HTTP.get(f"{base}{path}", timeout=60)
         if answer.status_code not in (401, 403):
             raise JupyterError(f"{path} without credentials answered {answer.status_code}, "
                                f"not 403: Jupyter is open to anyone on the network")
 
 
 def token_works(base: str, token: str) -> None:
-    answer = requests.get(f"{base}/api/status", timeout=60,
-                          headers={"Authorization": f"token {token}"})
+    answer = _HTTP.get(f"{base}/api/status", timeout=60,
+                       headers={"Authorization": f"token {token}"})
     if answer.status_code != 200:
         raise JupyterError(f"the token was refused ({answer.status_code})")
 
@@ -62,7 +73,7 @@ class Session:
 
     def __init__(self, base: str) -> None:
         self.base = base
-        self.http = requests.Session()
+        self.http = _session()
 
     def close(self) -> None:
         self.http.close()
@@ -104,6 +115,7 @@ class Session:
         cookie = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         session = uuid.uuid4().hex
         ws = websocket.create_connection(f"{url}?session_id={session}", timeout=60,
+                                         http_no_proxy=["127.0.0.1", "localhost"],
                                          header=[f"Cookie: {cookie}", *(
                                              f"{k}: {v}" for k, v in self._headers().items())])
         try:
@@ -168,6 +180,9 @@ png = io.BytesIO()
 figure.savefig(png, format="png")
 frame = geopandas.GeoDataFrame({"name": ["a", "b"]}, geometry=[box(0, 0, 2, 3), box(0, 0, 1, 1)])
 root = os.statvfs("/")
+device = os.stat("/").st_dev
+with open(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/size") as size:
+    partition = int(size.read()) * 512
 print("TRY-IMAGE " + json.dumps({
     "user": pwd.getpwuid(os.getuid()).pw_name,
     "det": float(numpy.linalg.det(numpy.array([[2.0, 1.0], [1.0, 3.0]]))),
@@ -177,6 +192,7 @@ print("TRY-IMAGE " + json.dumps({
     "area": float(frame.area.sum()),
     "png": png.getvalue()[:4].hex(),
     "root_bytes": root.f_frsize * root.f_blocks,
+    "root_partition_bytes": partition,
     "versions": {m.__name__: m.__version__
                  for m in (numpy, scipy, pandas, matplotlib, sympy, geopandas)},
 }))

@@ -9,12 +9,10 @@ needs written into it with debugfs, without mounting anything (so try-image need
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,7 +26,7 @@ from builder.boards import Board
 from builder.errors import BuildError
 from builder.fetch import decompress_sparse, image_suffix
 from builder.image import Partition, Table, copy_sparse
-from builder.run import run
+from builder.run import die_with_parent, run
 
 # Where U-Boot's SPL sits on an Allwinner card, and the magic of its boot header.
 ALLWINNER_SPL_OFFSET = 8 << 10
@@ -111,10 +109,30 @@ class Ext4:
                  if line.count("/") >= 6]
         return [n for n in names if n not in (".", "..")]
 
+    def resolve(self, path: str, hops: int = 8) -> str:
+        """`path` with symbolic links followed (Armbian's /boot/Image and uInitrd are links);
+        debugfs's dump would copy the link, not the kernel."""
+        for _ in range(hops):
+            stat = self._debugfs(f"stat {path}").stdout.decode(errors="replace")
+            if "Type: symlink" not in stat:
+                return path
+            target = re.search(r'Fast link dest: "([^"]*)"', stat)
+            if target is None:
+                link = self.read(path)     # a long link's target is in a data block
+                if not link:
+                    break
+                destination = link.decode(errors="replace")
+            else:
+                destination = target.group(1)
+            path = os.path.normpath(os.path.join(os.path.dirname(path), destination))
+        raise BuildError(f"{path}: a symbolic link that leads nowhere in {self.disk.name}")
+
     def dump(self, path: str, target: Path) -> None:
-        proc = self._debugfs(f"dump {path} {target}")
-        if not target.exists() or b"not found" in proc.stderr:
-            raise BuildError(f"{path} could not be read from {self.disk}")
+        real = self.resolve(path)
+        proc = self._debugfs(f"dump {real} {target}")
+        if not target.exists() or b"not found" in proc.stderr or target.stat().st_size == 0:
+            raise BuildError(f"{path} could not be read from {self.disk.name} (empty, or not "
+                             f"a regular file)")
 
     def write(self, path: str, data: bytes, mode: int, work: Path) -> None:
         """Create or replace a file (owned by root)."""
@@ -252,35 +270,62 @@ def check_bootable(machine: Machine, disk: Path, fs: Ext4, work: Path) -> Kernel
 
 def _boot_files(fs: Ext4) -> tuple[str, str | None, str]:
     """(kernel, initrd, kernel arguments) as the image's boot configuration names them:
-    extlinux.conf (Debian bases), else Armbian's /boot/Image and armbianEnv.txt."""
+    extlinux.conf's default label (Debian bases), else Armbian's /boot/Image and
+    armbianEnv.txt."""
     extlinux = fs.read("/boot/extlinux/extlinux.conf")
     if extlinux:
-        text = extlinux.decode(errors="replace")
-        fields: dict[str, str] = {}
-        for line in text.splitlines():
-            words = line.strip().split(None, 1)
-            if len(words) == 2 and words[0].lower() in ("kernel", "linux", "initrd", "append"):
-                fields.setdefault(words[0].lower(), words[1].strip())
+        fields = _default_label(extlinux.decode(errors="replace"))
         kernel = fields.get("kernel") or fields.get("linux")
         if not kernel:
             raise BuildError("/boot/extlinux/extlinux.conf names no kernel: the image cannot "
                              "boot")
-        paths = [kernel, fields.get("initrd")]
-        resolved = [p if p is None or p.startswith("/boot/") or not fs.exists(f"/boot/{p}")
-                    else f"/boot/{p}" for p in paths]
-        for path in resolved:
-            if path and not fs.exists(path):
-                raise BuildError(f"extlinux.conf names {path}, which is not in the image: "
-                                 f"it cannot boot")
-        return resolved[0] or kernel, resolved[1], fields.get("append", "")
+        resolved: list[str | None] = []
+        for path in (kernel, fields.get("initrd")):
+            if path is None:
+                resolved.append(None)
+                continue
+            # U-Boot reads a relative path from the configuration file's directory.
+            candidates = [path] if path.startswith("/") else \
+                [f"/boot/extlinux/{path}", f"/boot/{path}"]
+            found = next((c for c in candidates if fs.exists(c)), None)
+            if found is None:
+                raise BuildError(f"extlinux.conf names {path}, which is not in the image: it "
+                                 f"cannot boot")
+            resolved.append(found)
+        return str(resolved[0]), resolved[1], fields.get("append", "")
     for kernel in ("/boot/Image", "/boot/zImage"):
         if fs.exists(kernel):
             env = (fs.read("/boot/armbianEnv.txt") or b"").decode(errors="replace")
             root = re.search(r"^rootdev=(\S+)", env, re.M)
             initrd = "/boot/uInitrd" if fs.exists("/boot/uInitrd") else None
             return kernel, initrd, f"root={root.group(1) if root else '/dev/vda1'} rootwait rw"
+    fstab = (fs.read("/etc/fstab") or b"").decode(errors="replace")
+    if re.search(r"^\s*[^#\s]+\s+/boot\s", fstab, re.M):
+        raise BuildError("the image keeps /boot on a partition of its own, which try-image does "
+                         "not read: try it on the board")
     raise BuildError("no kernel in /boot (no extlinux.conf, Image or zImage): the image cannot "
                      "boot")
+
+
+def _default_label(text: str) -> dict[str, str]:
+    """The fields of the label `default` names (else the first label)."""
+    default = None
+    labels: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for line in text.splitlines():
+        words = line.strip().split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        key, value = words[0].lower(), (words[1].strip() if len(words) == 2 else "")
+        if key == "default":
+            default = value
+        elif key == "label":
+            current = labels.setdefault(value, {})
+        elif current is not None and key in ("kernel", "linux", "initrd", "append"):
+            current.setdefault(key, value)
+    if not labels:
+        return {}
+    return labels.get(default or "", next(iter(labels.values())))
 
 
 def _strip_uboot_header(initrd: Path) -> None:
@@ -294,7 +339,10 @@ def _strip_uboot_header(initrd: Path) -> None:
 
 def kernel_arguments(append: str, machine: Machine) -> str:
     """The image's own arguments with the console moved to the virt machine's UART."""
-    kept = [a for a in shlex.split(append) if not a.startswith("console=")]
+    # Split as the kernel does, on spaces; the board's console and early consoles (UART
+    # addresses of the board, nothing on virt) go.
+    kept = [a for a in append.split()
+            if not a.startswith(("console=", "earlycon", "earlyprintk"))]
     return " ".join([*kept, f"console={machine.console},115200",
                      # Slow emulation; the same as SLOW_MACHINE_CONF, for the initrd as well.
                      "systemd.default_device_timeout_sec=900"])
@@ -363,12 +411,6 @@ def command(machine: Machine, disk: Path, kernel: Kernel | None, serial: str,
     return argv
 
 
-def _die_with_parent() -> None:
-    # QEMU must not outlive try-image, even when try-image is killed with SIGKILL.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-
-
 @contextlib.contextmanager
 def running(argv: Sequence[str], log_path: Path,
             interactive: bool = False) -> Iterator[subprocess.Popen[bytes]]:
@@ -377,7 +419,7 @@ def running(argv: Sequence[str], log_path: Path,
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=None if interactive else subprocess.DEVNULL,
                                 stdout=None if interactive else out, stderr=out,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent())
     try:
         yield proc
     finally:
@@ -400,7 +442,7 @@ def connect_serial(path: Path, proc: subprocess.Popen[bytes], timeout: float = 3
     while True:
         if proc.poll() is not None:
             raise BuildError(f"QEMU stopped at once (exit {proc.returncode}): "
-                             f"{_qemu_error(path.parent)}")
+                             f"{last_error(path.parent)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(path))
@@ -412,7 +454,8 @@ def connect_serial(path: Path, proc: subprocess.Popen[bytes], timeout: float = 3
             time.sleep(0.1)
 
 
-def _qemu_error(work: Path) -> str:
+def last_error(work: Path) -> str:
+    """QEMU's last line of complaint, from its log in the work directory."""
     try:
         lines = (work / "qemu.log").read_text(errors="replace").strip().splitlines()
     except OSError:

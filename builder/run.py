@@ -7,6 +7,7 @@ shown in --debug output, and a failure turned into a one-line BuildError that sa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import shlex
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -208,3 +209,21 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
         for line in tail[-10:]:
             log.info(f"  | {line}")
         raise BuildError(f"{what} failed with exit code {code}")
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn for a helper process (QEMU, Chromium) that must not outlive us, even
+    when we are killed with SIGKILL: the kernel kills it when its parent dies."""
+    parent = os.getpid()
+
+    def arrange() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:      # the parent died before prctl took effect
+            os._exit(1)
+
+    return arrange
+

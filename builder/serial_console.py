@@ -113,6 +113,16 @@ class SerialConsole:
     # Reading.
 
     def _read_forever(self) -> None:
+        try:
+            self._read_until_closed()
+        finally:
+            # Whatever stopped the reader (the line closed, the log's disk full), waiting
+            # for more text would only run into a time limit.
+            with self._changed:
+                self._closed = True
+                self._changed.notify_all()
+
+    def _read_until_closed(self) -> None:
         while not self._stopping:
             ready, _, _ = select.select([self.fd], [], [], 0.2)
             if not ready:
@@ -124,9 +134,6 @@ class SerialConsole:
             except OSError:         # a pty whose other end closed reads EIO
                 data = b""
             if not data:
-                with self._changed:
-                    self._closed = True
-                    self._changed.notify_all()
                 return
             self.log.write(data)
             self.log.flush()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+import os
+import re
 import secrets
 import shutil
 import sys
@@ -29,7 +32,7 @@ from builder.boards import Board, load_catalog
 from builder.cli import run_reporting
 from builder.errors import BuildError
 from builder.fetch import image_suffix
-from builder.image import read_table
+from builder.image import copy_sparse, read_table
 from builder.run import require_programs
 from builder.serial_console import ConsoleError, SerialConsole, tail
 
@@ -148,7 +151,11 @@ def check_request(args: argparse.Namespace) -> Request:
     if not image.is_file():
         raise BuildError(f"{image}: no such image file (give the .img, .img.xz or .img.zst "
                          f"build-image wrote)")
-    suffix = image_suffix(image.name)
+    try:
+        suffix = image_suffix(image.name)
+    except BuildError:
+        raise BuildError(f"{image.name}: not an .img, .img.xz or .img.zst file (give the image "
+                         f"build-image wrote)") from None
     if suffix == ".img.gz":
         raise BuildError(f"{image.name}: try-image reads .img, .img.xz and .img.zst")
     timeouts = dict(TIMEOUTS)
@@ -161,8 +168,8 @@ def check_request(args: argparse.Namespace) -> Request:
             timeouts[name] = float(value)
         except ValueError:
             raise BuildError(f"--timeout {item}: give seconds, like {name}=600") from None
-        if timeouts[name] <= 0:
-            raise BuildError(f"--timeout {item}: must be more than 0 seconds")
+        if not (math.isfinite(timeouts[name]) and timeouts[name] > 0):
+            raise BuildError(f"--timeout {item}: give a number of seconds more than 0")
     if not 0 <= args.port <= 65535:
         raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535 (0: any free one)")
     preseed = credentials = None
@@ -182,8 +189,15 @@ def check_request(args: argparse.Namespace) -> Request:
             token = answers.token if answers.token not in (None, "generate", "none") else None
             credentials = Credentials("", answers.login_password, answers.jupyter_password,
                                       token)
-    if args.keep_disk and args.keep_disk.exists():
-        raise BuildError(f"--keep-disk {args.keep_disk}: already exists; give a new path")
+    if args.memory is not None and not 256 <= args.memory <= 16384:
+        raise BuildError(f"--memory {args.memory}: give MiB, 256 to 16384")
+    if args.keep_disk:
+        if args.keep_disk.exists():
+            raise BuildError(f"--keep-disk {args.keep_disk}: already exists; give a new path")
+        parent = args.keep_disk.absolute().parent
+        if not (parent.is_dir() and os.access(parent, os.W_OK)):
+            raise BuildError(f"--keep-disk {args.keep_disk}: {parent} is not a writable "
+                             f"directory")
     require_programs("debugfs", "dumpe2fs", "sfdisk", "cp",
                      *({".img.xz": ["xz"], ".img.zst": ["zstd"]}.get(suffix, [])))
     # The board from --board or the manifest build-image wrote beside the image: its machine
@@ -234,11 +248,17 @@ class Trial:
     user: str
     guest_port: int
     root_bytes: int                 # the root filesystem's size in the image, before boot
+    root_partition: int             # and its partition's
     host_port: int = 0
+    serial_log: Path | None = None  # the boot being watched
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.host_port}"
+
+
+def _port(value: str) -> int:
+    return int(value) if value.isdigit() and 0 < int(value) < 65536 else 8888
 
 
 def prepare_trial(request: Request, work: Path) -> Trial:
@@ -247,7 +267,7 @@ def prepare_trial(request: Request, work: Path) -> Trial:
     table = read_table(disk)
     fs = qemu.find_root_fs(disk, table)
     release = _release(fs)
-    name = request.board or release.get("BOARD")
+    name = request.board or release.get("BOARD") or _manifest_board(request.image)
     if not name:
         raise BuildError(f"{request.image.name} does not say which board it is for (no "
                          f"/etc/orangepi-jupyter-release): pass --board")
@@ -265,8 +285,8 @@ def prepare_trial(request: Request, work: Path) -> Trial:
         log.info(f"trial disk: {change}")
     return Trial(request=request, work=work, disk=disk, board=board, machine=machine, fs=fs,
                  kernel=kernel, user=release.get("JUPYTER_USER", "jupyter"),
-                 guest_port=int(release.get("JUPYTER_PORT", "8888")),
-                 root_bytes=block_size * blocks)
+                 guest_port=_port(release.get("JUPYTER_PORT", "")),
+                 root_bytes=block_size * blocks, root_partition=fs.partition.size)
 
 
 # Interactive.
@@ -280,7 +300,11 @@ def run_interactive(trial: Trial) -> int:
              f"at {trial.base}/lab (forwarded to the guest's port {trial.guest_port}). "
              f"Ctrl-A X quits QEMU; Ctrl-A H lists the other keys.")
     with qemu.running(argv, trial.work / "qemu.log", interactive=True) as proc:
-        return proc.wait()
+        code = proc.wait()
+    if code != 0:
+        raise BuildError(f"QEMU stopped with exit status {code}: "
+                         f"{qemu.last_error(trial.work)}")
+    return 0
 
 
 # --smoke.
@@ -294,6 +318,7 @@ def booted(trial: Trial, name: str) -> Iterator[tuple[SerialConsole, Any]]:
     argv = qemu.command(trial.machine, trial.disk, trial.kernel,
                         f"unix:{sock_path},server=on,wait=on", trial.host_port, trial.guest_port)
     log_path = trial.request.report / f"serial-{name}.log"
+    trial.serial_log = log_path
     with open(log_path, "wb") as serial_log, \
             qemu.running(argv, trial.work / "qemu.log") as proc:
         sock = qemu.connect_serial(sock_path, proc)
@@ -310,6 +335,14 @@ def _phase(report: Report, name: str, started: float) -> float:
     report.phases[name] = round(now - started, 1)
     log.info(f"{name}: {report.phases[name]:.0f} s")
     return now
+
+
+def _send(console: SerialConsole, text: str, phase: str) -> None:
+    try:
+        console.send(text)
+    except (ConsoleError, OSError) as exc:
+        raise SmokeFailure(phase, f"typing on the serial console failed ({exc}): did QEMU "
+                                  f"stop?") from None
 
 
 def _expect(console: SerialConsole, patterns: dict[str, str], timeout: float,
@@ -339,11 +372,8 @@ def run_smoke(trial: Trial, report: Report) -> None:
         credentials = answer_wizard(console, trial, credentials, t["wizard"])
         started = _phase(report, "wizard", started)
         report.passed("the setup wizard ran on the serial console and completed")
-        serial = (trial.request.report / "serial-boot1.log").read_bytes()
-        for secret in (credentials.login_password, credentials.jupyter_password):
-            if secret.encode() in serial:
-                raise SmokeFailure("wizard", "a password appeared on the serial console")
-        report.passed("no password appeared on the serial console")
+        check_no_secret_on_console(trial, credentials, "wizard")
+        report.passed("no password appeared on the serial console during setup")
         try:
             jupyter.wait_until_up(trial.base, t["jupyter"], alive=lambda: proc.poll() is None)
         except jupyter.JupyterError as exc:
@@ -361,13 +391,30 @@ def run_smoke(trial: Trial, report: Report) -> None:
         shut_down(console, proc, trial, credentials, t["shutdown"])
         report.passed("the guest shut down cleanly")
     second_boot(trial, credentials, report)
+    check_no_secret_on_console(trial, credentials, "shutdown")
+    report.passed("no password appeared on the serial console in either boot")
+
+
+def check_no_secret_on_console(trial: Trial, creds: Credentials, phase: str) -> None:
+    """Everything typed at hidden prompts (the wizard's, login's, sudo's) stays off the
+    serial line, which a report or a screen share shows."""
+    for log_path in sorted(trial.request.report.glob("serial-boot*.log")):
+        serial = log_path.read_bytes()
+        for secret in (creds.login_password, creds.jupyter_password):
+            if secret.encode() in serial:
+                raise SmokeFailure(phase, f"a password appeared on the serial console "
+                                          f"({log_path.name})")
 
 
 def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | None,
                   timeout: float) -> Credentials:
     """The wizard's questions, answered as a person would; a preseed answers them itself."""
     if known is not None:
-        _expect(console, {"done": r"Setup is complete\."}, timeout, "wizard")
+        got = _expect(console, {"done": r"Setup is complete\.",
+                                "failed": r"Setup failed: [^\n]*|Setup hit an error[^\n]*"},
+                      timeout, "wizard")
+        if got.name == "failed":
+            raise SmokeFailure("wizard", got.text.strip())
         known.user = trial.user
         return known
     creds = Credentials(trial.user, secrets.token_urlsafe(12), secrets.token_urlsafe(12),
@@ -384,12 +431,17 @@ def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | Non
         "differ": r"the two passwords differ|the password [^\n]*; try again",
         "done": r"Setup is complete\.",
         "running": r"Setup is running on (\S+);",
+        "failed": r"Setup failed: [^\n]*|Setup hit an error[^\n]*",
     }
     while True:
         left = deadline - time.monotonic()
-        got = _expect(console, prompts, max(left, 1), "wizard")
+        if left <= 0:
+            raise SmokeFailure("wizard", f"setup did not complete in {timeout:.0f} s")
+        got = _expect(console, prompts, left, "wizard")
         if got.name == "done":
             break
+        if got.name == "failed":
+            raise SmokeFailure("wizard", got.text.strip())
         if got.name == "running":
             raise SmokeFailure("wizard", f"setup started on {got.groups[0]}, not on the serial "
                                          f"console (a preseed on the card?)")
@@ -398,7 +450,7 @@ def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | Non
         answer = {"begin": "", "login": creds.login_password,
                   "login_again": creds.login_password, "jupyter": creds.jupyter_password,
                   "jupyter_again": creds.jupyter_password}.get(got.name, "")
-        console.send(answer + "\r")
+        _send(console, answer + "\r", "wizard")
     token = _expect(console, {"token": r"Token: (\S+)\s"}, 120, "wizard")
     creds.token = token.groups[0]
     return creds
@@ -432,11 +484,13 @@ def check_jupyter(trial: Trial, creds: Credentials, report: Report) -> None:
     if got["user"] != trial.user:
         raise SmokeFailure("cell", f"Jupyter's kernel runs as {got['user']}, not {trial.user}")
     report.passed(f"Jupyter runs as {trial.user}, not root")
-    if got["root_bytes"] <= trial.root_bytes:
-        raise SmokeFailure("cell", f"the root filesystem was not expanded at first boot "
-                                   f"({got['root_bytes']} bytes, as in the image)")
-    report.passed(f"the root filesystem grew at first boot "
-                  f"({log.human_size(trial.root_bytes)} → {log.human_size(got['root_bytes'])})")
+    # Partition sizes compared: statvfs leaves out what dumpe2fs counts (journal, metadata).
+    if got["root_partition_bytes"] <= trial.root_partition:
+        raise SmokeFailure("cell", f"the root partition was not expanded at first boot "
+                                   f"({got['root_partition_bytes']} bytes, as in the image)")
+    report.passed(f"the root filesystem grew at first boot (partition "
+                  f"{log.human_size(trial.root_partition)} → "
+                  f"{log.human_size(got['root_partition_bytes'])})")
 
 
 def check_browser(trial: Trial, token: str, report: Report) -> None:
@@ -453,6 +507,8 @@ def check_browser(trial: Trial, token: str, report: Report) -> None:
             timeout=trial.request.timeouts["browser"], chromium=chromium)
     except browser_check.BrowserError as exc:
         raise SmokeFailure("browser", str(exc)) from None
+    except Exception as exc:   # the DevTools protocol's own errors, a dropped websocket
+        raise SmokeFailure("browser", f"{type(exc).__name__}: {exc}") from None
     _phase(report, "browser", started)
     report.passed(f"JupyterLab loads in headless Chromium with the token "
                   f"(“{seen.title}”; screenshot {seen.screenshot.name})")
@@ -464,11 +520,11 @@ SHELL_MARK = "TRY-IMAGE-SHELL"
 def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float) -> None:
     _expect(console, {"login": r"login: $|login: "}, timeout, "login")
     console.wait_quiet(3)
-    console.send(creds.user + "\r")
+    _send(console, creds.user + "\r", "login")
     _expect(console, {"password": r"Password: "}, 120, "login")
-    console.send(creds.login_password + "\r")
+    _send(console, creds.login_password + "\r", "login")
     # A command whose output differs from its echo proves a shell ran it.
-    console.send(f"echo {SHELL_MARK}-$((6*7))\r")
+    _send(console, f"echo {SHELL_MARK}-$((6*7))\r", "login")
     got = _expect(console, {"shell": rf"{SHELL_MARK}-42", "refused": r"Login incorrect"},
                   timeout, "login")
     if got.name == "refused":
@@ -480,9 +536,11 @@ def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credential
     """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
     unmounted disk. QEMU's orangepi-pc does not power off (the kernel's last words never
     come): QEMU is stopped once systemd says it has synced and detached everything."""
-    console.send("sudo -p TRY-IMAGE-SUDO: poweroff\r")
-    _expect(console, {"sudo": r"TRY-IMAGE-SUDO:"}, 120, "shutdown")
-    console.send(creds.login_password + "\r")
+    # sudo's own prompt (%p: the user), never the shell's echo of this command: the password
+    # must arrive once sudo has turned echo off.
+    _send(console, "sudo -p 'TRY-IMAGE-SUDO-%p:' poweroff\r", "shutdown")
+    _expect(console, {"sudo": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:"}, 120, "shutdown")
+    _send(console, creds.login_password + "\r", "shutdown")
     try:
         console.expect({"halted": r"systemd-shutdown\[1\]: Powering off|reboot: Power down"},
                        timeout, "shutdown")
@@ -539,35 +597,56 @@ def write_report(report: Report, directory: Path) -> None:
     (directory / "summary.txt").write_text(summary(report))
 
 
+REPORT_FILES = ("report.json", "summary.txt", "serial-boot*.log", "qemu.log", "jupyterlab.*")
+
+
 def try_image(request: Request) -> int:
     with contextlib.ExitStack() as stack:
         work = qemu.work_directory(request.workdir)
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        trial = prepare_trial(request, work)
-        if not request.smoke:
-            code = run_interactive(trial)
-        else:
+        if request.smoke:
+            # A report left by an earlier run must not pass for this one's.
             request.report.mkdir(parents=True, exist_ok=True)
-            report = Report(image=request.image.name, board=trial.board.id,
-                            machine=trial.machine.name)
-            try:
-                run_smoke(trial, report)
-                report.ok = True
-            except SmokeFailure as exc:
-                report.failed_phase, report.error = exc.phase, str(exc)
-            finally:
-                write_report(report, request.report)
-            sys.stdout.write(summary(report))
-            if not report.ok:
-                logs = sorted(request.report.glob("serial-boot*.log"))
-                print(f"\ntry-image: {report.failed_phase} failed: {report.error}\n"
-                      f"last 50 lines of the serial console ({logs[-1] if logs else '-'}):\n"
-                      f"{tail(logs[-1]) if logs else ''}", file=sys.stderr)
-            code = 0 if report.ok else EXIT_FAILED
+            for pattern in REPORT_FILES:
+                for old in request.report.glob(pattern):
+                    old.unlink()
+        trial = prepare_trial(request, work)
+        code = run_interactive(trial) if not request.smoke else smoke(trial)
         if request.keep_disk:
-            shutil.move(trial.disk, request.keep_disk)
-            log.info(f"trial disk kept at {request.keep_disk}")
+            keep_disk(trial.disk, request.keep_disk)
         return code
+
+
+def smoke(trial: Trial) -> int:
+    request = trial.request
+    report = Report(image=request.image.name, board=trial.board.id, machine=trial.machine.name)
+    try:
+        run_smoke(trial, report)
+        report.ok = True
+    except SmokeFailure as exc:
+        report.failed_phase, report.error = exc.phase, str(exc)
+    finally:
+        write_report(report, request.report)
+        if (trial.work / "qemu.log").exists():
+            shutil.copy(trial.work / "qemu.log", request.report / "qemu.log")
+    sys.stdout.write(summary(report))
+    if not report.ok:
+        serial = trial.serial_log
+        print(f"\ntry-image: {report.failed_phase} failed: {report.error}\n"
+              f"last 50 lines of the serial console ({serial or '-'}):\n"
+              f"{tail(serial) if serial else ''}", file=sys.stderr)
+    return 0 if report.ok else EXIT_FAILED
+
+
+def keep_disk(disk: Path, target: Path) -> None:
+    """Sparse, under a temporary name until complete: an interrupted copy is no disk."""
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        copy_sparse(disk, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info(f"trial disk kept at {target}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

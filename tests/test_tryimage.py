@@ -102,7 +102,11 @@ def test_bad_options_are_refused_before_anything_is_done(tmp_path: Path, work: P
         ("--timeout", "kernal=5"): "no phase 'kernal'",
         ("--timeout", "kernel=soon"): "give seconds",
         ("--timeout", "kernel=0"): "more than 0",
+        ("--timeout", "kernel=nan"): "more than 0",
+        ("--timeout", "kernel=inf"): "more than 0",
         ("--port", "70000"): "give a TCP port",
+        ("--memory", "5"): "give MiB",
+        ("--keep-disk", tmp_path / "no/such/dir/disk.img"): "is not a writable directory",
         ("--smoke", "--preseed", tmp_path / "missing.conf"): "No such file",
     }
     hashed = tmp_path / "hashed.conf"
@@ -267,6 +271,31 @@ def test_machines_for_boards() -> None:
     assert qemu.kernel_arguments("root=UUID=x rootwait console=ttyS0,115200 quiet", h5) == \
         "root=UUID=x rootwait quiet console=ttyAMA0,115200 " \
         "systemd.default_device_timeout_sec=900"
+    # The board's early UART is nothing on virt; an odd quote is passed on, not a traceback.
+    assert qemu.kernel_arguments('earlycon=uart,mmio32,0x1c28000 foo="a b', h5).startswith(
+        'foo="a b console=ttyAMA0')
+
+
+def test_the_default_label_of_extlinux_counts(tmp_path: Path) -> None:
+    """U-Boot boots the label `default` names, with paths relative to extlinux.conf's
+    directory; a kernel reached through a symbolic link (Armbian's /boot/Image) is dumped as
+    the kernel, not as the link."""
+    conf = (b"# a comment\ndefault new\nlabel old\n  kernel /boot/vmlinuz-old\n"
+            b"  append root=/dev/old\nlabel new\n  linux ../Image\n  initrd initrd.img\n"
+            b"  append root=/dev/vda1 rw\n")
+    disk = make_image(tmp_path / "d.img", "orangepizeroplus2-h5", {
+        "boot/extlinux/extlinux.conf": conf, "boot/vmlinuz-real": b"K" * 5000,
+        "boot/extlinux/initrd.img": b"I" * 3000})
+    subprocess.run(["debugfs", "-w", "-R", "symlink /boot/Image vmlinuz-real",
+                    f"{disk}?offset={ROOT_OFFSET}"], check=True, capture_output=True)
+    from builder.image import read_table
+    fs = qemu.find_root_fs(disk, read_table(disk))
+    machine = qemu.machine_for(load_catalog().lookup("orangepizeroplus2-h5")[0], None)
+    kernel = qemu.check_bootable(machine, disk, fs, tmp_path)
+    assert kernel is not None
+    assert kernel.kernel.read_bytes() == b"K" * 5000
+    assert kernel.initrd is not None and kernel.initrd.read_bytes() == b"I" * 3000
+    assert kernel.append == "root=/dev/vda1 rw"
 
 
 def test_trial_disk_changes(tmp_path: Path) -> None:
