@@ -23,7 +23,11 @@ def _session() -> requests.Session:
     return http
 
 
-_HTTP = _session()
+def _get(url: str, timeout: float, headers: dict[str, str] | None = None) -> requests.Response:
+    """One request with no cookies from an earlier one: Jupyter answers a token with a login
+    cookie, and a "stranger" carrying it would not be one."""
+    with _session() as http:
+        return http.get(url, timeout=timeout, headers=headers)
 
 
 class JupyterError(Exception):
@@ -45,7 +49,7 @@ def wait_until_up(base: str, timeout: float, alive: Any = None) -> float:
         if alive is not None and not alive():
             raise JupyterError(f"the guest stopped before Jupyter answered ({last})")
         try:
-            _HTTP.get(f"{base}/api/status", timeout=10)
+            _get(f"{base}/api/status", timeout=10)
             return time.monotonic() - started
         except requests.RequestException as exc:
             last = type(exc).__name__
@@ -55,15 +59,15 @@ def wait_until_up(base: str, timeout: float, alive: Any = None) -> float:
 
 def refuses_strangers(base: str) -> None:
     for path in ("/api/status", "/api/contents", "/api/kernels"):
-        answer = _HTTP.get(f"{base}{path}", timeout=60)
+        answer = _get(f"{base}{path}", timeout=60)
         if answer.status_code not in (401, 403):
             raise JupyterError(f"{path} without credentials answered {answer.status_code}, "
                                f"not 403: Jupyter is open to anyone on the network")
 
 
 def token_works(base: str, token: str) -> None:
-    answer = _HTTP.get(f"{base}/api/status", timeout=60,
-                       headers={"Authorization": f"token {token}"})
+    answer = _get(f"{base}/api/status", timeout=60,
+                  headers={"Authorization": f"token {token}"})
     if answer.status_code != 200:
         raise JupyterError(f"the token was refused ({answer.status_code})")
 

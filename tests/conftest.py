@@ -8,14 +8,18 @@ import lzma
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -351,3 +355,64 @@ def root_partition(image: Path, offset: int) -> Path:
 def debugfs(filesystem: Path, command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["debugfs", "-R", command, str(filesystem)], capture_output=True,
                           text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"})
+
+
+@contextmanager
+def local_jupyter(base: Path, app: str, token: str,
+                  *args: str) -> Iterator[tuple[str, Path]]:
+    """A real Jupyter server (`jupyter lab` or `jupyter server`) from the test venv on
+    127.0.0.1, with every config, data and runtime dir under `base`; (URL, log) while it
+    runs, terminated afterwards."""
+    env = dict(os.environ)
+    # Jupyter's config, runtime and data dirs and IPython's all come from here, so the
+    # server neither reads nor writes the user's.
+    for var, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "config"),
+                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_DATA_DIR", "data"),
+                     ("IPYTHONDIR", "ipython"), ("XDG_CONFIG_HOME", "xdg-config"),
+                     ("XDG_CACHE_HOME", "xdg-cache"), ("XDG_DATA_HOME", "xdg-data")):
+        (base / sub).mkdir()
+        env[var] = str(base / sub)
+    (base / "notebooks").mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = base / "server.log"
+    argv = [str(Path(sys.executable).parent / "jupyter"), app,
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+            # Without this a taken port is silently replaced by the next one, and the tests
+            # would talk to whatever listens there (QEMU's port forward of another test).
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.token={token}", "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={base / 'notebooks'}", "--allow-root", *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, cwd=base,
+                                   start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        session = requests.Session()
+        session.trust_env = False
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"jupyter {app} exited with {process.returncode}:\n"
+                            f"{log.read_text()}")
+            try:
+                answer = session.get(f"{url}/api/status",
+                                     headers={"Authorization": f"token {token}"}, timeout=5)
+                if answer.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"jupyter {app} did not answer in 120 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield url, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+

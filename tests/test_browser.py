@@ -20,6 +20,8 @@ from types import FrameType
 import pytest
 import requests
 
+from conftest import local_jupyter
+
 from builder.browser import BrowserError, check_jupyterlab, find_chromium
 
 pytestmark = pytest.mark.slow
@@ -47,58 +49,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("jupyter")
-    env = dict(os.environ)
-    # Jupyter's config, runtime and data dirs and IPython's all come from here, so the
-    # server neither reads nor writes the user's.
-    for var, sub in (("HOME", "home"), ("JUPYTER_CONFIG_DIR", "config"),
-                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_DATA_DIR", "data"),
-                     ("IPYTHONDIR", "ipython"), ("XDG_CONFIG_HOME", "xdg-config"),
-                     ("XDG_CACHE_HOME", "xdg-cache"), ("XDG_DATA_HOME", "xdg-data")):
-        (base / sub).mkdir()
-        env[var] = str(base / sub)
-    (base / "notebooks").mkdir()
     token = secrets.token_hex(24)
-    port = free_port()
-    log = base / "server.log"
-    argv = [str(Path(sys.executable).parent / "jupyter"), "lab",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-            # Without this a taken port is silently replaced by the next one, and the tests
-            # would talk to whatever listens there (QEMU's port forward of another test).
-            "--ServerApp.port_retries=0",
-            f"--ServerApp.token={token}", "--ServerApp.open_browser=False",
-            f"--ServerApp.root_dir={base / 'notebooks'}", "--allow-root"]
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, env=env, cwd=base,
-                                   start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        session = requests.Session()
-        session.trust_env = False
-        deadline = time.monotonic() + SERVER_START
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"jupyter lab exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                answer = session.get(f"{url}/api/status",
-                                     headers={"Authorization": f"token {token}"}, timeout=5)
-                if answer.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"jupyter lab did not answer in {SERVER_START:.0f} s:\n"
-                            f"{log.read_text()}")
-            time.sleep(0.3)
+    with local_jupyter(tmp_path_factory.mktemp("jupyter"), "lab", token) as (url, log):
         yield Server(url=url, token=token, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass
