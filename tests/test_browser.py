@@ -7,8 +7,6 @@ import secrets
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,8 +16,6 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-import requests
-
 from conftest import local_jupyter
 
 from builder.browser import BrowserError, check_jupyterlab, find_chromium

@@ -42,9 +42,9 @@ def test_strangers_are_refused_even_after_the_token_was_used(server: tuple[str, 
 def test_an_open_server_is_reported(tmp_path: Path) -> None:
     with local_jupyter(tmp_path, "server", "",
                        "--IdentityProvider.token=", "--ServerApp.password=",
-                       "--ServerApp.disable_check_xsrf=True") as (url, _):
-        with pytest.raises(jupyter.JupyterError, match="open to anyone"):
-            jupyter.refuses_strangers(url)
+                       "--ServerApp.disable_check_xsrf=True") as (url, _), \
+            pytest.raises(jupyter.JupyterError, match="open to anyone"):
+        jupyter.refuses_strangers(url)
 
 
 def test_the_wizards_password_hash_logs_in_and_a_cell_runs(server: tuple[str, str]) -> None:
@@ -68,7 +68,7 @@ def test_stack_answers_are_checked() -> None:
     good = ('TRY-IMAGE {"det": 5.0, "quad": 9.000000000000002, "area": 7.0, "sympy": "9", '
             '"pandas": 10, "png": "89504e47", "user": "jupyter"}\n')
     assert jupyter.check_stack_output("noise\n" + good)["user"] == "jupyter"
-    with pytest.raises(jupyter.JupyterError, match="area = 6.0"):
+    with pytest.raises(jupyter.JupyterError, match=r"area = 6\.0"):
         jupyter.check_stack_output(good.replace('"area": 7.0', '"area": 6.0'))
     with pytest.raises(jupyter.JupyterError, match="printed no result"):
         jupyter.check_stack_output("Traceback ...")
