@@ -34,7 +34,7 @@ from builder.errors import BuildError
 from builder.fetch import image_suffix
 from builder.image import copy_sparse, read_table
 from builder.run import require_programs
-from builder.serial_console import ConsoleError, SerialConsole, tail
+from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, tail
 
 EXIT_ERROR = 1
 EXIT_FAILED = 2
@@ -526,12 +526,31 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
     _send(console, creds.user + "\r", "login")
     _expect(console, {"password": r"Password: "}, 120, "login")
     _send(console, creds.login_password + "\r", "login")
-    # A command whose output differs from its echo proves a shell ran it.
-    _send(console, f"echo {SHELL_MARK}-$((6*7))\r", "login")
-    got = _expect(console, {"shell": rf"{SHELL_MARK}-42", "refused": r"Login incorrect"},
-                  timeout, "login")
-    if got.name == "refused":
+    # Type nothing before the shell is there: what login or the shell's start-up reads or
+    # flushes is lost (seen: half a command typed ahead). Its prompt is user@host...$.
+    try:
+        got = console.expect({"prompt": rf"{re.escape(creds.user)}@[^\n]*[$#] ",
+                              "refused": r"Login incorrect"}, min(timeout, 300), "login")
+    except ConsoleError as exc:
+        if not isinstance(exc, ConsoleTimeout):
+            raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
+        got = None     # an unusual prompt: the command below still proves a shell
+    if got is not None and got.name == "refused":
         raise SmokeFailure("login", "the login password was refused on the serial console")
+    # A command whose output differs from its echo proves a shell ran it; typed again if
+    # the shell lost it.
+    for attempt in range(3):
+        console.wait_quiet(1, limit=10)
+        _send(console, f"echo {SHELL_MARK}-$((6*7))\r", "login")
+        try:
+            console.expect({"shell": rf"{SHELL_MARK}-42"}, 60, "login")
+            return
+        except ConsoleTimeout:
+            if attempt == 2:
+                raise SmokeFailure("login", "no shell answered on the serial console after "
+                                            "logging in") from None
+        except ConsoleError as exc:
+            raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
 
 
 def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credentials,

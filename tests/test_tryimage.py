@@ -353,3 +353,52 @@ def test_interactive_mode_gives_the_terminal_the_serial_console(tmp_path: Path,
         child.close(force=True)
     assert child.exitstatus == 0
     assert_nothing_left(work)
+
+
+def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None:
+    """A getty on a pty, played by a thread: login flushes what was typed ahead, as seen on
+    QEMU's Orange Pi PC, and the shell reads only after its prompt. try-image must wait for the
+    prompt (or type the command again), not lose the command."""
+    import io
+    import termios
+    import threading
+    import tty
+
+    from builder import tryimage
+    from builder.serial_console import SerialConsole
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    lines: list[bytes] = []
+
+    def read_line() -> bytes:
+        data = b""
+        while not data.endswith(b"\r"):
+            data += os.read(slave, 1)
+        return data[:-1]
+
+    def getty() -> None:
+        os.write(slave, b"\r\nsmoke-pc login: ")
+        lines.append(read_line())
+        os.write(slave, b"Password: ")
+        lines.append(read_line())
+        time.sleep(0.5)                       # PAM, motd: whatever came meanwhile is gone
+        termios.tcflush(slave, termios.TCIFLUSH)
+        os.write(slave, b"Linux smoke-pc\r\n\x1b[?2004hjupyter@smoke-pc:~$ ")
+        command = read_line()
+        lines.append(command)
+        if command == b"echo TRY-IMAGE-SHELL-$((6*7))":
+            os.write(slave, b"\r\nTRY-IMAGE-SHELL-42\r\njupyter@smoke-pc:~$ ")
+
+    player = threading.Thread(target=getty, daemon=True)
+    player.start()
+    console = SerialConsole(master, io.BytesIO())
+    try:
+        creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        tryimage.log_in_on_console(console, creds, 30)
+    finally:
+        console.close()
+        player.join(timeout=5)
+        os.close(master)
+        os.close(slave)
+    assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
