@@ -402,3 +402,36 @@ def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None
         os.close(master)
         os.close(slave)
     assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
+
+
+def test_a_crashed_wizard_fails_the_smoke_at_once(tmp_path: Path) -> None:
+    """Recorded on QEMU's Orange Pi PC: the wizard's unit on ttyS0 failed (python3 killed by
+    SIGSEGV) and the getty came up instead. The smoke stops there instead of waiting out the
+    phase's limit for a banner that cannot come."""
+    import io
+    import threading
+    import tty
+    from types import SimpleNamespace
+
+    from builder import tryimage
+    from builder.serial_console import SerialConsole
+
+    recording = (REPO / "tests/data/boot-orangepi-pc-wizard-crashed.log").read_bytes()
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    player = threading.Thread(target=os.write, args=(slave, recording), daemon=True)
+    player.start()
+    console = SerialConsole(master, io.BytesIO())
+    trial = SimpleNamespace(machine=qemu.Machine("orangepi-pc", "qemu-system-arm", "ttyS0",
+                                                 1024))
+    try:
+        started = time.monotonic()
+        got = console.expect({"banner": r"=== Jupyter workstation setup",
+                              "crashed": tryimage._wizard_failed(trial)},  # type: ignore[arg-type]
+                             60, "userspace")
+        assert got.name == "crashed" and time.monotonic() - started < 10
+    finally:
+        console.close()
+        player.join(timeout=5)
+        os.close(master)
+        os.close(slave)
