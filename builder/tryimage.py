@@ -31,6 +31,7 @@ from builder import jupyter_client as jupyter
 from builder.boards import Board, load_catalog
 from builder.cli import run_reporting
 from builder.errors import BuildError
+from builder.ext4 import Ext4, find_root_fs
 from builder.fetch import image_suffix
 from builder.image import copy_sparse, read_table
 from builder.run import require_programs
@@ -221,7 +222,7 @@ def _manifest_board(image: Path) -> str | None:
         return None
 
 
-def _release(fs: qemu.Ext4) -> dict[str, str]:
+def _release(fs: Ext4) -> dict[str, str]:
     """/etc/orangepi-jupyter-release: which board and user the image was built for."""
     data = fs.read("/etc/orangepi-jupyter-release")
     if data is None:
@@ -243,7 +244,7 @@ class Trial:
     disk: Path
     board: Board
     machine: qemu.Machine
-    fs: qemu.Ext4
+    fs: Ext4
     kernel: qemu.Kernel | None
     user: str
     guest_port: int
@@ -265,7 +266,7 @@ def prepare_trial(request: Request, work: Path) -> Trial:
     disk = work / "disk.img"
     qemu.make_trial_disk(request.image, disk)
     table = read_table(disk)
-    fs = qemu.find_root_fs(disk, table)
+    fs = find_root_fs(disk, table)
     release = _release(fs)
     name = request.board or release.get("BOARD") or _manifest_board(request.image)
     if not name:

@@ -19,6 +19,7 @@ from conftest import REPO, TRY_IMAGE, cli_env
 
 from builder import qemu
 from builder.boards import load_catalog
+from builder.ext4 import find_root_fs
 
 pytestmark = pytest.mark.slow
 ROOT_OFFSET = 4 << 20
@@ -289,7 +290,7 @@ def test_the_default_label_of_extlinux_counts(tmp_path: Path) -> None:
     subprocess.run(["debugfs", "-w", "-R", "symlink /boot/Image vmlinuz-real",
                     f"{disk}?offset={ROOT_OFFSET}"], check=True, capture_output=True)
     from builder.image import read_table
-    fs = qemu.find_root_fs(disk, read_table(disk))
+    fs = find_root_fs(disk, read_table(disk))
     machine = qemu.machine_for(load_catalog().lookup("orangepizeroplus2-h5")[0], None)
     kernel = qemu.check_bootable(machine, disk, fs, tmp_path)
     assert kernel is not None
@@ -304,7 +305,7 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
         "boot/jupyter-firstboot.conf": b"jupyter_password_hash = x\n",
         "etc/systemd/system/jupyter-firstboot@.service": b"[Unit]\n"})
     from builder.image import read_table
-    fs = qemu.find_root_fs(disk, read_table(disk))
+    fs = find_root_fs(disk, read_table(disk))
     machine = qemu.machine_for(load_catalog().lookup("orangepizeroplus2-h5")[0], None)
     changes = qemu.prepare_for_emulation(fs, machine, tmp_path, None)
     assert len(changes) == 3, changes
