@@ -1,0 +1,425 @@
+"""flash-image onto real loop devices (an SD card is a loop device here): bmap and full writes,
+verification against the medium, per-card preseeds, and every refusal.
+
+Images are small ones made without root (an MBR, an Allwinner boot header at 8 KiB, an ext4
+root from 4 MiB filled with mkfs.ext4 -d), with a real bmap from bmaptool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import leftover_resources
+
+from builder import firstboot
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+FLASH_IMAGE = [sys.executable, "-m", "builder.flash"]
+ROOT_OFFSET = 4 << 20
+MIB = 1 << 20
+KEY_A = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "
+         "a@laptop")
+KEY_B = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnCcbEq2L1ZB3C3X4b1g3rR5pLCpDGuGq5o9qNEPnxy "
+         "b@laptop")
+
+
+def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
+               files: dict[str, bytes] | None = None, boot_partition: bool = False) -> Path:
+    """X.img with X.img.bmap, X.img.zst (+ .sha256, as build-image writes) and X.img.xz."""
+    tree = directory / f"{name}.tree"
+    files = {"etc/os-release": b"ID=debian\n", "boot/.keep": b"",
+             "srv/data": os.urandom(3 * MIB), **(files or {})}
+    for path, data in files.items():
+        (tree / path).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path).write_bytes(data)
+    image = directory / f"{name}.img"
+    with open(image, "wb") as f:
+        f.truncate(size_mib * MIB)
+    if boot_partition:
+        layout = b"label: dos\nstart=8192, size=8192, type=83\nstart=16384, type=83\n"
+        boot_tree = directory / f"{name}.boot"
+        boot_tree.mkdir()
+        (boot_tree / "boot.scr").write_bytes(b"script")
+        subprocess.run(["sfdisk", "--quiet", str(image)], input=layout, check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-L", "armbi_boot", "-d", str(boot_tree), "-E",
+                        f"offset={ROOT_OFFSET}", str(image), "4096k"], check=True)
+        root_offset = 8 * MIB
+        shutil.rmtree(boot_tree)
+    else:
+        subprocess.run(["sfdisk", "--quiet", str(image)],
+                       input=b"label: dos\nstart=8192, type=83\n", check=True)
+        root_offset = ROOT_OFFSET
+    subprocess.run(["mkfs.ext4", "-q", "-L", "armbi_root", "-d", str(tree), "-E",
+                    f"offset={root_offset}", str(image),
+                    f"{(size_mib * MIB - root_offset) // 1024}k"], check=True)
+    with open(image, "r+b") as f:
+        f.seek(8 << 10)
+        f.write(b"\x00\x00\x00\x00eGON.BT0" + os.urandom(4000))     # a boot loader
+    shutil.rmtree(tree)
+    subprocess.run(["bmaptool", "-q", "create", "-o", f"{image}.bmap", str(image)], check=True)
+    subprocess.run(["zstd", "-q", "-f", "-k", str(image)], check=True)
+    subprocess.run(["xz", "-q", "-f", "-k", "-0", str(image)], check=True)
+    zst = Path(f"{image}.zst")
+    digest = subprocess.run(["sha256sum", str(zst)], capture_output=True, text=True,
+                            check=True).stdout.split()[0]
+    Path(f"{zst}.sha256").write_text(f"{digest}  {zst.name}\n")
+    return image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image(tmp_path_factory.mktemp("image"))
+
+
+class Cards:
+    """Loop devices over files, detached (and checked for) at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.devices: list[str] = []
+
+    def new(self, size_mib: int = 32, *, partscan: bool = False, fill: bytes | None = None
+            ) -> tuple[Path, Path]:
+        backing = self.directory / f"card{len(self.devices)}"
+        with open(backing, "wb") as f:
+            if fill is not None:
+                f.write(fill * (size_mib * MIB // len(fill)))
+            f.truncate(size_mib * MIB)
+        argv = ["losetup", "--find", "--show", *(["--partscan"] if partscan else []),
+                str(backing)]
+        device = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+        self.devices.append(device)
+        return Path(device), backing
+
+    def close(self) -> None:
+        for device in self.devices:
+            subprocess.run(["losetup", "--detach", device], capture_output=True)
+
+
+@pytest.fixture
+def cards(tmp_path: Path) -> Iterator[Cards]:
+    made = Cards(tmp_path)
+    yield made
+    made.close()
+    assert leftover_resources(tmp_path) == []
+
+
+def flash(*args: str | Path, stdin: str | None = "", timeout: float = 120
+          ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLASH_IMAGE, *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_of(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("flash-image: error")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def partitions_of(device: Path) -> Path:
+    """The card's first partition node. This machine's kernel does not scan a loop device's
+    table itself (partscan is set, yet no partitions appear): partx adds them."""
+    subprocess.run(["partx", "--add", str(device)], capture_output=True)
+    partition = Path(f"{device}p1")
+    for _ in range(50):
+        if partition.exists():
+            return partition
+        time.sleep(0.1)
+    raise AssertionError(f"{partition} did not appear")
+
+
+def head_of(path: Path, size: int = MIB) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def preseed_on(device: Path, offset: int = ROOT_OFFSET,
+               path: str = "/boot/jupyter-firstboot.conf") -> tuple[str, str]:
+    """The card's preseed file and its inode's mode and owner, read with debugfs."""
+    spec = f"{device}?offset={offset}"
+    text = subprocess.run(["debugfs", "-R", f"cat {path}", spec], capture_output=True,
+                          text=True).stdout
+    info = subprocess.run(["debugfs", "-R", f"stat {path}", spec], capture_output=True,
+                          text=True, env={**os.environ, "DEBUGFS_PAGER": "cat"}).stdout
+    return text, info
+
+
+# Writing and verifying.
+
+
+def test_bmap_and_full_writes_give_the_same_card(image: Path, cards: Cards) -> None:
+    raw = image.read_bytes()
+    results = {}
+    for how, source, extra in (("bmap", f"{image}.zst", []), ("full", f"{image}.xz",
+                                                                ["--no-bmap"]),
+                               ("raw", str(image), ["--no-bmap"])):
+        device, backing = cards.new()
+        proc = flash(source, device, "--yes", "--force", *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert "verified: the card holds the image" in proc.stderr
+        results[how] = backing.read_bytes()
+        assert results[how][: len(raw)] == raw, how
+    assert results["bmap"] == results["full"] == results["raw"]
+
+
+def test_bmap_writes_only_mapped_blocks_and_the_card_is_sound(image: Path, cards: Cards) -> None:
+    """On a used card, the unmapped blocks keep what was there, and the filesystem written
+    over them is still clean: the blocks skipped are ones it does not use."""
+    device, backing = cards.new(fill=b"\xa5")
+    proc = flash(f"{image}.zst", device, "--yes", "--force")
+    assert proc.returncode == 0, proc.stderr
+    sizes = re.search(r"wrote ([\d.]+) MiB of ([\d.]+) MiB", proc.stderr)
+    assert sizes, proc.stderr
+    assert float(sizes.group(1)) < float(sizes.group(2)) / 2
+    card = backing.read_bytes()
+    assert b"\xa5" * 4096 in card[ROOT_OFFSET:24 * MIB], "every block was written"
+    assert card[:MIB] == image.read_bytes()[:MIB]
+    fsck = subprocess.run(["e2fsck", "-fn", f"{device}?offset={ROOT_OFFSET}"],
+                          capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_verify_reads_the_card_itself(image: Path, cards: Cards) -> None:
+    """A byte changed on the medium after writing (behind the loop device's page cache) is
+    found, and the range that holds it is named."""
+    device, backing = cards.new()
+    assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    offset = ROOT_OFFSET + 1234
+    with open(backing, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        f.seek(offset)
+        f.write(bytes([old[0] ^ 0xFF]))
+    proc = flash(f"{image}.zst", device, "--verify-only")
+    assert proc.returncode == 2, proc.stderr
+    found = re.search(r"differs from the image in blocks? (\d+)(?:-(\d+))?", error_of(proc))
+    assert found, error_of(proc)
+    first, last = int(found.group(1)), int(found.group(2) or found.group(1))
+    assert first * 4096 <= offset < (last + 1) * 4096
+    proc = flash(f"{image}.xz", device, "--verify-only", "--no-bmap")
+    assert proc.returncode == 2
+    assert f"bytes {ROOT_OFFSET}-{ROOT_OFFSET + 4 * MIB - 1}" in error_of(proc)
+    # The same card, rewritten: whole again.
+    assert flash(f"{image}.zst", device, "--yes", "--force").returncode == 0
+    assert flash(image, device, "--verify-only", "--no-bmap").returncode == 0
+
+
+# Per-card settings.
+
+
+def test_each_card_gets_its_own_preseed(tmp_path: Path, cards: Cards) -> None:
+    login_hash = firstboot.hash_login_password("image password")
+    image = make_image(tmp_path, "preseeded", files={
+        "boot/jupyter-firstboot.conf": (f"login_password_hash = {login_hash}\n"
+                                        f"hostname = from-the-image\nssh_key = {KEY_A}\n"
+                                        f"timezone = Europe/Berlin\n").encode()})
+    own = tmp_path / "own.conf"
+    own.write_text("jupyter_password = 'a long jupyter password'\nhostname = overridden\n")
+    keys = tmp_path / "id_ed25519.pub"
+    keys.write_text(f"{KEY_B}\n")
+    hostnames = []
+    for n in (1, 2):
+        device, _ = cards.new()
+        proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", f"lab-pi-0{n}",
+                     "--preseed", own, "--ssh-key", keys, "--wifi", "Lab WLAN #2",
+                     stdin="correct horse battery\n")
+        assert proc.returncode == 0, proc.stderr
+        text, info = preseed_on(device)
+        assert re.search(r"Mode:\s+0600", info) and re.search(r"User:\s+0\s+Group:\s+0", info)
+        answers, problems = firstboot.parse_preseed(text, Path("/"), firstboot.Settings())
+        assert problems == []
+        assert answers.login_hash == login_hash            # the image's, kept
+        assert answers.timezone == "Europe/Berlin"
+        assert answers.jupyter_password == "a long jupyter password"
+        assert answers.ssh_keys == [KEY_A, KEY_B]
+        assert (answers.wifi_ssid, answers.wifi_key) == ("Lab WLAN #2", "correct horse battery")
+        assert "correct horse" not in proc.stderr + proc.stdout
+        hostnames.append(answers.hostname)
+    assert hostnames == ["lab-pi-01", "lab-pi-02"]
+
+
+def test_a_separate_boot_partition_gets_the_preseed(tmp_path: Path, cards: Cards) -> None:
+    image = make_image(tmp_path, "two", boot_partition=True,
+                       files={"etc/fstab": b"LABEL=armbi_root / ext4 defaults 0 1\n"
+                                           b"LABEL=armbi_boot /boot ext4 defaults 0 2\n"})
+    device, _ = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", "lab-pi-09")
+    assert proc.returncode == 0, proc.stderr
+    text, _ = preseed_on(device, ROOT_OFFSET, "/jupyter-firstboot.conf")
+    assert "hostname = lab-pi-09" in text
+    hidden, _ = preseed_on(device, 8 * MIB)
+    assert hidden == ""
+
+
+# Refusals: one line, exit 1, and the card as it was.
+
+
+def test_bad_input_is_refused_before_the_card_is_touched(image: Path, tmp_path: Path,
+                                                         cards: Cards) -> None:
+    device, backing = cards.new(fill=b"old card")
+    before = backing.read_bytes()
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n")
+    other = make_image(tmp_path, "other", size_mib=20)
+    damaged = tmp_path / "damaged.bmap"
+    damaged.write_text(Path(f"{image}.bmap").read_text().replace("<BlockSize> 4096",
+                                                                 "<BlockSize> 4097"))
+    corrupt = tmp_path / "corrupt.img.zst"
+    data = bytearray(Path(f"{image}.zst").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(data)
+    shutil.copy(f"{image}.zst.sha256", f"{corrupt}.sha256")
+    Path(f"{corrupt}.sha256").write_text(Path(f"{image}.zst.sha256").read_text()
+                                         .replace(f"{image.name}.zst", corrupt.name))
+    cases = [
+        ((image, "/dev/no-such-card"), "no such device"),
+        ((tmp_path / "missing.img.zst", device), "no such image file"),
+        ((f"{image}.bmap", device), "not an .img, .img.xz or .img.zst file"),
+        ((f"{image}.zst", backing, "--yes"), "is a regular file, not a card: pass --force"),
+        ((f"{image}.zst", device, "--yes"), "is not a removable, USB or MMC disk (loop)"),
+        ((f"{image}.zst", device, "--force"), "no terminal to confirm on: pass --yes"),
+        ((f"{image}.zst", device, "--yes", "--force", "--hostname", "not_a_hostname!"),
+         "--hostname 'not_a_hostname!'"),
+        ((f"{image}.zst", device, "--yes", "--force", "--ssh-key", private),
+         "is a private key"),
+        ((f"{image}.zst", device, "--verify-only", "--hostname", "x"), "writes nothing"),
+        ((f"{image}.xz", device, "--yes", "--force", "--bmap", f"{other}.bmap"),
+         "belongs to another image"),
+        ((f"{image}.zst", device, "--yes", "--force", "--bmap", damaged), "is damaged"),
+        ((corrupt, device, "--yes", "--force"), "does not match corrupt.img.zst.sha256"),
+    ]
+    for args, message in cases:
+        proc = flash(*args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert message in error_of(proc), (args, proc.stderr)
+        assert backing.read_bytes() == before, args
+
+
+def test_a_card_too_small_and_a_partition_are_refused(image: Path, cards: Cards) -> None:
+    small, _ = cards.new(16)
+    proc = flash(f"{image}.zst", small, "--yes", "--force")
+    assert proc.returncode == 1
+    assert "holds 16.0 MiB" in error_of(proc) and "use a larger card" in error_of(proc)
+    device, _ = cards.new(partscan=True)
+    assert flash(f"{image}.zst", device, "--yes", "--force").returncode == 0
+    partition = partitions_of(device)
+    proc = flash(f"{image}.zst", partition, "--yes", "--force")
+    assert proc.returncode == 1
+    assert f"is partition 1 of {device}: give the whole card, {device}" in error_of(proc)
+
+
+def test_a_card_in_use_is_refused_even_with_force(image: Path, tmp_path: Path,
+                                                  cards: Cards) -> None:
+    device, _ = cards.new(partscan=True)
+    assert flash(f"{image}.zst", device, "--yes", "--force").returncode == 0
+    partition = str(partitions_of(device))
+    mountpoint = tmp_path / "media"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-o", "ro", partition, mountpoint], check=True)
+    try:
+        proc = flash(f"{image}.zst", device, "--yes", "--force")
+        assert proc.returncode == 1
+        assert f"is mounted ({partition} on {mountpoint}): unmount it first" in error_of(proc)
+        # The same card as the running system's /boot, in a mount namespace of its own.
+        script = f"mount -o ro {partition} /boot && exec {' '.join(FLASH_IMAGE)} " \
+                 f"{image}.zst {device} --yes --force"
+        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               script], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert "holds the running system (/boot is" in error_of(proc)
+    finally:
+        subprocess.run(["umount", mountpoint], check=True)
+    swap, _ = cards.new()
+    subprocess.run(["mkswap", "-q", str(swap)], check=True)
+    subprocess.run(["swapon", str(swap)], check=True)
+    try:
+        proc = flash(f"{image}.zst", swap, "--yes", "--force")
+        assert proc.returncode == 1
+        assert f"holds swap in use ({swap})" in error_of(proc)
+    finally:
+        subprocess.run(["swapoff", str(swap)], check=True)
+
+
+def test_confirmation_shows_the_card_and_no_writes_nothing(image: Path, cards: Cards) -> None:
+    device, backing = cards.new(partscan=True)
+    assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    partitions_of(device)
+    before = backing.read_bytes()
+    child = pexpect.spawn(FLASH_IMAGE[0], [*FLASH_IMAGE[1:], f"{image}.zst", str(device),
+                                           "--force"], encoding="utf-8", timeout=30)
+    child.expect("About to write card.img.zst")
+    child.expect(f"{device}p1 .*ext4 \"armbi_root\"")
+    child.expect("Type yes to go on: ")
+    child.sendline("no")
+    child.expect("not confirmed")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert backing.read_bytes() == before
+
+
+# Interruptions: the card never looks like a finished image.
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 512 MiB raw image (mostly sparse): writing all of it takes a while."""
+    image = make_image(tmp_path_factory.mktemp("big"), "big")
+    with open(image, "r+b") as f:
+        f.truncate(512 * MIB)
+    return image
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_write_leaves_a_card_that_cannot_boot(big_image: Path, image: Path,
+                                                             cards: Cards,
+                                                             how: signal.Signals) -> None:
+    device, backing = cards.new(512)
+    assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    assert head_of(backing)[510:512] == b"\x55\xaa"           # a card with a system on it
+    proc = subprocess.Popen([*FLASH_IMAGE, str(big_image), str(device), "--yes", "--force",
+                             "--no-bmap"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    while line and not line.startswith("writing"):
+        line = proc.stderr.readline()
+    assert line.startswith("writing"), line
+    proc.send_signal(how)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == (130 if how == signal.SIGINT else -signal.SIGKILL)
+    if how == signal.SIGINT:
+        assert "without a partition table (it will not boot)" in rest
+        assert "interrupted by SIGINT" in rest
+    assert head_of(backing) == bytes(MIB)
+    assert subprocess.run(["sfdisk", "--dump", str(backing)], capture_output=True).returncode != 0
+
+
+def test_a_corrupt_image_without_checksum_leaves_an_unbootable_card(image: Path, tmp_path: Path,
+                                                                    cards: Cards) -> None:
+    device, backing = cards.new()
+    assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    corrupt = tmp_path / "corrupt.img.zst"
+    data = Path(f"{image}.zst").read_bytes()
+    corrupt.write_bytes(data[: len(data) * 2 // 3])             # a truncated download
+    proc = flash(corrupt, device, "--yes", "--force", "--no-bmap")
+    assert proc.returncode == 1
+    assert "corrupt or truncated" in error_of(proc)
+    assert "without a partition table (it will not boot): flash it again" in error_of(proc)
+    assert head_of(backing) == bytes(MIB)
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "flash-image"
+    assert script.exists()
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--verify-only" in proc.stdout
