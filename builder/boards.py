@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -119,27 +120,54 @@ def load_catalog() -> Catalog:
     return Catalog(boards=boards, aliases=aliases)
 
 
+# The columns --list-boards can show, by heading: the plain table has them all, the Markdown
+# one (README's board table) those a newcomer picks a board by.
+_COLUMNS: dict[str, Callable[[Board], str]] = {
+    "board": lambda b: b.id,
+    "name": lambda b: b.name,
+    "SoC": lambda b: b.soc,
+    "arch": lambda b: b.arch,
+    "family": lambda b: b.family,
+    "serial console": lambda b: ", ".join(f"{c.device} {c.baud}" for c in b.consoles),
+    "table": lambda b: b.partition_table,
+    "root at": lambda b: f"{b.root_offset_mib} MiB",
+    "U-Boot at": lambda b: "-" if b.uboot_offset_kib is None else f"{b.uboot_offset_kib} KiB",
+    "support": lambda b: b.support,
+}
+MARKDOWN_COLUMNS = ("board", "name", "SoC", "arch", "serial console", "support")
+
+
+def _rows(catalog: Catalog, columns: Sequence[str],
+          extra: Mapping[str, Callable[[Board], str]]) -> list[tuple[str, ...]]:
+    """The heading row, then one row per board."""
+    cells = {**{name: _COLUMNS[name] for name in columns}, **extra}
+    return [tuple(cells), *(tuple(cell(b) for cell in cells.values()) for b in catalog.boards)]
+
+
 def format_table(catalog: Catalog) -> str:
     """The catalog as a fixed-width table for --list-boards."""
-    header = ("BOARD", "NAME", "SOC", "ARCH", "FAMILY", "SERIAL CONSOLE", "TABLE", "ROOT AT",
-              "U-BOOT AT", "SUPPORT")
-    rows = [header]
-    for b in catalog.boards:
-        rows.append((
-            b.id,
-            b.name,
-            b.soc,
-            b.arch,
-            b.family,
-            ", ".join(f"{c.device} {c.baud}" for c in b.consoles),
-            b.partition_table,
-            f"{b.root_offset_mib} MiB",
-            "-" if b.uboot_offset_kib is None else f"{b.uboot_offset_kib} KiB",
-            b.support,
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    rows = _rows(catalog, tuple(_COLUMNS), {})
+    rows[0] = tuple(heading.upper() for heading in rows[0])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     for alias, target in sorted(catalog.aliases.items()):
         lines.append(f"alias: {alias} = {target}")
+    return "\n".join(lines)
+
+
+def format_markdown(catalog: Catalog,
+                    extra: Mapping[str, Callable[[Board], str]] | None = None) -> str:
+    """The catalog as a Markdown table (--list-boards --markdown), which README carries
+    verbatim. `extra` adds columns the catalog cannot fill itself (how try-image boots a
+    board is known to qemu.py, which imports this module)."""
+    rows = _rows(catalog, MARKDOWN_COLUMNS, extra or {})
+    # The board id is what --board takes: code, so it can be copied as it is.
+    rows[1:] = [(f"`{row[0]}`", *row[1:]) for row in rows[1:]]
+    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+             for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    lines.append("")
+    lines += [f"`--board {alias}` is `{target}`." for alias, target in
+              sorted(catalog.aliases.items())]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from builder import __version__, log
-from builder.boards import format_table, load_catalog
+from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
 from builder.config import load_config
 from builder.download import Http
@@ -21,6 +21,7 @@ from builder.errors import BuildError, Interrupted
 from builder.ledger import clean_stale
 from builder.mount import is_root
 from builder.pipeline import Context, Options, run_build
+from builder.qemu import machine_for
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -55,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--board", metavar="ID", help="board id (see --list-boards); "
                    "'orangepi' means orangepi5")
     p.add_argument("--list-boards", action="store_true", help="print the board catalog and exit")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --list-boards: as the Markdown table README carries")
     p.add_argument("--config", metavar="FILE", type=Path, action="append", default=[],
                    help="YAML file merged over the defaults (repeatable)")
     p.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
@@ -132,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Line-buffered stdout keeps results in order with messages on stderr in a shared log.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.markdown and not args.list_boards:
+        cli.error("--markdown goes with --list-boards")
     log.setup(quiet=args.quiet, debug=args.debug)
     return run_reporting("build-image", lambda: _main(args), debug=args.debug,
                          after_interrupt="everything started was cleaned up (a partial "
@@ -163,10 +169,21 @@ def run_reporting(program: str, body: Callable[[], int], *, debug: bool,
         return 128 + exc.signum
 
 
+def _emulated_on(board: Board) -> str:
+    """The QEMU machine try-image boots the board's images on, if any."""
+    try:
+        return f"`{machine_for(board, None).name}`"
+    except BuildError:
+        return "not emulated"
+
+
 def _main(args: argparse.Namespace) -> int:
     catalog = load_catalog()
     if args.list_boards:
-        log.result(format_table(catalog))
+        if args.markdown:
+            log.result(format_markdown(catalog, {"try-image on": _emulated_on}))
+        else:
+            log.result(format_table(catalog))
         return 0
     if args.cleanup:
         if not is_root():
