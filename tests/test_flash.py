@@ -423,3 +423,20 @@ def test_console_script_is_installed() -> None:
     assert script.exists()
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--verify-only" in proc.stdout
+
+
+def test_the_disk_of_the_running_system_is_refused() -> None:
+    """Checked in-process, with the function that decides (it writes nothing), against the
+    disk this machine's / is on: a refusal test that cannot harm the machine if it fails."""
+    from builder import flash as flash_module
+
+    source = next((line.split(" - ")[1].split()[1]
+                   for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if line.split()[4] == "/"), "")
+    if not source.startswith("/dev/") or not Path(source).is_block_device():
+        pytest.skip(f"/ is not on a block device here ({source or 'unknown'})")
+    sysfs = Path(f"/sys/class/block/{Path(source).resolve().name}")
+    disk = Path("/dev") / (sysfs.resolve().parent.name if (sysfs / "partition").exists()
+                           else sysfs.name)
+    with pytest.raises(flash_module.BuildError, match=r"holds the running system \(/ is"):
+        flash_module.inspect_target(disk, force=True, image_size=1, writing=True)
