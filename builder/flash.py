@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import getpass
@@ -33,6 +34,7 @@ import hashlib
 import io
 import mmap
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -40,7 +42,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -52,12 +54,12 @@ from builder.ext4 import Ext4, find_root_fs
 from builder.fetch import COMPRESSIONS, image_suffix
 from builder.image import Table, read_table
 from builder.log import human_size
-from builder.run import run, spawn
+from builder.run import require_programs, run, spawn
 
 EXIT_MISMATCH = 2
 HEAD = 1 << 20            # zeroed first, written last
 CHUNK = 4 << 20           # one read from the image, one write to the card
-WRITEBACK_WINDOW = 8      # chunks in flight before we wait for the card
+WRITEBACK_WINDOW = 32 << 20   # bytes written but not yet on the card, at most
 PRESEED_PATH = "/" + firstboot.PRESEED
 # Mount points whose disk is the running system's: never written, even with --force.
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/efi", "/boot/firmware", "/usr", "/var")
@@ -147,8 +149,9 @@ class Range:
 
     start: int
     end: int
-    digest: str | None
+    digest: str | None          # None: a bmap without checksums; taken while writing
     name: str
+    algorithm: str = "sha256"   # hashlib's name
 
     def describe(self) -> str:
         span = (f"bytes {self.start}-{self.end - 1}, "
@@ -161,7 +164,6 @@ class BlockMap:
     path: Path
     image_size: int
     block_size: int
-    checksum: str               # hashlib's name: sha256 (bmap 2.x) or sha1 (1.x)
     ranges: tuple[Range, ...]
 
     @property
@@ -179,12 +181,17 @@ class Preseed:
     def __bool__(self) -> bool:
         return bool(self.lines)
 
+    def text(self) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        return "\n".join([f"# flash-image {__version__}, {stamp}: this card's own settings",
+                          *(f"{key} = {value}" for key, value in self.lines)]) + "\n"
+
 
 @dataclass(frozen=True)
 class Request:
     image: Path
     suffix: str                 # a key of COMPRESSIONS
-    size: int | None            # the raw image's size, when it can be known before writing
+    size: int | None            # the raw image's size, when the file or bmap tells it
     bmap: BlockMap | None
     preseed: Preseed
     verify: bool
@@ -215,6 +222,11 @@ def check_request(args: argparse.Namespace) -> Request:
         raise BuildError("--verify-only writes nothing: drop --hostname, --preseed, "
                          "--ssh-key and --wifi")
     preseed = check_preseed(args)
+    # Every program is there before the card is wiped: one missing halfway would leave it so.
+    programs = [COMPRESSIONS[suffix][0], "blkid"]
+    if preseed:
+        programs += ["sfdisk", "debugfs", "dumpe2fs"]
+    require_programs(*programs)
     return Request(image=image, suffix=suffix, size=bmap.image_size if bmap else size,
                    bmap=bmap, preseed=preseed, verify=not args.no_verify,
                    verify_only=args.verify_only)
@@ -241,7 +253,7 @@ def read_bmap(path: Path) -> BlockMap:
         text = path.read_bytes()
         root = ET.fromstring(text)
     except OSError as exc:
-        raise BuildError(f"--bmap {path}: {exc.strerror}") from None
+        raise BuildError(f"{path}: {exc.strerror}") from None
     except ET.ParseError as exc:
         raise BuildError(f"{path}: not a bmap file ({exc}): pass --no-bmap to write "
                          f"every block") from None
@@ -252,15 +264,24 @@ def read_bmap(path: Path) -> BlockMap:
             raise BuildError(f"{path}: no <{name}> in it: not a bmap file (pass --no-bmap)")
         return value.strip()
 
-    major = (root.get("version") or "").split(".")[0]
-    if root.tag != "bmap" or major not in ("1", "2"):
+    try:
+        version = tuple(int(part) for part in (root.get("version") or "").split(".")[:2])
+    except ValueError:
+        version = ()
+    if root.tag != "bmap" or not (1, 0) <= version < (3, 0):
         raise BuildError(f"{path}: not a bmap file of a version flash-image knows (1.x, 2.x): "
                          f"pass --no-bmap")
-    checksum = field("ChecksumType") if major == "2" else "sha1"
-    own = "BmapFileChecksum" if major == "2" else "BmapFileSHA1"
+    # bmaptool's formats: 1.4 and later name their checksum type; 1.3 has SHA-1 only, under
+    # other names; older ones have no checksums (what was written is digested instead).
+    if version >= (1, 4):
+        checksum, attribute, own = field("ChecksumType"), "chksum", "BmapFileChecksum"
+    elif version == (1, 3):
+        checksum, attribute, own = "sha1", "sha1", "BmapFileSHA1"
+    else:
+        checksum, attribute, own = "sha256", "", ""
     if checksum not in ("sha1", "sha256"):
         raise BuildError(f"{path}: unknown checksum type {checksum!r} (pass --no-bmap)")
-    expected = root.findtext(own)
+    expected = root.findtext(own) if own else None
     if expected is not None:
         # The file's checksum is taken with its own value replaced by zeros.
         blank = text.replace(expected.strip().encode(), b"0" * len(expected.strip()), 1)
@@ -289,9 +310,10 @@ def read_bmap(path: Path) -> BlockMap:
                              f"file is damaged")
         last = final
         name = f"blocks {first}-{final}" if final > first else f"block {first}"
+        digest = element.get(attribute) if attribute else None
         ranges.append(Range(first * block_size, min((final + 1) * block_size, image_size),
-                            element.get("chksum"), name))
-    return BlockMap(path, image_size, block_size, checksum, tuple(ranges))
+                            digest.strip().lower() if digest else None, name, checksum))
+    return BlockMap(path, image_size, block_size, tuple(ranges))
 
 
 def _raw_size(image: Path, suffix: str) -> int | None:
@@ -307,6 +329,21 @@ def _raw_size(image: Path, suffix: str) -> int | None:
         raise BuildError(f"{image}: not a complete .xz file (xz --list: "
                          f"{proc.stderr.decode(errors='replace').strip()}): download it again")
     return None
+
+
+def measure_raw_size(request: Request) -> Request:
+    """A .zst or .gz with no bmap does not say how large it is: decompress it once (seconds
+    for zstd), so that a card too small is refused before it is touched."""
+    if request.size is not None:
+        return request
+    size = 0
+    view = memoryview(bytearray(CHUNK))
+    with raw_stream(request) as stream, log.progress(f"measuring {request.image.name}",
+                                                     None) as bar:
+        while n := _fill(stream, view):
+            size += n
+            bar.update(n)
+    return dataclasses.replace(request, size=size)
 
 
 def check_image_checksum(image: Path) -> None:
@@ -355,8 +392,11 @@ def check_preseed(args: argparse.Namespace) -> Preseed:
     if args.hostname is not None:
         flags.append(("hostname", _checked("--hostname", args.hostname, firstboot.check_hostname)))
     for path in args.ssh_key:
-        flags.extend(("ssh_key", key) for key in _ssh_keys(path))
+        flags.extend(("ssh_key", _quoted(key)) for key in _ssh_keys(path))
     if args.wifi is not None:
+        if _LINE_BREAK.search(args.wifi):
+            raise BuildError(f"--wifi {args.wifi!r}: an SSID with a line break cannot be "
+                             f"written to a preseed file")
         flags.append(("wifi_ssid", _quoted(_checked("--wifi", args.wifi, firstboot.check_ssid))))
         key = _ask_wifi_key(args.wifi)
         if key:
@@ -366,20 +406,31 @@ def check_preseed(args: argparse.Namespace) -> Preseed:
     lines = [(k, v) for k, v in lines if k not in given or k == "ssh_key"] + flags
     replaces = frozenset(k for key, _ in lines if key != "ssh_key"
                          for k in next((g for g in KEY_GROUPS if key in g), {key}))
-    return Preseed(tuple(lines), replaces)
+    preseed = Preseed(tuple(lines), replaces)
+    # The very lines the card will get, read back as the wizard will read them.
+    _, problems = firstboot.parse_preseed(preseed.text(), Path("/"), firstboot.Settings())
+    if problems:
+        raise BuildError(f"this card's preseed would not be accepted by the wizard: "
+                         f"{problems[0]}")
+    return preseed
 
 
-def _checked(flag: str, value: str, check: Callable[[str], str]) -> str:
+_LINE_BREAK = re.compile(r"[\r\n]")
+
+
+def _checked(flag: str, value: str, check: Callable[[str], str], *,
+             secret: bool = False) -> str:
     try:
         return check(value)
     except ValueError as exc:
-        raise BuildError(f"{flag} {value!r}: {exc}") from None
+        shown = "" if secret else f" {value!r}"
+        raise BuildError(f"{flag}{shown}: {exc}") from None
 
 
 def _quoted(value: str) -> str:
-    """A value as a preseed line keeps it: quoted when spaces at its ends or " #" would be
-    lost or misread."""
-    if value != value.strip() or " #" in value or value[:1] in "\"'":
+    """A value as a preseed line keeps it: quoted when spaces at its ends or a # after a
+    space would be lost or misread."""
+    if value != value.strip() or re.search(r"\s#", value) or value[:1] in "\"'":
         return f'"{value}"'
     return value
 
@@ -392,7 +443,7 @@ def _ssh_keys(path: Path) -> list[str]:
     if "PRIVATE KEY" in text:
         raise BuildError(f"--ssh-key {path} is a private key: give the public one "
                          f"({path}.pub), and keep this one off every card")
-    keys = [_checked(f"--ssh-key {path}:", line.strip(), firstboot.check_ssh_key)
+    keys = [_checked(f"--ssh-key {path}: a line", line.strip(), firstboot.check_ssh_key)
             for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not keys:
         raise BuildError(f"--ssh-key {path}: no key in it (give a .pub file)")
@@ -404,9 +455,10 @@ def _ask_wifi_key(ssid: str) -> str:
     if sys.stdin.isatty():
         key = getpass.getpass(f"Key of Wi-Fi network {ssid!r} (Enter: an open network): ")
     else:
-        key = sys.stdin.readline().rstrip("\n")
+        key = sys.stdin.readline().rstrip("\r\n")
     if key:
-        _checked("--wifi key", key, firstboot.check_wifi_key)
+        _checked(f"the key of Wi-Fi network {ssid!r}", key, firstboot.check_wifi_key,
+                 secret=True)
     return key
 
 
@@ -423,6 +475,8 @@ class Target:
     transport: str = ""
     partitions: tuple[str, ...] = ()
     sysfs: Path | None = None
+    rdev: int = 0
+    diskseq: str = ""           # changes with every medium the kernel sees in a slot
 
     def describe(self) -> str:
         if not self.is_disk:
@@ -440,14 +494,16 @@ class _Mount:
     point: str
 
 
-def inspect_target(path: Path, *, force: bool, image_size: int | None,
-                   writing: bool) -> Target:
+def inspect_target(path: Path, *, force: bool, writing: bool) -> Target:
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise BuildError(f"{path}: no such device (`lsblk -d -o NAME,SIZE,MODEL,TRAN` lists "
                          f"the disks; give the whole card, e.g. /dev/sdb)") from None
     if stat.S_ISREG(info.st_mode):
+        if writing and path.resolve().is_relative_to("/dev"):
+            raise BuildError(f"{path} is a regular file in /dev, not a device (a card that was "
+                             f"removed, written to by mistake?): remove it and check lsblk")
         if writing and not force:
             raise BuildError(f"{path} is a regular file, not a card: pass --force to write the "
                              f"image into a file")
@@ -461,20 +517,22 @@ def inspect_target(path: Path, *, force: bool, image_size: int | None,
         raise BuildError(f"{path} is partition {_read(sysfs / 'partition')} of /dev/{disk}: "
                          f"give the whole card, /dev/{disk}")
     size = int(_read(sysfs / "size") or 0) * 512
+    if size == 0:
+        raise BuildError(f"{path} has no medium (an empty card reader?): insert the card")
     parts = sorted(p for p in sysfs.iterdir() if (p / "partition").exists())
     target = Target(path, True, size, name, _model(sysfs), _transport(sysfs),
-                    tuple(_describe_partition(p) for p in parts), sysfs)
+                    tuple(_describe_partition(p) for p in parts), sysfs, info.st_rdev,
+                    _read(sysfs / "diskseq"))
     if not writing:
         return target
     _refuse_busy(path, sysfs, parts)
     if _read(sysfs / "ro") == "1":
         raise BuildError(f"{path} is read-only (an SD card's lock switch, in a reader that "
                          f"honours it?): slide the switch up and insert the card again")
-    if image_size is not None and size < image_size:
-        raise BuildError(f"{path} holds {human_size(size)} ({_decimal(size)}); the image "
-                         f"needs {human_size(image_size)} ({_decimal(image_size)}): use a "
-                         f"larger card")
-    removable = _read(sysfs / "removable") == "1" or target.transport in ("usb", "mmc")
+    # An SD card in a built-in slot is "mmc" and says SD; a soldered eMMC says MMC (it may
+    # hold the system of an ARM laptop or board).
+    removable = _read(sysfs / "removable") == "1" or target.transport == "usb" or (
+        target.transport == "mmc" and _read(sysfs / "device" / "type") != "MMC")
     if not removable and not force:
         kind = ", ".join(x for x in (target.transport or "unknown", target.model) if x)
         raise BuildError(f"{path} is not a removable, USB or MMC disk ({kind}): pass --force "
@@ -482,6 +540,13 @@ def inspect_target(path: Path, *, force: bool, image_size: int | None,
     if not os.access(path, os.W_OK):
         raise BuildError(f"{path}: permission denied: run flash-image with sudo")
     return target
+
+
+def check_fits(target: Target, size: int | None) -> None:
+    if target.is_disk and size is not None and target.size < size:
+        raise BuildError(f"{target.path} holds {human_size(target.size)} "
+                         f"({_decimal(target.size)}); the image needs {human_size(size)} "
+                         f"({_decimal(size)}): use a larger card")
 
 
 def _decimal(size: int) -> str:
@@ -616,6 +681,7 @@ class Card:
         self.target = target
         self.fd = fd
         self._flight: deque[tuple[int, int]] = deque()
+        self._in_flight = 0
         self.written = 0
 
     def write(self, data: memoryview | bytes, offset: int) -> None:
@@ -630,8 +696,10 @@ class Card:
         self.written += len(view)
         self._sync_range(offset, len(view), SYNC_FILE_RANGE_WRITE)
         self._flight.append((offset, len(view)))
-        while len(self._flight) > WRITEBACK_WINDOW:
+        self._in_flight += len(view)
+        while self._in_flight > WRITEBACK_WINDOW:
             start, length = self._flight.popleft()
+            self._in_flight -= length
             self._sync_range(start, length, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE
                              | SYNC_FILE_RANGE_WAIT_AFTER)
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
@@ -650,8 +718,15 @@ class Card:
             raise BuildError(f"{self.target.path}: the card did not take the data "
                              f"({exc.strerror}): it may be failing or removed") from None
         self._flight.clear()
+        self._in_flight = 0
         # Clean pages go too: verification must read the card, not memory.
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    @property
+    def handle(self) -> Path:
+        """A path that opens this very card (not whatever DEVICE names by then): for the
+        read-back and for debugfs."""
+        return Path(f"/proc/{os.getpid()}/fd/{self.fd}")
 
     def reread_partitions(self) -> None:
         if self.target.is_disk:
@@ -675,8 +750,12 @@ def opened(target: Target, *, write: bool) -> Iterator[Card]:
         if exc.errno == errno.EBUSY:
             raise BuildError(f"{target.path} is in use (mounted, or claimed by another "
                              f"program): close what uses it and run flash-image again") from None
+        if exc.errno == errno.ENOMEDIUM:
+            raise BuildError(f"{target.path} has no medium: insert the card") from None
         raise BuildError(f"{target.path}: {exc.strerror}") from None
     try:
+        if target.is_disk:
+            _check_same_card(target, fd)
         if write:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -686,6 +765,17 @@ def opened(target: Target, *, write: bool) -> Iterator[Card]:
         yield Card(target, fd)
     finally:
         os.close(fd)
+
+
+def _check_same_card(target: Target, fd: int) -> None:
+    """The device opened is the one inspected and shown: not another card put in meanwhile."""
+    size = bytearray(8)
+    fcntl.ioctl(fd, BLKGETSIZE64, size)
+    now = (os.fstat(fd).st_rdev, int.from_bytes(size, sys.byteorder),
+           _read(target.sysfs / "diskseq") if target.sysfs else "")
+    if now != (target.rdev, target.size, target.diskseq):
+        raise BuildError(f"{target.path} is not the disk it was when it was checked (another "
+                         f"card?): run flash-image again")
 
 
 # Writing.
@@ -753,12 +843,13 @@ def write_card(request: Request, card: Card | None) -> Written:
         with raw_stream(request) as stream, log.progress(f"{what} {request.image.name}",
                                                          total) as bar:
             position = 0
-            ranges = bmap.ranges if bmap else (Range(0, 1 << 62, None, "image"),)
+            ranges = bmap.ranges if bmap else (Range(0, 1 << 62, None, ""),)
             for wanted in ranges:
                 skipped = _skip(stream, wanted.start - position, view)
                 position += skipped
                 if position < wanted.start:
                     break
+                digest = hashlib.new(wanted.algorithm)
                 while position < wanted.end:
                     n = _fill(stream, view[: min(CHUNK, wanted.end - position)])
                     if n == 0:
@@ -766,9 +857,12 @@ def write_card(request: Request, card: Card | None) -> Written:
                     _check_fits(request, card, position + n)
                     data = view[:n]
                     if bmap is None:
+                        # Without a bmap, each 4 MiB is checked on its own: a mismatch is
+                        # then named to within 4 MiB.
                         result.checks.append(Range(position, position + n,
-                                                   hashlib.sha256(data).hexdigest(),
-                                                   ""))
+                                                   hashlib.sha256(data).hexdigest(), ""))
+                    else:
+                        digest.update(data)
                     if card is not None:
                         if position < HEAD:
                             keep = min(n, HEAD - position)
@@ -779,6 +873,8 @@ def write_card(request: Request, card: Card | None) -> Written:
                             card.write(data, position)
                     position += n
                     bar.update(n)
+                if bmap is not None and position == wanted.end:
+                    result.checks.append(_checked_range(request, bmap, wanted, digest))
             # The rest is read too: the decompressor's exit code says whether the image was
             # whole, and the size must match the bmap's.
             if stream.seekable():
@@ -803,8 +899,21 @@ def write_card(request: Request, card: Card | None) -> Written:
         raise
     result.bytes = card.written if card else 0
     result.seconds = time.monotonic() - started
-    result.checks = list(bmap.ranges) if bmap else result.checks
     return result
+
+
+def _checked_range(request: Request, bmap: BlockMap, wanted: Range,
+                   digest: hashlib._Hash) -> Range:
+    """A range as streamed, against the bmap's checksum, before the card's first MiB makes
+    it bootable: an image that is not the bmap's is found here, not blamed on the card."""
+    found = digest.hexdigest()
+    if wanted.digest is None:
+        return dataclasses.replace(wanted, digest=found)
+    if found != wanted.digest:
+        raise BuildError(f"{request.image.name} does not match {bmap.path.name} in "
+                         f"{wanted.describe()}: the image is corrupt or the bmap is another "
+                         f"build's (pass the right --bmap, or --no-bmap)")
+    return wanted
 
 
 def _invalidate(card: Card) -> None:
@@ -831,7 +940,7 @@ class Mismatch(BuildError):
     """The card does not hold the image."""
 
 
-def verify_card(target: Target, checks: Sequence[Range], algorithm: str, *,
+def verify_card(source: Path, shown: Path, checks: Sequence[Range], *,
                 just_written: bool) -> float:
     """Read every range back from the card itself and compare its digest; returns seconds."""
     hint = ("the card did not keep what was written (failing, or a fake capacity?): do not use "
@@ -840,22 +949,26 @@ def verify_card(target: Target, checks: Sequence[Range], algorithm: str, *,
     started = time.monotonic()
     total = sum(r.end - r.start for r in checks)
     view = memoryview(mmap.mmap(-1, CHUNK))     # page-aligned, as O_DIRECT needs
-    fd, direct = _open_uncached(target.path)
+    fd, direct = _open_uncached(source)
     try:
-        with log.progress(f"verifying {target.path}", total) as bar:
+        with log.progress(f"verifying {shown}", total) as bar:
             for wanted in checks:
-                digest = hashlib.new(algorithm)
+                digest = hashlib.new(wanted.algorithm)
                 position = wanted.start
                 while position < wanted.end:
                     n = min(CHUNK, wanted.end - position)
-                    got = _pread(fd, view, position, n, direct)
+                    try:
+                        got = _pread(fd, view, position, n, direct)
+                    except OSError as exc:
+                        raise Mismatch(f"reading {shown} back failed at byte {position} "
+                                       f"({exc.strerror}): the card may be failing") from None
                     digest.update(view[:got])
                     bar.update(got)
                     position += n
                     if got < n:
                         break
-                if wanted.digest is not None and digest.hexdigest() != wanted.digest:
-                    raise Mismatch(f"{target.path} differs from the image in "
+                if digest.hexdigest() != wanted.digest:
+                    raise Mismatch(f"{shown} differs from the image in "
                                    f"{wanted.describe()}: {hint}")
     finally:
         os.close(fd)
@@ -889,11 +1002,11 @@ def _pread(fd: int, view: memoryview, offset: int, length: int, direct: bool) ->
 # Personalising.
 
 
-def personalise_card(target: Target, preseed: Preseed) -> str:
+def personalise_card(card: Card, preseed: Preseed) -> str:
     """Write this card's preseed into its ext4 root (where the wizard reads it at first boot),
     merged with the one the image carries. Returns the path written."""
-    table = read_table(target.path)
-    fs, path = _preseed_location(target.path, table)
+    table = read_table(card.handle)
+    fs, path = _preseed_location(card.handle, table)
     old = fs.read(path) or b""
     kept = []
     for raw in old.decode("utf-8-sig", errors="replace").splitlines():
@@ -902,10 +1015,7 @@ def personalise_card(target: Target, preseed: Preseed) -> str:
             kept.append(raw)
     if kept and kept[-1].strip():
         kept.append("")
-    stamp = time.strftime("%Y-%m-%d %H:%M")
-    new = [f"# flash-image {__version__}, {stamp}: this card's own settings"]
-    new += [f"{key} = {value}" for key, value in preseed.lines]
-    text = "\n".join([*kept, *new]) + "\n"
+    text = "\n".join(kept) + ("\n" if kept else "") + preseed.text()
     _, problems = firstboot.parse_preseed(text.encode(), Path("/"), firstboot.Settings())
     if problems:
         raise BuildError(f"the preseed for the card does not check out ({problems[0]}); the "
@@ -953,45 +1063,58 @@ def _matches(fs: Ext4, spec: str) -> bool:
 
 def _main(args: argparse.Namespace) -> int:
     request = check_request(args)
-    target = inspect_target(args.device, force=args.force, image_size=request.size,
-                            writing=not request.verify_only)
+    target = inspect_target(args.device, force=args.force, writing=not request.verify_only)
+    check_image_checksum(request.image)
     if request.verify_only:
         return _verify_only(request, target)
+    request = measure_raw_size(request)
+    check_fits(target, request.size)
     if not args.yes:
         confirm(request, target)
-    check_image_checksum(request.image)
-    with ExitStack() as stack:
-        card = stack.enter_context(opened(target, write=True))
+    with opened(target, write=True) as card:
         written = write_card(request, card)
-        log.info(f"wrote {human_size(written.bytes)} of "
-                 f"{human_size(written.size)} in {written.seconds:.1f} s "
-                 f"({_rate(written.bytes, written.seconds)})"
+        log.info(f"wrote {human_size(written.bytes)} of {human_size(written.size)} in "
+                 f"{written.seconds:.1f} s ({_rate(written.bytes, written.seconds)})"
                  + (f", only the blocks {request.bmap.path.name} lists" if request.bmap else ""))
-        if request.verify:
-            algorithm = request.bmap.checksum if request.bmap else "sha256"
-            seconds = verify_card(target, written.checks, algorithm, just_written=True)
-            log.info(f"verified: the card holds the image ({seconds:.1f} s)")
-        if request.preseed:
-            path = personalise_card(target, request.preseed)
-            card.sync()
-            keys = ", ".join(dict.fromkeys(k for k, _ in request.preseed.lines))
-            log.info(f"this card's settings ({keys}) are in {path}, readable by root only, "
-                     f"and are applied at its first boot")
+        finish_card(request, card, written)
         card.reread_partitions()
     log.result(f"{target.path}: ready; put the card in the board and power it")
     return 0
 
 
+def finish_card(request: Request, card: Card, written: Written) -> None:
+    """Verify the card, then personalise it. A card that fails either, or is interrupted
+    meanwhile, loses its first MiB again: a card that cannot be trusted must not boot."""
+    try:
+        if request.verify:
+            seconds = verify_card(card.handle, card.target.path, written.checks,
+                                  just_written=True)
+            log.info(f"verified: the card holds the image ({seconds:.1f} s)")
+        if request.preseed:
+            path = personalise_card(card, request.preseed)
+            card.sync()
+            keys = ", ".join(dict.fromkeys(k for k, _ in request.preseed.lines))
+            log.info(f"this card's settings ({keys}) are in {path}, readable by root only, "
+                     f"and are applied at its first boot")
+    except BuildError as exc:
+        _invalidate(card)
+        raise type(exc)(f"{exc}; {CARD_LEFT_INVALID}") from None
+    except Interrupted:
+        _invalidate(card)
+        log.warn(CARD_LEFT_INVALID)
+        raise
+
+
 def _verify_only(request: Request, target: Target) -> int:
-    check_image_checksum(request.image)
-    if request.bmap is not None:
-        checks, algorithm = list(request.bmap.ranges), request.bmap.checksum
-    else:
-        checks, algorithm = write_card(request, None).checks, "sha256"
     if request.size is not None and target.size < request.size:
         raise Mismatch(f"{target.path} ({human_size(target.size)}) is smaller than the image "
                        f"({human_size(request.size)}): it cannot hold it")
-    seconds = verify_card(target, checks, algorithm, just_written=False)
+    if request.bmap is not None and all(r.digest for r in request.bmap.ranges):
+        checks = list(request.bmap.ranges)
+    else:
+        checks = write_card(request, None).checks      # digests of the image, streamed
+    with opened(target, write=False) as card:
+        seconds = verify_card(card.handle, target.path, checks, just_written=False)
     log.result(f"{target.path} holds {request.image.name} ({seconds:.1f} s)")
     return 0
 

@@ -34,7 +34,8 @@ KEY_B = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnCcbEq2L1ZB3C3X4b1g3rR5pLCpDGuGq
 
 
 def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
-               files: dict[str, bytes] | None = None, boot_partition: bool = False) -> Path:
+               files: dict[str, bytes] | None = None, boot_partition: bool = False,
+               tail: int = 0) -> Path:
     """X.img with X.img.bmap, X.img.zst (+ .sha256, as build-image writes) and X.img.xz."""
     tree = directory / f"{name}.tree"
     files = {"etc/os-release": b"ID=debian\n", "boot/.keep": b"",
@@ -65,6 +66,9 @@ def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
     with open(image, "r+b") as f:
         f.seek(8 << 10)
         f.write(b"\x00\x00\x00\x00eGON.BT0" + os.urandom(4000))     # a boot loader
+        if tail:
+            f.seek(0, os.SEEK_END)
+            f.write(os.urandom(tail))            # a size that is no multiple of a block
     shutil.rmtree(tree)
     subprocess.run(["bmaptool", "-q", "create", "-o", f"{image}.bmap", str(image)], check=True)
     subprocess.run(["zstd", "-q", "-f", "-k", str(image)], check=True)
@@ -194,6 +198,10 @@ def test_verify_reads_the_card_itself(image: Path, cards: Cards) -> None:
     found, and the range that holds it is named."""
     device, backing = cards.new()
     assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    # The device's page cache holds the card as written: a read-back through it would pass.
+    with open(device, "rb") as f:
+        while f.read(MIB):
+            pass
     offset = ROOT_OFFSET + 1234
     with open(backing, "r+b") as f:
         f.seek(offset)
@@ -411,7 +419,14 @@ def test_a_corrupt_image_without_checksum_leaves_an_unbootable_card(image: Path,
     corrupt = tmp_path / "corrupt.img.zst"
     data = Path(f"{image}.zst").read_bytes()
     corrupt.write_bytes(data[: len(data) * 2 // 3])             # a truncated download
+    # Without a bmap its size is measured first, which finds it before the card is touched.
+    before = backing.read_bytes()
     proc = flash(corrupt, device, "--yes", "--force", "--no-bmap")
+    assert proc.returncode == 1
+    assert "corrupt or truncated" in error_of(proc)
+    assert backing.read_bytes() == before
+    # With the bmap the size is known: the decompressor finds it halfway through the write.
+    proc = flash(corrupt, device, "--yes", "--force", "--bmap", f"{image}.bmap")
     assert proc.returncode == 1
     assert "corrupt or truncated" in error_of(proc)
     assert "without a partition table (it will not boot): flash it again" in error_of(proc)
@@ -439,4 +454,157 @@ def test_the_disk_of_the_running_system_is_refused() -> None:
     disk = Path("/dev") / (sysfs.resolve().parent.name if (sysfs / "partition").exists()
                            else sysfs.name)
     with pytest.raises(flash_module.BuildError, match=r"holds the running system \(/ is"):
-        flash_module.inspect_target(disk, force=True, image_size=1, writing=True)
+        flash_module.inspect_target(disk, force=True, writing=True)
+
+
+def test_an_image_of_odd_size_is_written_whole(tmp_path: Path, cards: Cards) -> None:
+    image = make_image(tmp_path, "odd", tail=1000)
+    raw = image.read_bytes()
+    assert len(raw) % 4096 == 1000
+    for source, extra in ((image, ["--no-bmap"]), (f"{image}.zst", []),
+                          (f"{image}.zst", ["--no-bmap"])):
+        device, backing = cards.new()
+        proc = flash(source, device, "--yes", "--force", *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert backing.read_bytes()[: len(raw)] == raw, (source, extra)
+
+
+def test_a_card_too_small_for_a_zst_without_bmap_is_refused_untouched(image: Path,
+                                                                      cards: Cards) -> None:
+    """A .zst made from a pipe does not say its size: it is measured first."""
+    small, backing = cards.new(16, fill=b"old card")
+    proc = flash(f"{image}.zst", small, "--yes", "--force", "--no-bmap")
+    assert proc.returncode == 1
+    assert "holds 16.0 MiB" in error_of(proc)
+    assert backing.read_bytes() == b"old card" * (16 * MIB // 8)
+
+
+def test_a_bad_wifi_key_is_refused_without_showing_it(image: Path, cards: Cards) -> None:
+    device, backing = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--wifi", "Lab", stdin="short7\r\n")
+    assert proc.returncode == 1
+    assert "the key of Wi-Fi network 'Lab': must be 8-63" in error_of(proc)
+    assert "short7" not in proc.stderr + proc.stdout
+    assert backing.read_bytes() == bytes(32 * MIB)
+
+
+def bmap_version_1_3(image: Path, target: Path) -> Path:
+    """The same map in bmaptool's format 1.3: SHA-1 under the names it had then."""
+    import hashlib
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(f"{image}.bmap").getroot()
+    raw = image.read_bytes()
+    lines = ['<?xml version="1.0" ?>', '<bmap version="1.3">',
+             f"<ImageSize> {len(raw)} </ImageSize>", "<BlockSize> 4096 </BlockSize>",
+             f"<BlocksCount> {root.findtext('BlocksCount').strip()} </BlocksCount>",
+             f"<MappedBlocksCount> {root.findtext('MappedBlocksCount').strip()} "
+             f"</MappedBlocksCount>", f"<BmapFileSHA1> {'0' * 40} </BmapFileSHA1>",
+             "<BlockMap>"]
+    for element in root.iterfind("BlockMap/Range"):
+        first, _, last = element.text.strip().partition("-")
+        data = raw[int(first) * 4096:(int(last or first) + 1) * 4096]
+        lines.append(f'<Range sha1="{hashlib.sha1(data).hexdigest()}"> '
+                     f"{element.text.strip()} </Range>")
+    text = "\n".join([*lines, "</BlockMap>", "</bmap>", ""])
+    own = hashlib.sha1(text.encode()).hexdigest()
+    target.write_text(text.replace("0" * 40, own, 1))
+    return target
+
+
+def test_a_version_1_3_bmap_is_read_with_its_sha1(image: Path, tmp_path: Path,
+                                                  cards: Cards) -> None:
+    old = bmap_version_1_3(image, tmp_path / "old.bmap")
+    device, backing = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--bmap", old)
+    assert proc.returncode == 0, proc.stderr
+    assert backing.read_bytes()[:24 * MIB] == image.read_bytes()
+    with open(backing, "r+b") as f:
+        f.seek(ROOT_OFFSET + 10)
+        f.write(b"\xff\xfe")
+    assert flash(f"{image}.zst", device, "--verify-only", "--bmap", old).returncode == 2
+
+
+def test_an_image_that_is_not_its_bmaps_is_found_before_the_card_can_boot(
+        image: Path, tmp_path: Path, cards: Cards) -> None:
+    """A range whose checksum the image does not have is found while streaming, and named as
+    the image's fault, before the first MiB makes the card bootable."""
+    import hashlib
+
+    text = Path(f"{image}.bmap").read_text()
+    ranges = re.findall(r'chksum="([0-9a-f]{64})"', text)
+    text = text.replace(ranges[-1], "0" * 64)
+    own = re.search(r"<BmapFileChecksum> ([0-9a-f]{64})", text).group(1)
+    text = text.replace(own, hashlib.sha256(text.replace(own, "0" * 64).encode()).hexdigest())
+    wrong = tmp_path / "wrong.bmap"
+    wrong.write_text(text)
+    device, backing = cards.new()
+    assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--bmap", wrong)
+    assert proc.returncode == 1
+    assert "card.img.zst does not match wrong.bmap in block" in error_of(proc)
+    assert "without a partition table" in error_of(proc)
+    assert head_of(backing) == bytes(MIB)
+
+
+def test_a_card_that_fails_verification_is_left_unable_to_boot(image: Path,
+                                                               cards: Cards) -> None:
+    """Between the write and the read-back (in-process, with flash-image's own steps), the
+    medium loses a byte: the mismatch is reported, and the card's first MiB is zeroed again."""
+    from builder import flash as flash_module
+
+    device, backing = cards.new()
+    args = flash_module.parser().parse_args([f"{image}.zst", str(device), "--force", "--yes"])
+    request = flash_module.check_request(args)
+    target = flash_module.inspect_target(device, force=True, writing=True)
+    with flash_module.opened(target, write=True) as card:
+        written = flash_module.write_card(request, card)
+        assert head_of(backing) == image.read_bytes()[:MIB]
+        with open(backing, "r+b") as f:
+            f.seek(ROOT_OFFSET + 2 * MIB)
+            f.write(b"\x00\xff")
+        with pytest.raises(flash_module.Mismatch, match="without a partition table"):
+            flash_module.finish_card(request, card, written)
+    assert head_of(backing) == bytes(MIB)
+
+
+def test_a_personalisation_that_fails_after_the_write_leaves_no_bootable_card(
+        tmp_path: Path, cards: Cards) -> None:
+    image = make_image(tmp_path, "lost", boot_partition=True,
+                       files={"etc/fstab": b"LABEL=no-such-label /boot ext4 defaults 0 2\n"})
+    device, backing = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", "lab-pi-03")
+    assert proc.returncode == 1
+    assert "mounts /boot from LABEL=no-such-label" in error_of(proc)
+    assert "without a partition table" in error_of(proc)
+    assert head_of(backing) == bytes(MIB)
+
+
+def test_a_card_changed_after_it_was_checked_is_not_written(image: Path, tmp_path: Path,
+                                                            cards: Cards) -> None:
+    """Another medium in the same slot (here: the loop device given another file) between
+    the checks and the write: same device number, same size, another disk sequence."""
+    from builder import flash as flash_module
+
+    device, _ = cards.new()
+    target = flash_module.inspect_target(device, force=True, writing=True)
+    other = tmp_path / "other-card"
+    other.write_bytes(b"another card" * (32 * MIB // 12) + bytes(32 * MIB % 12))
+    subprocess.run(["losetup", "--detach", str(device)], check=True)
+    subprocess.run(["losetup", str(device), str(other)], check=True)
+    with pytest.raises(flash_module.BuildError, match="not the disk it was when it was checked"), \
+            flash_module.opened(target, write=True):
+        pass
+    assert other.read_bytes()[:12] == b"another card"
+
+
+def test_a_regular_file_in_dev_is_never_written() -> None:
+    stray = Path("/dev/flash-image-test-stray")
+    stray.write_bytes(b"x" * 1024)
+    try:
+        from builder import flash as flash_module
+
+        with pytest.raises(flash_module.BuildError, match="regular file in /dev"):
+            flash_module.inspect_target(stray, force=True, writing=True)
+    finally:
+        stray.unlink()
