@@ -51,9 +51,10 @@ from builder import __version__, firstboot, log
 from builder.cli import run_reporting
 from builder.errors import BuildError, Interrupted
 from builder.ext4 import Ext4, find_root_fs
-from builder.fetch import COMPRESSIONS, image_suffix
+from builder.fetch import COMPRESSIONS, built_image_suffix
 from builder.image import Table, read_table
 from builder.log import human_size
+from builder.preseed import load_preseed
 from builder.run import require_programs, run, spawn
 
 EXIT_MISMATCH = 2
@@ -200,14 +201,7 @@ class Request:
 
 def check_request(args: argparse.Namespace) -> Request:
     image: Path = args.image
-    if not image.is_file():
-        raise BuildError(f"{image}: no such image file (give the .img.xz or .img.zst that "
-                         f"build-image wrote)")
-    try:
-        suffix = image_suffix(image.name)
-    except BuildError:
-        raise BuildError(f"{image}: not an .img, .img.xz or .img.zst file (give the image "
-                         f"build-image wrote)") from None
+    suffix = built_image_suffix(image)
     bmap = None
     if not args.no_bmap:
         path = args.bmap or _bmap_beside(image)
@@ -377,13 +371,7 @@ def check_preseed(args: argparse.Namespace) -> Preseed:
     lines: list[tuple[str, str]] = []
     given: set[str] = set()
     if args.preseed is not None:
-        try:
-            data = args.preseed.read_bytes()
-        except OSError as exc:
-            raise BuildError(f"--preseed {args.preseed}: {exc.strerror}") from None
-        _, problems = firstboot.parse_preseed(data, Path("/"), firstboot.Settings())
-        if problems:
-            raise BuildError(f"--preseed {args.preseed}: {problems[0]}")
+        data, _ = load_preseed(args.preseed)
         for raw in data.decode("utf-8-sig").splitlines():
             key, sep, value = raw.strip().partition("=")
             if sep and not raw.strip().startswith("#"):

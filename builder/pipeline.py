@@ -49,6 +49,7 @@ from builder.download import Http
 from builder.errors import BuildError
 from builder.ledger import Ledger, held_lock, mounts_under, remove_path
 from builder.mount import is_root, loop_device, mounted, work_path
+from builder.preseed import load_preseed
 from builder.run import require_programs
 
 
@@ -165,22 +166,12 @@ def check_host(ctx: Context) -> None:
 def check_preseed(cfg: Config) -> None:
     """The preseed file is checked by the same code the card runs at first boot, so a bad
     value stops the build now rather than a wizard on some card later."""
-    path = Path(cfg.firstboot.preseed or "").expanduser()
     flag = f"--preseed {cfg.firstboot.preseed}"
     if not cfg.customize.builtin:
         raise BuildError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
                          f"drop --preseed or customize.builtin=false")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BuildError(f"{flag}: {exc.strerror}: give the path of an existing file") from None
     settings = firstboot.Settings(min_password_length=cfg.firstboot.min_password_length)
-    # Time zone names are checked against the host's tzdata: the same names as the image's.
-    answers, problems = firstboot.parse_preseed(data, Path("/"), settings)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BuildError(f"{flag}: {problems[0]}{more}: fix the file (README: \"Headless "
-                         f"first boot\" lists the keys)")
+    _, answers = load_preseed(Path(cfg.firstboot.preseed or ""), cfg.firstboot.preseed, settings)
     if answers.login_password or answers.jupyter_password or answers.wifi_key:
         log.warn(f"{flag} holds plain passwords: every card flashed from this image carries "
                  f"them until its first boot; login_password_hash and jupyter_password_hash "

@@ -25,15 +25,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, firstboot, log, qemu
+from builder import __version__, log, qemu
 from builder import browser as browser_check
 from builder import jupyter_client as jupyter
 from builder.boards import Board, load_catalog
 from builder.cli import run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
-from builder.fetch import image_suffix
+from builder.fetch import built_image_suffix, image_suffix
 from builder.image import copy_sparse, read_table
+from builder.preseed import load_preseed
 from builder.run import require_programs
 from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, tail
 
@@ -149,14 +150,7 @@ class SmokeFailure(Exception):
 def check_request(args: argparse.Namespace) -> Request:
     image = args.image.expanduser().absolute() if isinstance(args.image, Path) else \
         Path(args.image).expanduser().absolute()
-    if not image.is_file():
-        raise BuildError(f"{image}: no such image file (give the .img, .img.xz or .img.zst "
-                         f"build-image wrote)")
-    try:
-        suffix = image_suffix(image.name)
-    except BuildError:
-        raise BuildError(f"{image.name}: not an .img, .img.xz or .img.zst file (give the image "
-                         f"build-image wrote)") from None
+    suffix = built_image_suffix(image)
     if suffix == ".img.gz":
         raise BuildError(f"{image.name}: try-image reads .img, .img.xz and .img.zst")
     timeouts = dict(TIMEOUTS)
@@ -175,13 +169,7 @@ def check_request(args: argparse.Namespace) -> Request:
         raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535 (0: any free one)")
     preseed = credentials = None
     if args.preseed:
-        try:
-            preseed = args.preseed.read_bytes()
-        except OSError as exc:
-            raise BuildError(f"--preseed {args.preseed}: {exc.strerror}") from None
-        answers, problems = firstboot.parse_preseed(preseed, Path("/"), firstboot.Settings())
-        if problems:
-            raise BuildError(f"--preseed {args.preseed}: {problems[0]}")
+        preseed, answers = load_preseed(args.preseed)
         if args.smoke:
             if not (answers.login_password and answers.jupyter_password):
                 raise BuildError(f"--preseed {args.preseed}: --smoke logs in with the "
