@@ -49,6 +49,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 import traceback
 import unicodedata
@@ -803,6 +804,22 @@ class Console:
             while data:
                 data = data[os.write(self.fd_out, data):]
 
+    def drain(self, limit: float = 10) -> None:
+        """Wait, a while at most, until what was written has left the line. When the wizard
+        exits, systemd hangs its line up (TTYVHangup), which throws away what the UART has not
+        sent yet: the result and the token, written last. (A line that never drains, flow
+        control stuck, must not keep the getty away for ever.)"""
+        if not os.isatty(self.fd_out):
+            return
+
+        def wait() -> None:
+            with contextlib.suppress(OSError):
+                termios.tcdrain(self.fd_out)
+
+        waiting = threading.Thread(target=wait, daemon=True)
+        waiting.start()
+        waiting.join(limit)
+
     def read_line(self, timeout: float | None, hidden: bool = False, prompt: str = "") -> str:
         """One line without its end, after showing `prompt`. Raises AnswerTimeout, EOFError or
         Garbage."""
@@ -1377,7 +1394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     if args.boot:
         configure_line(0, args.baud or system.settings.baud(console.name))
-        return boot(system, console)
+        code = boot(system, console)
+        console.drain()
+        return code
     try:
         return rerun(system, console, args.preseed, args.rotate_token)
     except KeyboardInterrupt:
