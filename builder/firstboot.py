@@ -1371,6 +1371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--jupyter-python", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # Ctrl-C starts the questions over, so it must arrive as KeyboardInterrupt even when the
+    # wizard was started by something that ignores SIGINT (a background job of a shell
+    # without job control, nohup): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     system = System.open(args.root, args.settings, args.jupyter_python)
     console = Console(0, 1, args.console or _tty_name())
     if args.check:
