@@ -608,3 +608,24 @@ def test_a_regular_file_in_dev_is_never_written() -> None:
             flash_module.inspect_target(stray, force=True, writing=True)
     finally:
         stray.unlink()
+
+
+def test_a_read_only_card_and_an_empty_reader_are_refused(image: Path, tmp_path: Path) -> None:
+    """A card whose lock switch is on (a read-only loop device) and a reader with no card in
+    it (a loop device with no file: size 0)."""
+    backing = tmp_path / "locked"
+    backing.write_bytes(bytes(32 * MIB))
+    device = subprocess.run(["losetup", "--find", "--show", "--read-only", str(backing)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        proc = flash(f"{image}.zst", device, "--yes", "--force")
+        assert proc.returncode == 1
+        assert "is read-only (an SD card's lock switch" in error_of(proc)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+    empty = subprocess.run(["losetup", "--find"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    proc = flash(f"{image}.zst", empty, "--yes", "--force")
+    assert proc.returncode == 1
+    assert f"{empty} has no medium (an empty card reader?)" in error_of(proc)
+    assert backing.read_bytes() == bytes(32 * MIB)
