@@ -2,20 +2,23 @@
 
 The steps, in order; everything that can be refused is refused before the card is touched:
 
-1. check_request: the image, its .sha256 and .bmap, and the per-card settings are read and
-   checked, and the image's sha256 is verified by reading it once.
+1. check_request: the image, its .bmap, the per-card settings (the exact preseed lines, read
+   by the wizard's parser) and the programs needed.
 2. inspect_target: what DEVICE is, and every reason not to write to it (a partition, mounted,
-   the running system's disk, swap, in use, read-only, too small, not removable).
-3. confirm: the card's model, size and partitions, and a typed "yes".
-4. write_card: the card's first MiB is zeroed and synced first, then the image is written
-   without its first MiB (only the bmap's ranges when there is one), synced, and the first MiB
-   comes last. A card interrupted at any point has no partition table and cannot boot as a
-   half-written system.
-5. verify_card: what was written is read back from the card itself (O_DIRECT, not the page
-   cache) and compared with the bmap's checksums, or with digests taken while writing.
-6. personalise_card: a preseed file for the first-boot wizard (hostname, SSH keys, Wi-Fi, ...)
-   is written into the card's ext4 root with debugfs, merged with any the image carries.
-7. The kernel re-reads the card's partition table.
+   the running system's disk, swap, in use, read-only, no medium, not removable).
+3. check_image_checksum, measure_raw_size and check_fits: the image against its .sha256, and
+   its size against the card's (a .zst without bmap is decompressed once to learn it).
+4. confirm: the card's model, size and partitions, and a typed "yes".
+5. opened: the card, exclusively, checked to be the one shown.
+6. write_card: the card's first MiB is zeroed and synced first, then the image is written
+   without its first MiB (only the bmap's ranges when there is one, each checked against the
+   bmap as it streams), synced, and the first MiB comes last. A card interrupted at any point
+   has no partition table and cannot boot as a half-written system.
+7. finish_card: verify_card reads what was written back from the card itself (O_DIRECT, not
+   the page cache) and compares it with the bmap's checksums or digests taken while writing;
+   personalise_card writes the preseed into the card's ext4 root with debugfs, merged with any
+   the image carries. If either fails, the first MiB is zeroed again.
+8. The kernel re-reads the card's partition table.
 
 The card is held with O_EXCL and a BSD lock throughout: systemd-udevd does not probe or re-read
 a disk that is locked (systemd's block device locking), so no automounter grabs a half-written
@@ -55,7 +58,7 @@ from builder.fetch import COMPRESSIONS, built_image_suffix
 from builder.image import Table, read_table
 from builder.log import human_size
 from builder.preseed import load_preseed
-from builder.run import require_programs, run, spawn
+from builder.run import LIBC, require_programs, run, spawn
 
 EXIT_MISMATCH = 2
 HEAD = 1 << 20            # zeroed first, written last
@@ -75,8 +78,7 @@ CARD_LEFT_INVALID = ("the card was left without a partition table (it will not b
 BLKRRPART = 0x125F
 BLKGETSIZE64 = 0x80081272
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+LIBC.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -693,7 +695,7 @@ class Card:
             os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
     def _sync_range(self, offset: int, length: int, flags: int) -> None:
-        if _LIBC.sync_file_range(self.fd, offset, length, flags) != 0:
+        if LIBC.sync_file_range(self.fd, offset, length, flags) != 0:
             code = ctypes.get_errno()
             if code not in (errno.ENOSYS, errno.ESPIPE, errno.EINVAL):
                 raise BuildError(f"writing {self.target.path} failed near byte {offset} "
@@ -842,7 +844,7 @@ def write_card(request: Request, card: Card | None) -> Written:
                     n = _fill(stream, view[: min(CHUNK, wanted.end - position)])
                     if n == 0:
                         break
-                    _check_fits(request, card, position + n)
+                    _check_fits(card, position + n)
                     data = view[:n]
                     if bmap is None:
                         # Without a bmap, each 4 MiB is checked on its own: a mismatch is
@@ -915,7 +917,7 @@ def _invalidate(card: Card) -> None:
     card.written = 0
 
 
-def _check_fits(request: Request, card: Card | None, end: int) -> None:
+def _check_fits(card: Card | None, end: int) -> None:
     if card is not None and card.target.is_disk and end > card.target.size:
         raise BuildError(f"the image is larger than {card.target.path} "
                          f"({human_size(card.target.size)}): use a larger card")

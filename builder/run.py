@@ -211,7 +211,8 @@ def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
         raise BuildError(f"{what} failed with exit code {code}")
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# The C library, for the calls Python's os module lacks (prctl, sync_file_range).
+LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
 
@@ -221,7 +222,7 @@ def die_with_parent() -> Callable[[], None]:
     parent = os.getpid()
 
     def arrange() -> None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:      # the parent died before prctl took effect
             os._exit(1)
 
