@@ -39,6 +39,16 @@ SLOW_MACHINE_CONF = ("# try-image: emulation is slow; never in an image for a bo
                      "[Manager]\nDefaultDeviceTimeoutSec=900s\nDefaultTimeoutStartSec=900s\n")
 SLOW_MACHINE_PATH = "/etc/systemd/system.conf.d/90-try-image-slow-machine.conf"
 PRESEED_PATH = "/boot/jupyter-firstboot.conf"
+# Written into the trial disk's boot configuration only. QEMU's orangepi-pc always has the H3's
+# four cores, each a host thread. On a host with two cores and other work beside it, the guest
+# spends its time waiting on descheduled vCPUs: every TLB invalidation a kernel broadcasts to
+# all cores is a rendezvous of all four threads, and freeing a module's init memory issues
+# thousands of them. Measured in a CI run: RCU stalls and soft lockups from the initrd on,
+# userspace 4.5 times slower than on an idle host, the network never up. One core, as virt
+# has, is what a small host can emulate well.
+ONE_CPU_ARGUMENT = "maxcpus=1"
+EXTLINUX_PATH = "/boot/extlinux/extlinux.conf"
+ARMBIAN_ENV_PATH = "/boot/armbianEnv.txt"
 FIRSTBOOT_UNIT = "/etc/systemd/system/jupyter-firstboot@.service"
 
 
@@ -164,7 +174,7 @@ def _boot_files(fs: Ext4) -> tuple[str, str | None, str]:
     """(kernel, initrd, kernel arguments) as the image's boot configuration names them:
     extlinux.conf's default label (Debian bases), else Armbian's /boot/Image and
     armbianEnv.txt."""
-    extlinux = fs.read("/boot/extlinux/extlinux.conf")
+    extlinux = fs.read(EXTLINUX_PATH)
     if extlinux:
         fields = _default_label(extlinux.decode(errors="replace"))
         kernel = fields.get("kernel") or fields.get("linux")
@@ -187,7 +197,7 @@ def _boot_files(fs: Ext4) -> tuple[str, str | None, str]:
         return str(resolved[0]), resolved[1], fields.get("append", "")
     for kernel in ("/boot/Image", "/boot/zImage"):
         if fs.exists(kernel):
-            env = (fs.read("/boot/armbianEnv.txt") or b"").decode(errors="replace")
+            env = (fs.read(ARMBIAN_ENV_PATH) or b"").decode(errors="replace")
             root = re.search(r"^rootdev=(\S+)", env, re.M)
             initrd = "/boot/uInitrd" if fs.exists("/boot/uInitrd") else None
             return kernel, initrd, f"root={root.group(1) if root else '/dev/vda1'} rootwait rw"
@@ -252,6 +262,8 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
                 f"jupyter-firstboot@{machine.console}.service")
         fs.symlink(link, "/etc/systemd/system/jupyter-firstboot@.service")
         changes.append(f"setup wizard also on {machine.console}, virt's serial console")
+    if machine.boots_uboot and (change := _boot_with_one_cpu(fs, work)):
+        changes.append(change)
     if preseed is not None:
         fs.write(PRESEED_PATH, preseed, 0o600, work)
         changes.append(f"{PRESEED_PATH}: from --preseed")
@@ -261,6 +273,35 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
         changes.append(f"{PRESEED_PATH}: the image's own preseed set aside (its passwords are "
                        f"unknown here); pass --preseed to try one")
     return changes
+
+
+def _boot_with_one_cpu(fs: Ext4, work: Path) -> str | None:
+    """`maxcpus=1` added to the kernel arguments the image's own boot configuration gives
+    U-Boot: extlinux.conf's append lines (Debian bases), else armbianEnv.txt's extraargs, which
+    Armbian's boot.scr appends."""
+    extlinux = fs.read(EXTLINUX_PATH)
+    if extlinux is not None:
+        text, count = re.subn(r"^([ \t]*append[ \t].*?)[ \t]*$",
+                              rf"\1 {ONE_CPU_ARGUMENT}",
+                              extlinux.decode(errors="surrogateescape"),
+                              flags=re.M | re.I)
+        if count:
+            fs.write(EXTLINUX_PATH, text.encode(errors="surrogateescape"), 0o644, work)
+            return f"{EXTLINUX_PATH}: {ONE_CPU_ARGUMENT} (one emulated core of four)"
+    env = fs.read(ARMBIAN_ENV_PATH)
+    if env is not None:
+        lines = env.decode(errors="surrogateescape").splitlines()
+        extra = [i for i, line in enumerate(lines) if line.startswith("extraargs=")]
+        if extra:
+            lines[extra[-1]] = f"{lines[extra[-1]].rstrip()} {ONE_CPU_ARGUMENT}"
+        else:
+            lines.append(f"extraargs={ONE_CPU_ARGUMENT}")
+        fs.write(ARMBIAN_ENV_PATH, ("\n".join(lines) + "\n").encode(errors="surrogateescape"),
+                 0o644, work)
+        return f"{ARMBIAN_ENV_PATH}: extraargs {ONE_CPU_ARGUMENT} (one emulated core of four)"
+    log.warn("neither extlinux.conf with an append line nor armbianEnv.txt: the guest keeps "
+             "four emulated cores, which is slow on a host with few cores")
+    return None
 
 
 # The QEMU process.

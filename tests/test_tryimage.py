@@ -322,6 +322,46 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
     assert size == 32 << 20 and disk.stat().st_size == size
 
 
+@pytest.mark.parametrize("boot, expected", [
+    # A Debian base: every label's append line, as U-Boot reads it (any case, odd spacing).
+    ({"boot/extlinux/extlinux.conf": b"default l\nlabel l\n  kernel /boot/z\n"
+      b"  APPEND root=UUID=1 rw console=ttyS0,115200  \nlabel old\n\tappend root=/dev/x\n"},
+     ("/boot/extlinux/extlinux.conf",
+      b"default l\nlabel l\n  kernel /boot/z\n  APPEND root=UUID=1 rw console=ttyS0,115200 "
+      b"maxcpus=1\nlabel old\n\tappend root=/dev/x maxcpus=1\n")),
+    # Armbian: boot.scr appends armbianEnv.txt's extraargs; the other lines stay as they are.
+    ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"verbosity=1\nextraargs=quiet\n"
+      b"rootdev=UUID=2\n"},
+     ("/boot/armbianEnv.txt", b"verbosity=1\nextraargs=quiet maxcpus=1\nrootdev=UUID=2\n")),
+    ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2"},
+     ("/boot/armbianEnv.txt", b"rootdev=UUID=2\nextraargs=maxcpus=1\n")),
+], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none"])
+def test_orangepi_pc_trial_disk_boots_one_core(tmp_path: Path, boot: dict[str, bytes],
+                                                expected: tuple[str, bytes]) -> None:
+    """QEMU's orangepi-pc always has four vCPUs; the trial disk's kernel starts one (a CI run
+    with four stalled for minutes on cross-core TLB flushes). virt's kernel arguments are
+    try-image's own and are not written into the disk."""
+    disk = make_image(tmp_path / "d.img", "orangepipcplus", boot)
+    from builder.image import read_table
+    fs = find_root_fs(disk, read_table(disk))
+    machine = qemu.machine_for(load_catalog().lookup("orangepipcplus")[0], None)
+    changes = qemu.prepare_for_emulation(fs, machine, tmp_path, None)
+    path, content = expected
+    assert fs.read(path) == content
+    assert any(c.startswith(f"{path}: ") and "maxcpus=1" in c for c in changes), changes
+    assert "Mode:  0644" in subprocess.run(["debugfs", "-R", f"stat {path}", fs.spec],
+                                           capture_output=True, text=True).stdout
+    # Every other file of the boot configuration is left as the image has it.
+    for name, data in boot.items():
+        if f"/{name}" != path:
+            assert fs.read(f"/{name}") == data
+    virt = make_image(tmp_path / "v.img", "orangepizeroplus2-h5", boot)
+    virt_fs = find_root_fs(virt, read_table(virt))
+    qemu.prepare_for_emulation(virt_fs, qemu.machine_for(
+        load_catalog().lookup("orangepizeroplus2-h5")[0], None), tmp_path, None)
+    assert virt_fs.read(path) == boot[path.lstrip("/")]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "try-image"
