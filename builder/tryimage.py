@@ -36,7 +36,7 @@ from builder.fetch import built_image_suffix, image_suffix
 from builder.image import copy_sparse, read_table
 from builder.preseed import load_preseed
 from builder.run import require_programs
-from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, tail
+from builder.serial_console import ConsoleError, ConsoleTimeout, Match, SerialConsole, tail
 
 EXIT_ERROR = 1
 EXIT_FAILED = 2
@@ -135,6 +135,7 @@ class Report:
     checks: list[str] = field(default_factory=list)             # what passed, in order
     notes: list[str] = field(default_factory=list)
     stack: dict[str, Any] = field(default_factory=dict)
+    guest_state: str | None = None      # what the guest said about itself after a failure
 
     def passed(self, what: str) -> None:
         self.checks.append(what)
@@ -335,7 +336,7 @@ def _send(console: SerialConsole, text: str, phase: str) -> None:
 
 
 def _expect(console: SerialConsole, patterns: dict[str, str], timeout: float,
-            phase: str) -> Any:
+            phase: str) -> Match:
     try:
         return console.expect(patterns, timeout, phase)
     except ConsoleError as exc:
@@ -366,16 +367,24 @@ def run_smoke(trial: Trial, report: Report) -> None:
         check_no_secret_on_console(trial, credentials, "wizard")
         report.passed("no password appeared on the serial console during setup")
         try:
-            jupyter.wait_until_up(trial.base, t["jupyter"], alive=lambda: proc.poll() is None)
-        except jupyter.JupyterError as exc:
-            raise SmokeFailure("jupyter", str(exc)) from None
-        started = _phase(report, "jupyter", started)
-        check_jupyter(trial, credentials, report)
-        started = _phase(report, "cell", started)
-        if credentials.token and trial.request.browser:
-            check_browser(trial, credentials.token, report)
-        elif trial.request.browser:
-            report.notes.append("browser check skipped: the preseed fixes no token")
+            try:
+                jupyter.wait_until_up(trial.base, t["jupyter"],
+                                      alive=lambda: proc.poll() is None)
+            except jupyter.JupyterError as exc:
+                raise SmokeFailure("jupyter", str(exc)) from None
+            started = _phase(report, "jupyter", started)
+            check_jupyter(trial, credentials, report)
+            started = _phase(report, "cell", started)
+            if credentials.token and trial.request.browser:
+                check_browser(trial, credentials.token, report)
+            elif trial.request.browser:
+                report.notes.append("browser check skipped: the preseed fixes no token")
+        except SmokeFailure:
+            # Seen from outside, "no answer" could be the guest's network, Jupyter, or the
+            # guest itself: ask the guest, which is still running, before it is stopped.
+            if proc.poll() is None:
+                report.guest_state = collect_guest_state(console, credentials, t["login"])
+            raise
         log_in_on_console(console, credentials, t["login"])
         report.passed("a login prompt on the serial console after setup; the login "
                       "password works there")
@@ -557,6 +566,37 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
             raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
 
 
+# What the guest says about itself when a check from outside failed: its addresses, what
+# listens, what failed, and the journal of Jupyter and of the network. As root (through sudo,
+# as the shutdown is): the journal of system units is not for users. The markers are computed
+# by the guest's shell, so the echo of the typed line does not match them.
+GUEST_STATE_SCRIPT = ("echo STATE-BEGIN-$((5*5)); ip -brief address; ss -ltn; "
+                      "systemctl --no-pager --failed; "
+                      "systemctl --no-pager status jupyter.service | tail -n 15; "
+                      "journalctl -b --no-pager -n 40 -u jupyter.service "
+                      "-u systemd-networkd.service -u NetworkManager.service; "
+                      "echo STATE-END-$((6*7))")
+
+
+def collect_guest_state(console: SerialConsole, creds: Credentials, timeout: float) -> str:
+    """The guest's own view of itself from a root shell on its serial console, or one line
+    saying why it could not be had. Never raises: it explains a failure, never replaces it."""
+    try:
+        log_in_on_console(console, creds, timeout)
+        console.wait_quiet(1, limit=10)
+        _send(console, f"sudo -p 'TRY-IMAGE-SUDO-%p:' sh -c '{GUEST_STATE_SCRIPT}'\r",
+              "diagnose")
+        state = {"state": r"STATE-BEGIN-25\n([\s\S]*?)STATE-END-42"}
+        got = _expect(console, {"sudo": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:", **state},
+                      120, "diagnose")
+        if got.name == "sudo":
+            _send(console, creds.login_password + "\r", "diagnose")
+            got = _expect(console, state, timeout, "diagnose")
+        return got.groups[0].strip()
+    except SmokeFailure as exc:
+        return f"(not available: {exc})"
+
+
 def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credentials,
               timeout: float) -> None:
     """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
@@ -623,7 +663,8 @@ def write_report(report: Report, directory: Path) -> None:
     (directory / "summary.txt").write_text(summary(report))
 
 
-REPORT_FILES = ("report.json", "summary.txt", "serial-boot*.log", "qemu.log", "jupyterlab.*")
+REPORT_FILES = ("report.json", "summary.txt", "serial-boot*.log", "qemu.log", "jupyterlab.*",
+                "guest-state.txt")
 
 
 def try_image(request: Request) -> int:
@@ -655,12 +696,18 @@ def smoke(trial: Trial) -> int:
         write_report(report, request.report)
         if (trial.work / "qemu.log").exists():
             shutil.copy(trial.work / "qemu.log", request.report / "qemu.log")
+        if report.guest_state is not None:
+            (request.report / "guest-state.txt").write_text(report.guest_state + "\n")
     sys.stdout.write(summary(report))
     if not report.ok:
         serial = trial.serial_log
         print(f"\ntry-image: {report.failed_phase} failed: {report.error}\n"
               f"last 50 lines of the serial console ({serial or '-'}):\n"
               f"{tail(serial) if serial else ''}", file=sys.stderr)
+        if report.guest_state is not None:
+            print(f"\nwhat the guest said about itself (as root, on its serial console; "
+                  f"{request.report / 'guest-state.txt'}):\n{report.guest_state}",
+                  file=sys.stderr)
     return 0 if report.ok else EXIT_FAILED
 
 

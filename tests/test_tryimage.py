@@ -6,6 +6,7 @@ appliance images are in test_appliance.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -443,6 +444,95 @@ def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None
         os.close(master)
         os.close(slave)
     assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
+
+
+@pytest.mark.parametrize("sudo_asks", [False, True], ids=["sudo", "sudo-asks-password"])
+def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path,
+                                                               sudo_asks: bool) -> None:
+    """When Jupyter fails from outside, try-image logs in on the console and asks the guest.
+    Here the getty is played by a thread and the shell is a real bash on the pty, running the
+    real commands through the real sudo (as root here; in the second case behind a sudo that
+    first asks for the password, as the guest's does)."""
+    import io
+    import termios
+    import threading
+    import tty
+
+    from builder import tryimage
+    from builder.serial_console import SerialConsole
+
+    master, slave = os.openpty()
+    cooked = termios.tcgetattr(slave)
+    tty.setraw(slave)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if sudo_asks:
+        (bin_dir / "sudo").write_text(
+            '#!/bin/bash\n[ "$1" = -p ] || exit 9\nprintf %s "${2//%p/jupyter}"\n'
+            'read -rs answer; echo\n[ "$answer" = login-pw-123 ] || exit 1\n'
+            'shift 2\nexec /usr/bin/sudo "$@"\n')
+        (bin_dir / "sudo").chmod(0o755)
+    typed: list[bytes] = []
+    shell: list[subprocess.Popen[bytes]] = []
+
+    def getty() -> None:
+        for prompt in (b"\r\nsmoke-pc login: ", b"Password: "):
+            os.write(slave, prompt)
+            line = b""
+            while not line.endswith(b"\r"):
+                line += os.read(slave, 1)
+            typed.append(line[:-1])
+        termios.tcsetattr(slave, termios.TCSANOW, cooked)     # a terminal, as after login
+        env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path),
+               "TERM": "dumb", "PS1": "jupyter@smoke-pc:~$ "}
+        shell.append(subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave,
+                                      stdout=slave, stderr=slave, env=env,
+                                      start_new_session=True))
+
+    player = threading.Thread(target=getty, daemon=True)
+    player.start()
+    log = io.BytesIO()
+    console = SerialConsole(master, log)
+    try:
+        creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        state = tryimage.collect_guest_state(console, creds, 60)
+    finally:
+        console.close()
+        player.join(timeout=5)
+        for proc in shell:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+    assert typed == [b"jupyter", b"login-pw-123"]
+    # The real `ip -brief address` ran: the loopback interface with its address, and the
+    # text stops before the end marker (no marker, no prompt in it).
+    assert re.search(r"^lo\s+UNKNOWN\s+127\.0\.0\.1/8", state, re.M), state
+    assert "STATE-" not in state and "jupyter@smoke-pc" not in state, state
+    assert "login-pw-123" not in state and b"login-pw-123" not in log.getvalue()
+
+
+def test_guest_state_says_why_it_is_missing(tmp_path: Path) -> None:
+    """A console where nobody logs in: one line saying so, not an exception that would hide
+    the failure it was meant to explain."""
+    import io
+    import tty
+
+    from builder import tryimage
+    from builder.serial_console import SerialConsole
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.write(slave, b"Welcome\r\n")
+    console = SerialConsole(master, io.BytesIO())
+    try:
+        creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        state = tryimage.collect_guest_state(console, creds, 2)
+    finally:
+        console.close()
+        os.close(master)
+        os.close(slave)
+    assert state.startswith("(not available: ") and "login" in state, state
 
 
 def test_a_crashed_wizard_fails_the_smoke_at_once(tmp_path: Path) -> None:
