@@ -281,8 +281,11 @@ def _boot_with_one_cpu(fs: Ext4, work: Path) -> str | None:
     Armbian's boot.scr appends."""
     extlinux = fs.read(EXTLINUX_PATH)
     if extlinux is not None:
-        text, count = re.subn(r"^([ \t]*append[ \t].*?)[ \t]*$",
-                              rf"\1 {ONE_CPU_ARGUMENT}",
+        # Any case, as U-Boot reads keywords; a bare `append` too; a CRLF line keeps its CR.
+        text, count = re.subn(r"^([ \t]*append)(?:[ \t]+([^\r\n]*?))?[ \t]*(\r?)$",
+                              lambda m: (f"{m.group(1)} "
+                                         f"{' '.join(filter(None, [m.group(2), ONE_CPU_ARGUMENT]))}"
+                                         f"{m.group(3)}"),
                               extlinux.decode(errors="surrogateescape"),
                               flags=re.M | re.I)
         if count:
@@ -290,10 +293,16 @@ def _boot_with_one_cpu(fs: Ext4, work: Path) -> str | None:
             return f"{EXTLINUX_PATH}: {ONE_CPU_ARGUMENT} (one emulated core of four)"
     env = fs.read(ARMBIAN_ENV_PATH)
     if env is not None:
-        lines = env.decode(errors="surrogateescape").splitlines()
-        extra = [i for i, line in enumerate(lines) if line.startswith("extraargs=")]
+        text = env.decode(errors="surrogateescape")
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        # U-Boot's `env import -t` skips leading blanks; the last definition wins.
+        extra = [i for i, line in enumerate(lines) if re.match(r"[ \t]*extraargs=", line)]
         if extra:
-            lines[extra[-1]] = f"{lines[extra[-1]].rstrip()} {ONE_CPU_ARGUMENT}"
+            line = lines[extra[-1]]
+            cr = "\r" if line.endswith("\r") else ""
+            lines[extra[-1]] = f"{line.rstrip()} {ONE_CPU_ARGUMENT}{cr}"
         else:
             lines.append(f"extraargs={ONE_CPU_ARGUMENT}")
         fs.write(ARMBIAN_ENV_PATH, ("\n".join(lines) + "\n").encode(errors="surrogateescape"),

@@ -383,7 +383,7 @@ def run_smoke(trial: Trial, report: Report) -> None:
             # Seen from outside, "no answer" could be the guest's network, Jupyter, or the
             # guest itself: ask the guest, which is still running, before it is stopped.
             if proc.poll() is None:
-                report.guest_state = collect_guest_state(console, credentials, t["login"])
+                report.guest_state = collect_guest_state(console, credentials)
             raise
         log_in_on_console(console, credentials, t["login"])
         report.passed("a login prompt on the serial console after setup; the login "
@@ -537,7 +537,7 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
     _expect(console, {"login": r"login: $|login: "}, timeout, "login")
     console.wait_quiet(3)
     _send(console, creds.user + "\r", "login")
-    _expect(console, {"password": r"Password: "}, 120, "login")
+    _expect(console, {"password": r"Password: "}, min(timeout, 120), "login")
     _send(console, creds.login_password + "\r", "login")
     # Type nothing before the shell is there: what login or the shell's start-up reads or
     # flushes is lost (seen: half a command typed ahead). Its prompt is user@host...$.
@@ -556,7 +556,7 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
         console.wait_quiet(1, limit=10)
         _send(console, f"echo {SHELL_MARK}-$((6*7))\r", "login")
         try:
-            console.expect({"shell": rf"{SHELL_MARK}-42"}, 60, "login")
+            console.expect({"shell": rf"{SHELL_MARK}-42"}, min(timeout, 60), "login")
             return
         except ConsoleTimeout:
             if attempt == 2:
@@ -569,32 +569,51 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
 # What the guest says about itself when a check from outside failed: its addresses, what
 # listens, what failed, and the journal of Jupyter and of the network. As root (through sudo,
 # as the shutdown is): the journal of system units is not for users. The markers are computed
-# by the guest's shell, so the echo of the typed line does not match them.
+# by the guest's shell, so the echo of the typed line does not match them; the last one is
+# printed whatever sudo did, so a refusal is seen at once.
 GUEST_STATE_SCRIPT = ("echo STATE-BEGIN-$((5*5)); ip -brief address; ss -ltn; "
                       "systemctl --no-pager --failed; "
                       "systemctl --no-pager status jupyter.service | tail -n 15; "
                       "journalctl -b --no-pager -n 40 -u jupyter.service "
                       "-u systemd-networkd.service -u NetworkManager.service; "
                       "echo STATE-END-$((6*7))")
+GUEST_STATE_COMMAND = (f"sudo -p 'TRY-IMAGE-SUDO-%p:' sh -c '{GUEST_STATE_SCRIPT}'; "
+                       f"echo STATE-DONE-$((7*8))\r")
+# All of it, login included: it only explains a failure that has already cost its phase's limit.
+GUEST_STATE_SECONDS = 300
 
 
-def collect_guest_state(console: SerialConsole, creds: Credentials, timeout: float) -> str:
+def collect_guest_state(console: SerialConsole, creds: Credentials,
+                        budget: float = GUEST_STATE_SECONDS) -> str:
     """The guest's own view of itself from a root shell on its serial console, or one line
     saying why it could not be had. Never raises: it explains a failure, never replaces it."""
+    deadline = time.monotonic() + budget
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
+    state = {"state": r"STATE-BEGIN-25\n([\s\S]*?)STATE-END-42",
+             "done": r"STATE-DONE-56"}
     try:
-        log_in_on_console(console, creds, timeout)
-        console.wait_quiet(1, limit=10)
-        _send(console, f"sudo -p 'TRY-IMAGE-SUDO-%p:' sh -c '{GUEST_STATE_SCRIPT}'\r",
-              "diagnose")
-        state = {"state": r"STATE-BEGIN-25\n([\s\S]*?)STATE-END-42"}
+        log_in_on_console(console, creds, left())
+        console.wait_quiet(1, limit=min(10, left()))
+        _send(console, GUEST_STATE_COMMAND, "diagnose")
         got = _expect(console, {"sudo": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:", **state},
-                      120, "diagnose")
+                      left(), "diagnose")
         if got.name == "sudo":
             _send(console, creds.login_password + "\r", "diagnose")
-            got = _expect(console, state, timeout, "diagnose")
+            got = _expect(console, {"again": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:",
+                                    **state}, left(), "diagnose")
+            if got.name == "again":
+                _send(console, "\x03", "diagnose")     # leave sudo's second prompt
+                return "(not available: sudo refused the login password)"
+        if got.name == "done":
+            return "(not available: sudo did not run the commands)"
         return got.groups[0].strip()
     except SmokeFailure as exc:
         return f"(not available: {exc})"
+    except Exception as exc:      # a bug here must not hide the failure being explained
+        return f"(not available: {type(exc).__name__}: {exc})"
 
 
 def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credentials,
@@ -719,7 +738,8 @@ def keep_disk(disk: Path, target: Path) -> None:
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
-    log.info(f"trial disk kept at {target}")
+    log.info(f"trial disk kept at {target} (with try-image's changes for emulation: for "
+             f"looking into, not for flashing)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -326,14 +326,17 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("boot, expected", [
     # A Debian base: every label's append line, as U-Boot reads it (any case, odd spacing).
     ({"boot/extlinux/extlinux.conf": b"default l\nlabel l\n  kernel /boot/z\n"
-      b"  APPEND root=UUID=1 rw console=ttyS0,115200  \nlabel old\n\tappend root=/dev/x\n"},
+      b"  APPEND root=UUID=1 rw console=ttyS0,115200  \nlabel old\n\tappend root=/dev/x\r\n"
+      b"label bare\n  append\n  fdtoverlays /o.dtbo\n# append root=/dev/comment\n"},
      ("/boot/extlinux/extlinux.conf",
       b"default l\nlabel l\n  kernel /boot/z\n  APPEND root=UUID=1 rw console=ttyS0,115200 "
-      b"maxcpus=1\nlabel old\n\tappend root=/dev/x maxcpus=1\n")),
+      b"maxcpus=1\nlabel old\n\tappend root=/dev/x maxcpus=1\r\nlabel bare\n  append "
+      b"maxcpus=1\n  fdtoverlays /o.dtbo\n# append root=/dev/comment\n")),
     # Armbian: boot.scr appends armbianEnv.txt's extraargs; the other lines stay as they are.
-    ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"verbosity=1\nextraargs=quiet\n"
-      b"rootdev=UUID=2\n"},
-     ("/boot/armbianEnv.txt", b"verbosity=1\nextraargs=quiet maxcpus=1\nrootdev=UUID=2\n")),
+    ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"verbosity=1\r\n  extraargs=quiet\r\n"
+      b"rootdev=UUID=2\r\n"},
+     ("/boot/armbianEnv.txt",
+      b"verbosity=1\r\n  extraargs=quiet maxcpus=1\r\nrootdev=UUID=2\r\n")),
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2"},
      ("/boot/armbianEnv.txt", b"rootdev=UUID=2\nextraargs=maxcpus=1\n")),
 ], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none"])
@@ -446,13 +449,20 @@ def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None
     assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
 
 
-@pytest.mark.parametrize("sudo_asks", [False, True], ids=["sudo", "sudo-asks-password"])
-def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path,
-                                                               sudo_asks: bool) -> None:
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("sudo") is None or shutil.which("ip") is None,
+                    reason="needs sudo and ip (apt-get install sudo iproute2)")
+@pytest.mark.parametrize("sudo_asks, password", [(False, "login-pw-123"),
+                                                 (True, "login-pw-123"),
+                                                 (True, "wrong-pw-456")],
+                         ids=["sudo", "sudo-asks-password", "sudo-refuses"])
+def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path, sudo_asks: bool,
+                                                               password: str) -> None:
     """When Jupyter fails from outside, try-image logs in on the console and asks the guest.
     Here the getty is played by a thread and the shell is a real bash on the pty, running the
-    real commands through the real sudo (as root here; in the second case behind a sudo that
-    first asks for the password, as the guest's does)."""
+    real commands through the real sudo (as root, which sudo does not ask; in the other cases
+    behind a sudo that first asks for the password, as the guest's does, and asks again when
+    it is wrong)."""
     import io
     import termios
     import threading
@@ -468,9 +478,10 @@ def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path,
     bin_dir.mkdir()
     if sudo_asks:
         (bin_dir / "sudo").write_text(
-            '#!/bin/bash\n[ "$1" = -p ] || exit 9\nprintf %s "${2//%p/jupyter}"\n'
-            'read -rs answer; echo\n[ "$answer" = login-pw-123 ] || exit 1\n'
-            'shift 2\nexec /usr/bin/sudo "$@"\n')
+            '#!/bin/bash\n[ "$1" = -p ] || exit 9\nfor try in 1 2 3; do\n'
+            '  printf %s "${2//%p/jupyter}"; read -rs answer; echo\n'
+            '  [ "$answer" = login-pw-123 ] && { shift 2; exec /usr/bin/sudo "$@"; }\n'
+            '  echo "Sorry, try again."\ndone\nexit 1\n')
         (bin_dir / "sudo").chmod(0o755)
     typed: list[bytes] = []
     shell: list[subprocess.Popen[bytes]] = []
@@ -494,8 +505,10 @@ def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path,
     log = io.BytesIO()
     console = SerialConsole(master, log)
     try:
-        creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        creds = tryimage.Credentials("jupyter", password, "jupyter-pw-123", None)
+        started = time.monotonic()
         state = tryimage.collect_guest_state(console, creds, 60)
+        took = time.monotonic() - started
     finally:
         console.close()
         player.join(timeout=5)
@@ -504,7 +517,12 @@ def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path,
             proc.wait()
         os.close(master)
         os.close(slave)
-    assert typed == [b"jupyter", b"login-pw-123"]
+    assert typed == [b"jupyter", password.encode()]
+    if password != "login-pw-123":
+        # Said at once, not after the whole time allowed.
+        assert state == "(not available: sudo refused the login password)" and took < 30
+        assert b"wrong-pw-456" not in log.getvalue()
+        return
     # The real `ip -brief address` ran: the loopback interface with its address, and the
     # text stops before the end marker (no marker, no prompt in it).
     assert re.search(r"^lo\s+UNKNOWN\s+127\.0\.0\.1/8", state, re.M), state
