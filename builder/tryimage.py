@@ -566,6 +566,15 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
             raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
 
 
+# sudo's own prompt (%p: the user), never the shell's echo of the command typed: a password
+# must arrive once sudo has turned echo off.
+SUDO_PROMPT = "TRY-IMAGE-SUDO-%p:"
+
+
+def _sudo_asks(creds: Credentials) -> str:
+    return re.escape(SUDO_PROMPT.replace("%p", creds.user))
+
+
 # What the guest says about itself when a check from outside failed: its addresses, what
 # listens, what failed, and the journal of Jupyter and of the network. As root (through sudo,
 # as the shutdown is): the journal of system units is not for users. The markers are computed
@@ -577,7 +586,7 @@ GUEST_STATE_SCRIPT = ("echo STATE-BEGIN-$((5*5)); ip -brief address; ss -ltn; "
                       "journalctl -b --no-pager -n 40 -u jupyter.service "
                       "-u systemd-networkd.service -u NetworkManager.service; "
                       "echo STATE-END-$((6*7))")
-GUEST_STATE_COMMAND = (f"sudo -p 'TRY-IMAGE-SUDO-%p:' sh -c '{GUEST_STATE_SCRIPT}'; "
+GUEST_STATE_COMMAND = (f"sudo -p '{SUDO_PROMPT}' sh -c '{GUEST_STATE_SCRIPT}'; "
                        f"echo STATE-DONE-$((7*8))\r")
 # All of it, login included: it only explains a failure that has already cost its phase's limit.
 GUEST_STATE_SECONDS = 300
@@ -598,12 +607,11 @@ def collect_guest_state(console: SerialConsole, creds: Credentials,
         log_in_on_console(console, creds, left())
         console.wait_quiet(1, limit=min(10, left()))
         _send(console, GUEST_STATE_COMMAND, "diagnose")
-        got = _expect(console, {"sudo": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:", **state},
+        got = _expect(console, {"sudo": _sudo_asks(creds), **state},
                       left(), "diagnose")
         if got.name == "sudo":
             _send(console, creds.login_password + "\r", "diagnose")
-            got = _expect(console, {"again": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:",
-                                    **state}, left(), "diagnose")
+            got = _expect(console, {"again": _sudo_asks(creds), **state}, left(), "diagnose")
             if got.name == "again":
                 _send(console, "\x03", "diagnose")     # leave sudo's second prompt
                 return "(not available: sudo refused the login password)"
@@ -621,10 +629,8 @@ def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credential
     """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
     unmounted disk. QEMU's orangepi-pc does not power off (the kernel's last words never
     come): QEMU is stopped once systemd says it has synced and detached everything."""
-    # sudo's own prompt (%p: the user), never the shell's echo of this command: the password
-    # must arrive once sudo has turned echo off.
-    _send(console, "sudo -p 'TRY-IMAGE-SUDO-%p:' poweroff\r", "shutdown")
-    _expect(console, {"sudo": rf"TRY-IMAGE-SUDO-{re.escape(creds.user)}:"}, 120, "shutdown")
+    _send(console, f"sudo -p '{SUDO_PROMPT}' poweroff\r", "shutdown")
+    _expect(console, {"sudo": _sudo_asks(creds)}, 120, "shutdown")
     _send(console, creds.login_password + "\r", "shutdown")
     try:
         console.expect({"halted": r"systemd-shutdown\[1\]: Powering off|reboot: Power down"},
