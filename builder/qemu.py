@@ -346,7 +346,11 @@ def command(machine: Machine, disk: Path, kernel: Kernel | None, serial: str,
             "-kernel", str(kernel.kernel),
             "-append", kernel_arguments(kernel.append, machine),
             "-drive", f"file={disk},if=virtio,format=raw",
-            "-nic", f"user,model=virtio-net-pci,{forward}",
+            # A virtio NIC loads iPXE's option ROM for network boot by default, a file of
+            # ipxe-qemu, which is only a Recommends of qemu-system-arm: without it QEMU stops
+            # at once ("failed to find romfile"). The kernel is booted directly, so no ROM.
+            "-netdev", f"user,id=net0,{forward}",
+            "-device", "virtio-net-pci,netdev=net0,romfile=",
             "-serial", serial, "-display", "none", "-monitor", "none"]
     if kernel.initrd:
         argv[argv.index("-append"):argv.index("-append")] = ["-initrd", str(kernel.initrd)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -584,3 +585,125 @@ def test_a_crashed_wizard_fails_the_smoke_at_once(tmp_path: Path) -> None:
         player.join(timeout=5)
         os.close(master)
         os.close(slave)
+
+
+# What a machine prepared by ci/setup-host alone has: its packages and what they depend on,
+# never what they only recommend (it installs with --no-install-recommends).
+
+
+def setup_host_closure() -> set[str]:
+    """The installed packages ci/setup-host --dev names, with their Depends and Pre-Depends,
+    followed through installed packages (an alternative or a virtual package resolves to
+    the first installed one that provides it)."""
+    wanted = subprocess.run(["bash", str(REPO / "ci/setup-host"), "--list", "--dev"],
+                            check=True, capture_output=True, text=True).stdout.split()
+    assert "qemu-system-arm" in wanted
+    status = subprocess.run(["dpkg-query", "-W", "-f",
+                             "${Package}\t${db:Status-Status}\t${Provides}\t${Pre-Depends}, "
+                             "${Depends}\n"], check=True, capture_output=True,
+                            text=True).stdout
+    depends: dict[str, str] = {}
+    provided: dict[str, str] = {}
+    for line in status.splitlines():
+        name, state, provides, needs = line.split("\t")
+        if state != "installed":
+            continue
+        depends[name] = needs
+        for virtual in filter(None, (p.split()[0] for p in provides.split(",") if p.strip())):
+            provided.setdefault(virtual, name)
+
+    def installed(alternatives: str) -> str | None:
+        for alternative in alternatives.split("|"):
+            name = alternative.split()[0].split(":")[0]
+            if name in depends:
+                return name
+            if name in provided:
+                return provided[name]
+        return None
+
+    closure: set[str] = set()
+    todo = list(wanted)
+    while todo:
+        name = todo.pop()
+        if name in closure or name not in depends:
+            continue
+        closure.add(name)
+        for group in depends[name].split(","):
+            if group.strip() and (found := installed(group)):
+                todo.append(found)
+    missing = [p for p in wanted if p not in closure]
+    assert not missing, f"run ci/setup-host --dev first: {missing} not installed"
+    return closure
+
+
+def stage_qemu_data_dirs(qemu_binary: str, closure: set[str], stage: Path) -> list[tuple[Path,
+                                                                                         Path]]:
+    """Copies of QEMU's data directories holding only files of packages in `closure`:
+    (copy, directory) pairs to bind over the real ones."""
+    listed = subprocess.run([qemu_binary, "-L", "help"], check=True, capture_output=True,
+                            text=True).stdout.split()
+    dirs = sorted({Path(os.path.normpath(d)) for d in listed if Path(d).is_dir()})
+    owned = set(subprocess.run(["dpkg-query", "-L", *sorted(closure)], capture_output=True,
+                               text=True).stdout.splitlines())
+    pairs = []
+    for i, real in enumerate(dirs):
+        copy = stage / str(i)
+        copy.mkdir(parents=True)
+        for path in real.rglob("*"):
+            if path.is_dir():
+                continue
+            if str(path) in owned and os.path.realpath(path) in owned \
+                    and Path(os.path.realpath(path)).exists():
+                target = copy / path.relative_to(real)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        pairs.append((copy, real))
+    return pairs
+
+
+def qemu_machine_starts(argv: list[str], views: list[tuple[Path, Path]]) -> tuple[bool, str]:
+    """QEMU built the whole machine for `argv` (devices, their ROMs, the kernel, the disk)
+    with its data directories replaced by `views`, in a mount namespace of its own. Paused
+    (-S), so no guest code runs: QMP answering means the machine exists."""
+    binds = "; ".join(f"mount --bind {shlex.quote(str(c))} {shlex.quote(str(r))}"
+                      for c, r in views)
+    qmp = ('{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n'
+           '{"execute": "quit"}\n')
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec",
+                           f'{binds}; exec "$@"', "sh", *argv, "-S", "-qmp", "stdio"],
+                          input=qmp, capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0 and '"prelaunch"' in proc.stdout, proc.stderr.strip()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("dpkg-query") is None or shutil.which("unshare") is None,
+                    reason="needs a Debian host (dpkg) and unshare")
+@pytest.mark.parametrize("board", ["orangepipcplus", "orangepizeroplus2-h5"])
+def test_qemu_needs_nothing_but_what_setup_host_installs(tmp_path: Path, board: str) -> None:
+    """try-image's QEMU command line starts on a machine holding only ci/setup-host's
+    packages and their dependencies: QEMU's data directories are shown to it with every file
+    of another package (a Recommends like ipxe-qemu, installed here or not) taken away."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a mount namespace)")
+    machine = qemu.machine_for(load_catalog().lookup(board)[0], None)
+    closure = setup_host_closure()
+    assert "ipxe-qemu" not in closure, "a Recommends of qemu-system-arm, never installed"
+    views = stage_qemu_data_dirs(machine.qemu, closure, tmp_path / "stage")
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    kernel = None
+    if not machine.boots_uboot:
+        (tmp_path / "vmlinuz").write_bytes(bytes(4096))
+        (tmp_path / "initrd.img").write_bytes(bytes(4096))
+        kernel = qemu.Kernel(tmp_path / "vmlinuz", tmp_path / "initrd.img", "root=/dev/vda1")
+    argv = qemu.command(machine, disk, kernel, "null", qemu.free_port(None), 8888)
+    started, errors = qemu_machine_starts(argv, views)
+    assert started, f"QEMU did not start with only ci/setup-host's packages: {errors}"
+    if machine.name == "virt":
+        # The view is what it claims: the NIC as QEMU makes it by default wants iPXE's ROM,
+        # which the view does not have.
+        nic = argv.index("-netdev")
+        old = [*argv[:nic], "-nic", "user,model=virtio-net-pci", *argv[nic + 4:]]
+        started, errors = qemu_machine_starts(old, views)
+        assert not started and 'failed to find romfile "efi-virtio.rom"' in errors, errors
