@@ -54,6 +54,7 @@ TIMEOUTS: dict[str, float] = {
     "second-boot": 2400,    # from QEMU's start to the login prompt and Jupyter again
 }
 PHASES = ("u-boot", "kernel", "userspace", "wizard", "jupyter", "cell")
+REPORTS = "try-image-reports"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,9 +81,11 @@ def parser() -> argparse.ArgumentParser:
                         "1024); the orangepi-pc machine always has 1024")
     p.add_argument("--timeout", action="append", default=[], metavar="PHASE=SECONDS",
                    help=f"change a phase's time limit; phases: {', '.join(TIMEOUTS)}")
-    p.add_argument("--report", type=Path, default=Path("try-image-report"), metavar="DIR",
-                   help="where --smoke writes its report, serial logs and screenshot "
-                        "(default ./try-image-report)")
+    p.add_argument("--report", type=Path, default=Path(REPORTS), metavar="DIR",
+                   help="where --smoke keeps its reports: each run writes its report, serial "
+                        "logs and screenshot to a new directory in DIR named after the image "
+                        "and the time, and DIR/latest points to it; older runs are kept "
+                        f"(default ./{REPORTS})")
     p.add_argument("--no-browser", action="store_true",
                    help="skip the headless Chromium check")
     p.add_argument("--workdir", type=Path, metavar="DIR",
@@ -188,6 +191,9 @@ def check_request(args: argparse.Namespace) -> Request:
         if not (parent.is_dir() and os.access(parent, os.W_OK)):
             raise BuildError(f"--keep-disk {args.keep_disk}: {parent} is not a writable "
                              f"directory")
+    report = args.report.expanduser().absolute()
+    if args.smoke:
+        _check_writable(report, "--report")
     require_programs("debugfs", "dumpe2fs", "sfdisk", "cp",
                      *({".img.xz": ["xz"], ".img.zst": ["zstd"]}.get(suffix, [])))
     # The board from --board or the manifest build-image wrote beside the image: its machine
@@ -197,9 +203,22 @@ def check_request(args: argparse.Namespace) -> Request:
         qemu.require_qemu(qemu.machine_for(load_catalog().lookup(board)[0], args.memory))
     return Request(image=image, board=args.board, smoke=args.smoke, preseed=preseed,
                    credentials=credentials, port=args.port, memory=args.memory,
-                   timeouts=timeouts, report=args.report.expanduser().absolute(),
+                   timeouts=timeouts, report=report,
                    browser=not args.no_browser, workdir=args.workdir,
                    keep_disk=args.keep_disk.absolute() if args.keep_disk else None)
+
+
+def _check_writable(directory: Path, option: str) -> None:
+    """`directory` can be made or written to: found before minutes of decompressing."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BuildError(f"{option} {directory}: {existing} is not a directory; give a "
+                         f"directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BuildError(f"{option} {directory}: {existing} is not writable; give a writable "
+                         f"directory")
 
 
 def _manifest_board(image: Path) -> str | None:
@@ -241,6 +260,7 @@ class Trial:
     root_partition: int             # and its partition's
     host_port: int = 0
     serial_log: Path | None = None  # the boot being watched
+    report: Path = Path()           # this run's own report directory (--smoke)
 
     @property
     def base(self) -> str:
@@ -307,7 +327,7 @@ def booted(trial: Trial, name: str) -> Iterator[tuple[SerialConsole, Any]]:
     sock_path.unlink(missing_ok=True)
     argv = qemu.command(trial.machine, trial.disk, trial.kernel,
                         f"unix:{sock_path},server=on,wait=on", trial.host_port, trial.guest_port)
-    log_path = trial.request.report / f"serial-{name}.log"
+    log_path = trial.report / f"serial-{name}.log"
     trial.serial_log = log_path
     with open(log_path, "wb") as serial_log, \
             qemu.running(argv, trial.work / "qemu.log") as proc:
@@ -398,7 +418,7 @@ def run_smoke(trial: Trial, report: Report) -> None:
 def check_no_secret_on_console(trial: Trial, creds: Credentials, phase: str) -> None:
     """Everything typed at hidden prompts (the wizard's, login's, sudo's) stays off the
     serial line, which a report or a screen share shows."""
-    for log_path in sorted(trial.request.report.glob("serial-boot*.log")):
+    for log_path in sorted(trial.report.glob("serial-boot*.log")):
         serial = log_path.read_bytes()
         for secret in (creds.login_password, creds.jupyter_password):
             if secret.encode() in serial:
@@ -519,7 +539,7 @@ def check_browser(trial: Trial, token: str, report: Report) -> None:
     started = time.monotonic()
     try:
         seen = browser_check.check_jupyterlab(
-            trial.base, token, trial.request.report / "jupyterlab.png",
+            trial.base, token, trial.report / "jupyterlab.png",
             timeout=trial.request.timeouts["browser"], chromium=chromium)
     except browser_check.BrowserError as exc:
         raise SmokeFailure("browser", str(exc)) from None
@@ -688,21 +708,46 @@ def write_report(report: Report, directory: Path) -> None:
     (directory / "summary.txt").write_text(summary(report))
 
 
-REPORT_FILES = ("report.json", "summary.txt", "serial-boot*.log", "qemu.log", "jupyterlab.*",
-                "guest-state.txt")
+def new_report_directory(reports: Path, image: Path) -> Path:
+    """A directory of this run's own in `reports`, named after the image and the time, and
+    `reports/latest` pointing to it. An earlier run's report is never touched: after a
+    failure, the next run (of this image or another) must not take its evidence away."""
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"--report {reports}: cannot make it ({exc.strerror}); give a "
+                         f"writable directory") from None
+    stem = image.name[: -len(image_suffix(image.name))] or image.name
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        run = reports / (name if n == 1 else f"{name}-{n}")
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise BuildError(f"--report {reports}: cannot write there ({exc.strerror}); give "
+                             f"a writable directory") from None
+    else:
+        raise BuildError(f"--report {reports}: too many reports named {name}")
+    latest = reports / "latest"
+    if not latest.exists() or latest.is_symlink():
+        link = reports / f".latest-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(run.name)
+        os.replace(link, latest)
+    return run
 
 
 def try_image(request: Request) -> int:
     with contextlib.ExitStack() as stack:
         work = qemu.work_directory(request.workdir)
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        if request.smoke:
-            # A report left by an earlier run must not pass for this one's.
-            request.report.mkdir(parents=True, exist_ok=True)
-            for pattern in REPORT_FILES:
-                for old in request.report.glob(pattern):
-                    old.unlink()
         trial = prepare_trial(request, work)
+        if request.smoke:
+            trial.report = new_report_directory(request.report, request.image)
+            log.info(f"report: {trial.report}")
         code = run_interactive(trial) if not request.smoke else smoke(trial)
         if request.keep_disk:
             keep_disk(trial.disk, request.keep_disk)
@@ -718,11 +763,11 @@ def smoke(trial: Trial) -> int:
     except SmokeFailure as exc:
         report.failed_phase, report.error = exc.phase, str(exc)
     finally:
-        write_report(report, request.report)
+        write_report(report, trial.report)
         if (trial.work / "qemu.log").exists():
-            shutil.copy(trial.work / "qemu.log", request.report / "qemu.log")
+            shutil.copy(trial.work / "qemu.log", trial.report / "qemu.log")
         if report.guest_state is not None:
-            (request.report / "guest-state.txt").write_text(report.guest_state + "\n")
+            (trial.report / "guest-state.txt").write_text(report.guest_state + "\n")
     sys.stdout.write(summary(report))
     if not report.ok:
         serial = trial.serial_log
@@ -731,8 +776,9 @@ def smoke(trial: Trial) -> int:
               f"{tail(serial) if serial else ''}", file=sys.stderr)
         if report.guest_state is not None:
             print(f"\nwhat the guest said about itself (as root, on its serial console; "
-                  f"{request.report / 'guest-state.txt'}):\n{report.guest_state}",
+                  f"{trial.report / 'guest-state.txt'}):\n{report.guest_state}",
                   file=sys.stderr)
+    print(f"try-image: report in {trial.report}")
     return 0 if report.ok else EXIT_FAILED
 
 

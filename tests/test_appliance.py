@@ -630,7 +630,9 @@ def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -
     smoke, stdout, stderr = builds.smoke(appliance.arch)
     print(stdout)
     assert smoke.proc.returncode == 0, stdout + stderr[-6000:]
-    report = smoke.work / "report"
+    (report,) = [p for p in (smoke.work / "report").iterdir() if not p.is_symlink()]
+    assert (smoke.work / "report/latest").resolve() == report.resolve()
+    assert f"try-image: report in {report}" in stdout
     result = json.loads((report / "report.json").read_text())
     assert result["ok"] and result["failed_phase"] is None
     machine = {"armhf": "orangepi-pc", "arm64": "virt"}[appliance.arch]

@@ -194,12 +194,43 @@ def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) 
     assert "try-image: kernel failed: no 'systemd' on the serial console in 8 s" in proc.stderr
     assert "last 50 lines of the serial console" in proc.stderr
     assert "FAILED" in proc.stdout
-    result = (report / "report.json").read_text()
+    (run,) = set(report.iterdir()) - {report / "latest"}
+    assert run.name.startswith("hang-") and (report / "latest").resolve() == run
+    assert proc.stdout.splitlines()[-1] == f"try-image: report in {run}"
+    result = (run / "report.json").read_text()
     assert '"failed_phase": "kernel"' in result
-    assert (report / "serial-boot1.log").exists()
+    assert (run / "serial-boot1.log").exists()
     assert_nothing_left(work)
     image_before = image.read_bytes()
     assert image.read_bytes() == image_before
+
+
+def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
+    """A second run, of the same image in the same second or of another image, leaves the
+    first run's report as it was: the evidence of a failure survives the next try."""
+    image = hanging_image(tmp_path)
+    other = shutil.copy(image, tmp_path / "other.img")
+    report = tmp_path / "reports"
+    runs = []
+    for boot in (image, image, other):
+        proc = try_image(boot, "--smoke", "--workdir", work, "--report", report,
+                         "--timeout", "kernel=3")
+        assert proc.returncode == 2, proc.stderr
+        runs.append(Path(proc.stdout.splitlines()[-1].removeprefix("try-image: report in ")))
+        assert (report / "latest").resolve() == runs[-1]
+    assert len(set(runs)) == 3 and all(r.parent == report for r in runs)
+    assert [r.name.split("-")[0] for r in runs] == ["hang", "hang", "other"]
+    assert set(report.iterdir()) == {*runs, report / "latest"}
+    for run in runs:
+        assert '"failed_phase": "kernel"' in (run / "report.json").read_text()
+        assert (run / "serial-boot1.log").exists() and (run / "summary.txt").exists()
+    # An unwritable --report is refused before anything is decompressed.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = try_image(image, "--smoke", "--workdir", work, "--report", blocker / "reports")
+    assert error_of(proc) == (f"try-image: error: --report {blocker}/reports: {blocker} is not "
+                              f"a directory; give a directory")
+    assert_nothing_left(work)
 
 
 def test_ctrl_c_stops_qemu_and_removes_the_trial_disk(tmp_path: Path, work: Path) -> None:
