@@ -262,7 +262,7 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
                 f"jupyter-firstboot@{machine.console}.service")
         fs.symlink(link, "/etc/systemd/system/jupyter-firstboot@.service")
         changes.append(f"setup wizard also on {machine.console}, virt's serial console")
-    if machine.boots_uboot and (change := _boot_with_one_cpu(fs, work)):
+    if machine.boots_uboot and (change := _boot_for_emulation(fs, work)):
         changes.append(change)
     if preseed is not None:
         fs.write(PRESEED_PATH, preseed, 0o600, work)
@@ -275,10 +275,13 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
     return changes
 
 
-def _boot_with_one_cpu(fs: Ext4, work: Path) -> str | None:
+def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
     """`maxcpus=1` added to the kernel arguments the image's own boot configuration gives
     U-Boot: extlinux.conf's append lines (Debian bases), else armbianEnv.txt's extraargs, which
-    Armbian's boot.scr appends."""
+    Armbian's boot.scr appends. On Armbian also `console=serial`: its boot.scr makes
+    `console=both` (the default) into `console=ttyS0,115200 console=tty1`, and the last one is
+    /dev/console, so systemd's messages (and, at `verbosity=1`, everything after "Starting
+    kernel") would go to a screen QEMU does not have; try-image watches the serial line."""
     extlinux = fs.read(EXTLINUX_PATH)
     if extlinux is not None:
         # Any case, as U-Boot reads keywords; a bare `append` too; a CRLF line keeps its CR.
@@ -305,9 +308,18 @@ def _boot_with_one_cpu(fs: Ext4, work: Path) -> str | None:
             lines[extra[-1]] = f"{line.rstrip()} {ONE_CPU_ARGUMENT}{cr}"
         else:
             lines.append(f"extraargs={ONE_CPU_ARGUMENT}")
+        consoles = [i for i, line in enumerate(lines) if re.match(r"[ \t]*console=", line)]
+        for i in consoles[:-1]:
+            lines[i] = "#" + lines[i]
+        if consoles:
+            cr = "\r" if lines[consoles[-1]].endswith("\r") else ""
+            lines[consoles[-1]] = f"console=serial{cr}"
+        else:
+            lines.append("console=serial")
         fs.write(ARMBIAN_ENV_PATH, ("\n".join(lines) + "\n").encode(errors="surrogateescape"),
                  0o644, work)
-        return f"{ARMBIAN_ENV_PATH}: extraargs {ONE_CPU_ARGUMENT} (one emulated core of four)"
+        return (f"{ARMBIAN_ENV_PATH}: extraargs {ONE_CPU_ARGUMENT} (one emulated core of four), "
+                f"console=serial (the boot's messages on the serial line)")
     log.warn("neither extlinux.conf with an append line nor armbianEnv.txt: the guest keeps "
              "four emulated cores, which is slow on a host with few cores")
     return None

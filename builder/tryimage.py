@@ -405,10 +405,13 @@ def run_smoke(trial: Trial, report: Report) -> None:
             if proc.poll() is None:
                 report.guest_state = collect_guest_state(console, credentials)
             raise
+        started = time.monotonic()
         log_in_on_console(console, credentials, t["login"])
+        started = _phase(report, "login", started)
         report.passed("a login prompt on the serial console after setup; the login "
                       "password works there")
         shut_down(console, proc, trial, credentials, t["shutdown"])
+        _phase(report, "shutdown", started)
         report.passed("the guest shut down cleanly")
     second_boot(trial, credentials, report)
     check_no_secret_on_console(trial, credentials, "shutdown")

@@ -84,24 +84,49 @@ class FakeArmbian:
                 sign: bool = True) -> Published:
         raw = make_raw_image(seed)
         compressed = lzma.compress(raw, format=lzma.FORMAT_XZ, preset=0)
+        target = self._target(board, version, distro, branch, variant)
+        target.write_bytes(compressed)
+        asset = self._add(board, version, distro, branch, variant, target, repository,
+                          application, sign)
+        return Published(asset=asset, raw=raw, compressed=compressed,
+                         path=f"/{target.relative_to(self.root)}")
+
+    def publish_image(self, board: str, image: Path, version: str = "26.5.1",
+                      distro: str = "trixie", branch: str = "current",
+                      variant: str = "minimal") -> dict[str, Any]:
+        """A real disk image, compressed as Armbian compresses its images (xz -0), with its
+        .sha and .asc."""
+        target = self._target(board, version, distro, branch, variant)
+        with open(target, "wb") as out:
+            subprocess.run(["xz", "-0", "-T0", "-c", str(image)], stdout=out, check=True)
+        return self._add(board, version, distro, branch, variant, target, "archive", "", True)
+
+    def _target(self, board: str, version: str, distro: str, branch: str,
+                variant: str) -> Path:
         suffix = "" if variant == "server" else f"_{variant}"
         name = f"Armbian_{version}_{board.capitalize()}_{distro}_{branch}_6.18.33{suffix}.img.xz"
-        path = f"/{board}/archive/{name}"
-        target = self.root / path.lstrip("/")
+        target = self.root / board / "archive" / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(compressed)
-        digest = hashlib.sha256(compressed).hexdigest()
-        target.with_name(name + ".sha").write_text(f"{digest} {name}\n")
+        return target
+
+    def _add(self, board: str, version: str, distro: str, branch: str, variant: str,
+             target: Path, repository: str, application: str, sign: bool) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        with open(target, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        name = target.name
+        target.with_name(name + ".sha").write_text(f"{digest.hexdigest()} {name}\n")
         if sign and self.gpg is not None:
             self.gpg.sign(target)
-        url = self.mirror.url + path
+        url = f"{self.mirror.url}/{target.relative_to(self.root)}"
         asset = {
             "board_slug": board, "board_name": board, "board_vendor": "xunlong",
             "board_support": "conf", "armbian_version": version, "file_url": url,
             "file_url_asc": url + ".asc", "file_url_sha": url + ".sha",
             "file_url_torrent": url + ".torrent",
             "redi_url": f"{self.mirror.url}/{board}/{distro.capitalize()}_{branch}_{variant}",
-            "file_size": str(len(compressed)), "file_date": "2026-05-20T10:00:00Z",
+            "file_size": str(target.stat().st_size), "file_date": "2026-05-20T10:00:00Z",
             "distro": distro, "branch": branch, "variant": variant,
             "file_application": application, "promoted": "false",
             "download_repository": repository, "file_extension": "img.xz",
@@ -109,7 +134,7 @@ class FakeArmbian:
         }
         self.assets.append(asset)
         self.write_index()
-        return Published(asset=asset, raw=raw, compressed=compressed, path=path)
+        return asset
 
     def write_index(self) -> None:
         self.index_path.write_text(json.dumps({"assets": self.assets}, indent=1))

@@ -1,8 +1,10 @@
-"""The appliance: the built-in customize.d/ and overlays/ built on the Debian base for an armhf
-and an arm64 board (the armhf one with a --preseed), then inspected offline in a qemu chroot of
-the finished image: the stack imports, the units are enabled and verify, nothing secret is in
-the image, and after the first-boot wizard has run in it (from the preseed), Jupyter answers
-over HTTP to the password and the token it set."""
+"""The appliance: the built-in customize.d/ and overlays/ built for an armhf board the way users
+build it, from an Armbian image (an Armbian-like one made from the Debian base, published with
+its .sha and signature on a local mirror that mimics Armbian's, with a --preseed), and for an
+arm64 board on the Debian base; then inspected offline in a qemu chroot of the finished image:
+the stack imports, the units are enabled and verify, nothing secret is in the image, and after
+the first-boot wizard has run in it (from the preseed), Jupyter answers over HTTP to the
+password and the token it set. Both images are booted with try-image --smoke."""
 
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from pathlib import Path
 
 import pytest
 import requests
+from armbian_like import make_armbian_like
 from conftest import (
     BUILD_IMAGE,
     REPO,
     TEST_CACHE,
     TRY_IMAGE,
     BaseImage,
+    FakeArmbian,
+    Gpg,
     cli_env,
     engine_capable,
     error_line,
@@ -35,6 +40,7 @@ from conftest import (
     make_base_image,
     run_cli,
 )
+from mirror import Mirror
 
 from builder.chroot import Chroot, chroot_session
 from builder.ext4 import find_root_fs
@@ -46,6 +52,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 # Boards Debian has U-Boot for, one per architecture; their bases are cached between runs.
 BOARDS = {"armhf": "orangepipcplus", "arm64": "orangepizeroplus2-h5"}
+# The armhf build starts from an Armbian-like image of this board (tests/armbian_like.py).
+ARMBIAN_BOARD = ("Orange Pi PC +", "sun8i-h3-orangepi-pc-plus.dtb")
 CACHE = TEST_CACHE / "build-cache"
 VENV = "/opt/jupyter"
 # What the armhf build's preseed sets: hashes only, so no plain password is in the image.
@@ -63,7 +71,7 @@ class Appliance:
     outputs: dict[str, Path]
     log: str
     raw: Path
-    base: Path
+    base: Path              # the base image the build started from, uncompressed
     resolv_conf: str        # debugfs's stat of /etc/resolv.conf, before any test mounts it
 
 
@@ -112,36 +120,45 @@ class Builds:
     emulated dpkg or Python process, so two of them use a 2-core machine's second core. Each
     finished image is booted with try-image --smoke at once, while the other tests run."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, gpg: Gpg) -> None:
         self.work = work
+        self.gpg = gpg
         self.started: dict[str, tuple[subprocess.Popen[str], Path]] = {}
+        self.bases: dict[str, Path] = {}
         self.smokes: dict[str, Smoke] = {}
         self.finishing: dict[str, threading.Thread] = {}
         self.failures: dict[str, str] = {}
         self.stopping = False
+        self.servers = ExitStack()
 
     def start(self) -> None:
-        for arch, board in BOARDS.items():
-            log = self.work / f"{arch}.log"
-            argv = [*BUILD_IMAGE, "--board", board, "--base", "debian", "--cache-dir",
-                    str(CACHE), "--output", str(self.work / arch / "out"), "--compress",
-                    "zstd", "--set", "image.compression_level=3"]
+        for arch in BOARDS:
+            self.finishing[arch] = threading.Thread(target=self._build, args=(arch,))
+            self.finishing[arch].start()
+
+    def _build(self, arch: str) -> None:
+        """Builds, then boots the image with try-image the moment it is there."""
+        board = BOARDS[arch]
+        log = self.work / f"{arch}.log"
+        argv = [*BUILD_IMAGE, "--board", board, "--cache-dir", str(CACHE), "--output",
+                str(self.work / arch / "out"), "--compress", "zstd", "--set",
+                "image.compression_level=3"]
+        try:
             if arch == "arm64":
                 # Four minutes of emulated imports that test_stack_imports_from_the_venv
                 # repeats on the finished image; the armhf build runs the check as shipped.
-                argv += ["--set", "packages.check_imports=[]"]
+                argv += ["--base", "debian", "--set", "packages.check_imports=[]"]
             else:
-                argv += ["--preseed", str(self.preseed())]
-            with open(log, "w") as stderr:
-                proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
-                                        stdout=subprocess.PIPE, stderr=stderr)
-            self.started[arch] = (proc, log)
-            self.finishing[arch] = threading.Thread(target=self._finish, args=(arch,))
-            self.finishing[arch].start()
-
-    def _finish(self, arch: str) -> None:
-        """Waits for a build; boots its image with try-image the moment it is there."""
-        proc, _ = self.started[arch]
+                argv += [*self.publish_armbian_like(arch), "--preseed", str(self.preseed())]
+        except (AssertionError, subprocess.CalledProcessError) as exc:
+            self.failures[arch] = f"making the base failed: {exc}"
+            return
+        if self.stopping:
+            return
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
+                                    stdout=subprocess.PIPE, stderr=stderr)
+        self.started[arch] = (proc, log)
         try:
             proc.communicate(timeout=3600)
         except subprocess.TimeoutExpired:
@@ -153,6 +170,26 @@ class Builds:
                 self.start_smoke(arch, image)
             except (AssertionError, subprocess.CalledProcessError) as exc:
                 self.failures[arch] = str(exc)
+
+    def publish_armbian_like(self, arch: str) -> list[str]:
+        """The board's Debian base (built, or from the cache) made Armbian-like and published
+        on a local mirror laid out like Armbian's, signed by the test's key: build-image finds
+        it in the index, downloads it, checks its sha256 and signature, as with Armbian's own.
+        Returns the build's arguments for it."""
+        board = BOARDS[arch]
+        debian = run_cli("--board", board, "--base", "debian", "--fetch-only", "--cache-dir",
+                         CACHE, timeout=3600)
+        assert debian.returncode == 0, f"the Debian base: {debian.stderr[-3000:]}"
+        raw = self.work / arch / "armbian-like.img"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        make_armbian_like(Path(debian.stdout.splitlines()[-1]), raw, board, *ARMBIAN_BOARD)
+        self.bases[arch] = raw
+        root = self.work / "armbian-mirror"
+        root.mkdir()
+        mirror = self.servers.enter_context(Mirror(root))
+        armbian = FakeArmbian(mirror=mirror, root=root, gpg=self.gpg)
+        armbian.publish_image(board, raw)
+        return ["--armbian-index", armbian.index_url, "--gpg-keyring", str(self.gpg.keyring)]
 
     def preseed(self) -> Path:
         from jupyter_server.auth import passwd
@@ -167,8 +204,9 @@ class Builds:
         return path
 
     def result(self, arch: str) -> tuple[int, str]:
-        proc, log = self.started[arch]
         self.finishing[arch].join()
+        assert arch in self.started, self.failures.get(arch)
+        proc, log = self.started[arch]
         return proc.returncode, log.read_text()
 
     def start_smoke(self, arch: str, image: Path, attempt: int = 1) -> None:
@@ -254,14 +292,15 @@ class Builds:
             if proc.poll() is None:
                 proc.terminate()
                 proc.communicate()
+        self.servers.close()
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builds]:
+def builds(tmp_path_factory: pytest.TempPathFactory, gpg: Gpg) -> Iterator[Builds]:
     reason = engine_capable()
     if reason:
         pytest.skip(reason)
-    builds = Builds(tmp_path_factory.mktemp("appliance"))
+    builds = Builds(tmp_path_factory.mktemp("appliance"), gpg)
     builds.start()
     yield builds
     builds.stop()
@@ -274,10 +313,12 @@ def appliance(request: pytest.FixtureRequest, builds: Builds) -> Appliance:
     assert code == 0, log[-5000:]
     work = builds.work / arch
     assert leftover_resources(work) == []
-    # The base the build started from, from the cache now.
-    base = run_cli("--board", BOARDS[arch], "--base", "debian", "--fetch-only", "--cache-dir",
-                   CACHE)
-    assert base.returncode == 0, base.stderr
+    if arch not in builds.bases:
+        # The Debian base the build started from, from the cache now.
+        base = run_cli("--board", BOARDS[arch], "--base", "debian", "--fetch-only",
+                       "--cache-dir", CACHE)
+        assert base.returncode == 0, base.stderr
+        builds.bases[arch] = Path(base.stdout.splitlines()[-1])
     outputs = {p.name.split(".", 1)[1]: p for p in (work / "out").iterdir()}
     raw = work / "image.img"
     subprocess.run(["zstd", "-q", "-d", "-f", str(outputs["img.zst"]), "-o", str(raw)],
@@ -287,8 +328,7 @@ def appliance(request: pytest.FixtureRequest, builds: Builds) -> Appliance:
     with loop_device(ledger, raw, part.start, part.size, read_only=True) as device:
         resolv = subprocess.run(["debugfs", "-R", "stat /etc/resolv.conf", device],
                                 capture_output=True, text=True, check=True).stdout
-    return Appliance(arch, BOARDS[arch], outputs, log, raw, Path(base.stdout.splitlines()[-1]),
-                     resolv)
+    return Appliance(arch, BOARDS[arch], outputs, log, raw, builds.bases[arch], resolv)
 
 
 @pytest.fixture(scope="module")
@@ -637,7 +677,8 @@ def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -
     assert result["ok"] and result["failed_phase"] is None
     machine = {"armhf": "orangepi-pc", "arm64": "virt"}[appliance.arch]
     assert result["machine"] == machine and result["board"] == appliance.board
-    phases = {"kernel", "userspace", "wizard", "jupyter", "cell", "browser", "second-boot"}
+    phases = {"kernel", "userspace", "wizard", "jupyter", "cell", "browser", "login", "shutdown",
+              "second-boot"}
     if appliance.arch == "armhf":
         phases.add("u-boot")
     assert set(result["phases"]) == phases, result["phases"]

@@ -365,15 +365,17 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
       b"maxcpus=1\nlabel old\n\tappend root=/dev/x maxcpus=1\r\nlabel bare\n  append "
       b"maxcpus=1\n  fdtoverlays /o.dtbo\n# append root=/dev/comment\n")),
     # Armbian: boot.scr appends armbianEnv.txt's extraargs; the other lines stay as they are.
+    # Armbian's console=both ends on tty1: the serial line instead, once.
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"verbosity=1\r\n  extraargs=quiet\r\n"
-      b"rootdev=UUID=2\r\n"},
+      b"console=display\r\nrootdev=UUID=2\r\n  console=both\r\n"},
      ("/boot/armbianEnv.txt",
-      b"verbosity=1\r\n  extraargs=quiet maxcpus=1\r\nrootdev=UUID=2\r\n")),
+      b"verbosity=1\r\n  extraargs=quiet maxcpus=1\r\n#console=display\r\nrootdev=UUID=2\r\n"
+      b"console=serial\r\n")),
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2"},
-     ("/boot/armbianEnv.txt", b"rootdev=UUID=2\nextraargs=maxcpus=1\n")),
+     ("/boot/armbianEnv.txt", b"rootdev=UUID=2\nextraargs=maxcpus=1\nconsole=serial\n")),
 ], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none"])
-def test_orangepi_pc_trial_disk_boots_one_core(tmp_path: Path, boot: dict[str, bytes],
-                                                expected: tuple[str, bytes]) -> None:
+def test_orangepi_pc_trial_disk_boots_one_core_on_the_serial_console(
+        tmp_path: Path, boot: dict[str, bytes], expected: tuple[str, bytes]) -> None:
     """QEMU's orangepi-pc always has four vCPUs; the trial disk's kernel starts one (a CI run
     with four stalled for minutes on cross-core TLB flushes). virt's kernel arguments are
     try-image's own and are not written into the disk."""
