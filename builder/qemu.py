@@ -275,13 +275,31 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
     return changes
 
 
+# Armbian's boot.scr reads these from armbianEnv.txt. console=both (its default) ends in
+# 'console=ttyS0,115200 console=tty1': the last is /dev/console, a screen QEMU does not have, so
+# systemd's messages would not reach the serial line. verbosity=1 (its default) is the kernel's
+# loglevel: nothing of the kernel's, nor systemd-shutdown's "Powering off", would either.
+ARMBIAN_ENV_SETTINGS = {"console": "serial", "verbosity": "7"}
+
+
+def _set_env(lines: list[str], key: str, value: str) -> None:
+    """`key=value` in an armbianEnv.txt's lines: the last definition (which U-Boot's import
+    keeps) replaced, keeping its CR, earlier ones commented out; else added."""
+    found = [i for i, line in enumerate(lines) if re.match(rf"[ \t]*{key}=", line)]
+    for i in found[:-1]:
+        lines[i] = "#" + lines[i]
+    if found:
+        cr = "\r" if lines[found[-1]].endswith("\r") else ""
+        lines[found[-1]] = f"{key}={value}{cr}"
+    else:
+        lines.append(f"{key}={value}")
+
+
 def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
     """`maxcpus=1` added to the kernel arguments the image's own boot configuration gives
     U-Boot: extlinux.conf's append lines (Debian bases), else armbianEnv.txt's extraargs, which
-    Armbian's boot.scr appends. On Armbian also `console=serial`: its boot.scr makes
-    `console=both` (the default) into `console=ttyS0,115200 console=tty1`, and the last one is
-    /dev/console, so systemd's messages (and, at `verbosity=1`, everything after "Starting
-    kernel") would go to a screen QEMU does not have; try-image watches the serial line."""
+    Armbian's boot.scr appends. On Armbian also ARMBIAN_ENV_SETTINGS: try-image watches the
+    serial line."""
     extlinux = fs.read(EXTLINUX_PATH)
     if extlinux is not None:
         # Any case, as U-Boot reads keywords; a bare `append` too; a CRLF line keeps its CR.
@@ -308,18 +326,13 @@ def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
             lines[extra[-1]] = f"{line.rstrip()} {ONE_CPU_ARGUMENT}{cr}"
         else:
             lines.append(f"extraargs={ONE_CPU_ARGUMENT}")
-        consoles = [i for i, line in enumerate(lines) if re.match(r"[ \t]*console=", line)]
-        for i in consoles[:-1]:
-            lines[i] = "#" + lines[i]
-        if consoles:
-            cr = "\r" if lines[consoles[-1]].endswith("\r") else ""
-            lines[consoles[-1]] = f"console=serial{cr}"
-        else:
-            lines.append("console=serial")
+        for key, value in ARMBIAN_ENV_SETTINGS.items():
+            _set_env(lines, key, value)
         fs.write(ARMBIAN_ENV_PATH, ("\n".join(lines) + "\n").encode(errors="surrogateescape"),
                  0o644, work)
         return (f"{ARMBIAN_ENV_PATH}: extraargs {ONE_CPU_ARGUMENT} (one emulated core of four), "
-                f"console=serial (the boot's messages on the serial line)")
+                f"console=serial and verbosity=7 (the boot's and the shutdown's messages on "
+                f"the serial line)")
     log.warn("neither extlinux.conf with an append line nor armbianEnv.txt: the guest keeps "
              "four emulated cores, which is slow on a host with few cores")
     return None

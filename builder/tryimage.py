@@ -50,7 +50,7 @@ TIMEOUTS: dict[str, float] = {
     "cell": 1200,           # a kernel started and the stack's cell run
     "browser": 600,         # JupyterLab's page in Chromium
     "login": 900,           # the console's login prompt and a shell
-    "shutdown": 600,
+    "shutdown": 600,        # at least; longer on a machine that booted slowly (see below)
     "second-boot": 2400,    # from QEMU's start to the login prompt and Jupyter again
 }
 PHASES = ("u-boot", "kernel", "userspace", "wizard", "jupyter", "cell")
@@ -110,6 +110,7 @@ class Request:
     port: int
     memory: int | None
     timeouts: dict[str, float]
+    timeouts_given: frozenset[str]      # the phases --timeout set: those are not scaled
     report: Path
     browser: bool
     workdir: Path | None
@@ -203,7 +204,9 @@ def check_request(args: argparse.Namespace) -> Request:
         qemu.require_qemu(qemu.machine_for(load_catalog().lookup(board)[0], args.memory))
     return Request(image=image, board=args.board, smoke=args.smoke, preseed=preseed,
                    credentials=credentials, port=args.port, memory=args.memory,
-                   timeouts=timeouts, report=report,
+                   timeouts=timeouts,
+                   timeouts_given=frozenset(i.partition("=")[0] for i in args.timeout),
+                   report=report,
                    browser=not args.no_browser, workdir=args.workdir,
                    keep_disk=args.keep_disk.absolute() if args.keep_disk else None)
 
@@ -410,7 +413,7 @@ def run_smoke(trial: Trial, report: Report) -> None:
         started = _phase(report, "login", started)
         report.passed("a login prompt on the serial console after setup; the login "
                       "password works there")
-        shut_down(console, proc, trial, credentials, t["shutdown"])
+        shut_down(console, proc, trial, credentials, shutdown_limit(trial, report))
         _phase(report, "shutdown", started)
         report.passed("the guest shut down cleanly")
     second_boot(trial, credentials, report)
@@ -647,17 +650,37 @@ def collect_guest_state(console: SerialConsole, creds: Credentials,
         return f"(not available: {type(exc).__name__}: {exc})"
 
 
+# The last words of a shutdown on the serial line: systemd-shutdown's, once it has synced and
+# unmounted everything (shown at the kernel's default log level; try-image raises an Armbian
+# image's verbosity=1 on the trial disk), or the kernel's own (pr_emerg, shown at any level):
+# "Power down", or on a machine that cannot power off, "System halted" /  "Power off not
+# available: System halted instead". QEMU's orangepi-pc does not power off; it is stopped.
+HALTED = (r"systemd-shutdown\[1\]: Powering off|reboot: Power down|reboot: System halted|"
+          r"Power off not available")
+# A shutdown stops what the boot started: on an emulated machine that booted slowly it takes
+# longer too, so its limit is at least this many times the boot's own time.
+SHUTDOWN_PER_BOOT = 1.5
+
+
+def shutdown_limit(trial: Trial, report: Report) -> float:
+    """The shutdown's time limit: the phase's, or longer on a slow machine, measured by how
+    long this guest took from the kernel to the setup wizard. A --timeout given wins."""
+    limit = trial.request.timeouts["shutdown"]
+    if "shutdown" in trial.request.timeouts_given:
+        return limit
+    booted_in = sum(report.phases.get(p, 0.0) for p in ("u-boot", "kernel", "userspace"))
+    return max(limit, SHUTDOWN_PER_BOOT * booted_in)
+
+
 def shut_down(console: SerialConsole, proc: Any, trial: Trial, creds: Credentials,
               timeout: float) -> None:
     """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
-    unmounted disk. QEMU's orangepi-pc does not power off (the kernel's last words never
-    come): QEMU is stopped once systemd says it has synced and detached everything."""
+    unmounted disk; QEMU is stopped once the guest has said it is done (HALTED)."""
     _send(console, f"sudo -p '{SUDO_PROMPT}' poweroff\r", "shutdown")
     _expect(console, {"sudo": _sudo_asks(creds)}, 120, "shutdown")
     _send(console, creds.login_password + "\r", "shutdown")
     try:
-        console.expect({"halted": r"systemd-shutdown\[1\]: Powering off|reboot: Power down"},
-                       timeout, "shutdown")
+        console.expect({"halted": HALTED}, timeout, "shutdown")
     except ConsoleError as exc:
         if proc.poll() is None:
             raise SmokeFailure("shutdown", str(exc).split(": ", 1)[-1]) from None

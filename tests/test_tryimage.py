@@ -365,14 +365,16 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
       b"maxcpus=1\nlabel old\n\tappend root=/dev/x maxcpus=1\r\nlabel bare\n  append "
       b"maxcpus=1\n  fdtoverlays /o.dtbo\n# append root=/dev/comment\n")),
     # Armbian: boot.scr appends armbianEnv.txt's extraargs; the other lines stay as they are.
-    # Armbian's console=both ends on tty1: the serial line instead, once.
+    # Armbian's console=both ends on tty1, verbosity=1 hides the kernel's and the shutdown's
+    # messages: the serial line and the kernel's default level instead, once each.
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"verbosity=1\r\n  extraargs=quiet\r\n"
       b"console=display\r\nrootdev=UUID=2\r\n  console=both\r\n"},
      ("/boot/armbianEnv.txt",
-      b"verbosity=1\r\n  extraargs=quiet maxcpus=1\r\n#console=display\r\nrootdev=UUID=2\r\n"
+      b"verbosity=7\r\n  extraargs=quiet maxcpus=1\r\n#console=display\r\nrootdev=UUID=2\r\n"
       b"console=serial\r\n")),
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2"},
-     ("/boot/armbianEnv.txt", b"rootdev=UUID=2\nextraargs=maxcpus=1\nconsole=serial\n")),
+     ("/boot/armbianEnv.txt",
+      b"rootdev=UUID=2\nextraargs=maxcpus=1\nconsole=serial\nverbosity=7\n")),
 ], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none"])
 def test_orangepi_pc_trial_disk_boots_one_core_on_the_serial_console(
         tmp_path: Path, boot: dict[str, bytes], expected: tuple[str, bytes]) -> None:
@@ -740,3 +742,87 @@ def test_qemu_needs_nothing_but_what_setup_host_installs(tmp_path: Path, board: 
         old = [*argv[:nic], "-nic", "user,model=virtio-net-pci", *argv[nic + 4:]]
         started, errors = qemu_machine_starts(old, views)
         assert not started and 'failed to find romfile "efi-virtio.rom"' in errors, errors
+
+
+@pytest.mark.parametrize("last_words, ends", [
+    # A Debian base (the kernel's default log level): systemd-shutdown's own line.
+    (b"[  930.99] systemd-shutdown[1]: Powering off.\r\n", True),
+    # The kernel's, shown at any log level (Armbian's verbosity=1 hides the line above), on a
+    # machine that can power off and on one that cannot.
+    (b"[ 1018.20] reboot: Power down\r\n", True),
+    (b"[ 1018.20] reboot: Power off not available: System halted instead\r\n", True),
+    # systemd's last status line is not the end: the disk is unmounted after it.
+    (b"[  OK  ] Reached target poweroff.target - System Power Off.\r\n", False),
+], ids=["systemd-shutdown", "power-down", "halted-instead", "not-yet"])
+def test_shutdown_ends_at_the_guests_last_words(last_words: bytes, ends: bool) -> None:
+    """`sudo poweroff` typed on a pty played by a thread, which answers with sudo's prompt and
+    then the shutdown's last lines: try-image sees the end in any of the guest's last words,
+    and fails at the limit when they never come."""
+    import io
+    import threading
+    import tty
+
+    from builder import tryimage
+    from builder.serial_console import SerialConsole
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    typed: list[bytes] = []
+
+    def read_line() -> bytes:
+        data = b""
+        while not data.endswith(b"\r"):
+            data += os.read(slave, 1)
+        return data[:-1]
+
+    def guest() -> None:
+        typed.append(read_line())
+        os.write(slave, b"TRY-IMAGE-SUDO-jupyter:")
+        typed.append(read_line())
+        os.write(slave, b"\r\n[  OK  ] Stopped jupyter.service\r\n" + last_words)
+
+    player = threading.Thread(target=guest, daemon=True)
+    player.start()
+    console = SerialConsole(master, io.BytesIO())
+    creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+
+    class Running:          # QEMU, still running when the guest stops talking
+        def poll(self) -> None:
+            return None
+
+        def wait(self, timeout: float) -> None:
+            return None
+
+    started = time.monotonic()
+    try:
+        if ends:
+            tryimage.shut_down(console, Running(), None, creds, 20)  # type: ignore[arg-type]
+        else:
+            with pytest.raises(tryimage.SmokeFailure,
+                               match=r"no 'halted' on the serial console in 3 s"):
+                tryimage.shut_down(console, Running(), None, creds, 3)  # type: ignore[arg-type]
+    finally:
+        console.close()
+        player.join(timeout=5)
+        os.close(master)
+        os.close(slave)
+    assert typed == [b"sudo -p 'TRY-IMAGE-SUDO-%p:' poweroff", b"login-pw-123"]
+    assert time.monotonic() - started < (10 if ends else 15)
+
+
+def test_shutdown_limit_grows_with_a_slow_boot() -> None:
+    """A guest that took long to boot takes long to stop: the shutdown's limit is 1.5 times
+    its boot (U-Boot to the wizard) when that is longer than the phase's limit, unless
+    --timeout set the shutdown's."""
+    from types import SimpleNamespace
+
+    from builder import tryimage
+
+    def limit(phases: dict[str, float], given: frozenset[str] = frozenset()) -> float:
+        request = SimpleNamespace(timeouts={"shutdown": 600.0}, timeouts_given=given)
+        report = tryimage.Report(image="x", phases=phases)
+        return tryimage.shutdown_limit(SimpleNamespace(request=request), report)  # type: ignore[arg-type]
+
+    assert limit({"u-boot": 17, "kernel": 40, "userspace": 106, "wizard": 60}) == 600
+    assert limit({"u-boot": 20, "kernel": 120, "userspace": 660, "cell": 900}) == 1200
+    assert limit({"kernel": 120, "userspace": 660}, frozenset({"shutdown"})) == 600
