@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from conftest import REPO, TRY_IMAGE, cli_env
 from builder import qemu
 from builder.boards import load_catalog
 from builder.ext4 import find_root_fs
+from builder.serial_console import SerialConsole
 
 pytestmark = pytest.mark.slow
 ROOT_OFFSET = 4 << 20
@@ -436,52 +438,64 @@ def test_interactive_mode_gives_the_terminal_the_serial_console(tmp_path: Path,
     assert_nothing_left(work)
 
 
+class PlayedConsole:
+    """A serial console whose guest is played by a thread on the other end of a pty (raw, as
+    a UART is): `guest(line)` writes with os.write(line.fd, ...) and reads typed lines with
+    line.read_line()."""
+
+    def __init__(self, guest: Callable[[PlayedConsole], None]) -> None:
+        import io
+        import threading
+        import tty
+
+        self.master, self.fd = os.openpty()
+        tty.setraw(self.fd)
+        self.player = threading.Thread(target=guest, args=(self,), daemon=True)
+        self.console = SerialConsole(self.master, io.BytesIO())
+
+    def read_line(self) -> bytes:
+        data = b""
+        while not data.endswith(b"\r"):
+            data += os.read(self.fd, 1)
+        return data[:-1]
+
+    def __enter__(self) -> SerialConsole:
+        self.player.start()
+        return self.console
+
+    def __exit__(self, *exc: object) -> None:
+        self.console.close()
+        self.player.join(timeout=5)
+        os.close(self.master)
+        os.close(self.fd)
+
+
 def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None:
     """A getty on a pty, played by a thread: login flushes what was typed ahead, as seen on
     QEMU's Orange Pi PC, and the shell reads only after its prompt. try-image must wait for the
     prompt (or type the command again), not lose the command."""
-    import io
     import termios
-    import threading
-    import tty
 
     from builder import tryimage
-    from builder.serial_console import SerialConsole
 
-    master, slave = os.openpty()
-    tty.setraw(slave)
     lines: list[bytes] = []
 
-    def read_line() -> bytes:
-        data = b""
-        while not data.endswith(b"\r"):
-            data += os.read(slave, 1)
-        return data[:-1]
-
-    def getty() -> None:
-        os.write(slave, b"\r\nsmoke-pc login: ")
-        lines.append(read_line())
-        os.write(slave, b"Password: ")
-        lines.append(read_line())
+    def getty(line: PlayedConsole) -> None:
+        os.write(line.fd, b"\r\nsmoke-pc login: ")
+        lines.append(line.read_line())
+        os.write(line.fd, b"Password: ")
+        lines.append(line.read_line())
         time.sleep(0.5)                       # PAM, motd: whatever came meanwhile is gone
-        termios.tcflush(slave, termios.TCIFLUSH)
-        os.write(slave, b"Linux smoke-pc\r\n\x1b[?2004hjupyter@smoke-pc:~$ ")
-        command = read_line()
+        termios.tcflush(line.fd, termios.TCIFLUSH)
+        os.write(line.fd, b"Linux smoke-pc\r\n\x1b[?2004hjupyter@smoke-pc:~$ ")
+        command = line.read_line()
         lines.append(command)
         if command == b"echo TRY-IMAGE-SHELL-$((6*7))":
-            os.write(slave, b"\r\nTRY-IMAGE-SHELL-42\r\njupyter@smoke-pc:~$ ")
+            os.write(line.fd, b"\r\nTRY-IMAGE-SHELL-42\r\njupyter@smoke-pc:~$ ")
 
-    player = threading.Thread(target=getty, daemon=True)
-    player.start()
-    console = SerialConsole(master, io.BytesIO())
-    try:
+    with PlayedConsole(getty) as console:
         creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
         tryimage.log_in_on_console(console, creds, 30)
-    finally:
-        console.close()
-        player.join(timeout=5)
-        os.close(master)
-        os.close(slave)
     assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
 
 
@@ -758,32 +772,16 @@ def test_shutdown_ends_at_the_guests_last_words(last_words: bytes, ends: bool) -
     """`sudo poweroff` typed on a pty played by a thread, which answers with sudo's prompt and
     then the shutdown's last lines: try-image sees the end in any of the guest's last words,
     and fails at the limit when they never come."""
-    import io
-    import threading
-    import tty
-
     from builder import tryimage
-    from builder.serial_console import SerialConsole
 
-    master, slave = os.openpty()
-    tty.setraw(slave)
     typed: list[bytes] = []
 
-    def read_line() -> bytes:
-        data = b""
-        while not data.endswith(b"\r"):
-            data += os.read(slave, 1)
-        return data[:-1]
+    def guest(line: PlayedConsole) -> None:
+        typed.append(line.read_line())
+        os.write(line.fd, b"TRY-IMAGE-SUDO-jupyter:")
+        typed.append(line.read_line())
+        os.write(line.fd, b"\r\n[  OK  ] Stopped jupyter.service\r\n" + last_words)
 
-    def guest() -> None:
-        typed.append(read_line())
-        os.write(slave, b"TRY-IMAGE-SUDO-jupyter:")
-        typed.append(read_line())
-        os.write(slave, b"\r\n[  OK  ] Stopped jupyter.service\r\n" + last_words)
-
-    player = threading.Thread(target=guest, daemon=True)
-    player.start()
-    console = SerialConsole(master, io.BytesIO())
     creds = tryimage.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
 
     class Running:          # QEMU, still running when the guest stops talking
@@ -794,18 +792,13 @@ def test_shutdown_ends_at_the_guests_last_words(last_words: bytes, ends: bool) -
             return None
 
     started = time.monotonic()
-    try:
+    with PlayedConsole(guest) as console:
         if ends:
             tryimage.shut_down(console, Running(), None, creds, 20)  # type: ignore[arg-type]
         else:
             with pytest.raises(tryimage.SmokeFailure,
                                match=r"no 'halted' on the serial console in 3 s"):
                 tryimage.shut_down(console, Running(), None, creds, 3)  # type: ignore[arg-type]
-    finally:
-        console.close()
-        player.join(timeout=5)
-        os.close(master)
-        os.close(slave)
     assert typed == [b"sudo -p 'TRY-IMAGE-SUDO-%p:' poweroff", b"login-pw-123"]
     assert time.monotonic() - started < (10 if ends else 15)
 
