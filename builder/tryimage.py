@@ -664,7 +664,7 @@ SHUTDOWN_PER_BOOT = 1.5
 
 def shutdown_limit(trial: Trial, report: Report) -> float:
     """The shutdown's time limit: the phase's, or longer on a slow machine, measured by how
-    long this guest took from the kernel to the setup wizard. A --timeout given wins."""
+    long this guest took from QEMU's start to the setup wizard. A --timeout given wins."""
     limit = trial.request.timeouts["shutdown"]
     if "shutdown" in trial.request.timeouts_given:
         return limit
