@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -42,6 +43,7 @@ from conftest import (
 )
 from mirror import Mirror
 
+from builder.cache import Cache
 from builder.chroot import Chroot, chroot_session
 from builder.ext4 import find_root_fs
 from builder.image import find_root, read_table
@@ -130,6 +132,7 @@ class Builds:
         self.failures: dict[str, str] = {}
         self.stopping = False
         self.servers = ExitStack()
+        self.armbian_sha: str | None = None
 
     def start(self) -> None:
         for arch in BOARDS:
@@ -164,12 +167,25 @@ class Builds:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+        self.forget_armbian_like()
         if proc.returncode == 0 and not self.stopping:
             image = next((self.work / arch / "out").glob("*.img.zst"))
             try:
                 self.start_smoke(arch, image)
             except (AssertionError, subprocess.CalledProcessError) as exc:
                 self.failures[arch] = str(exc)
+
+    def forget_armbian_like(self) -> None:
+        """Every run makes the Armbian-like base anew (another sha256): once built on, its
+        download and decompressed image leave the test cache, which would otherwise grow by
+        a gigabyte a run. The Debian base, apt's archives and the wheels stay."""
+        if self.armbian_sha is None:
+            return
+        cache = Cache(CACHE)
+        shutil.rmtree(cache.downloads / self.armbian_sha, ignore_errors=True)
+        for path in (cache.image_path(self.armbian_sha), cache.image_record(self.armbian_sha),
+                     cache.locks / f"{self.armbian_sha}.lock"):
+            path.unlink(missing_ok=True)
 
     def publish_armbian_like(self, arch: str) -> list[str]:
         """The board's Debian base (built, or from the cache) made Armbian-like and published
@@ -188,7 +204,9 @@ class Builds:
         root.mkdir()
         mirror = self.servers.enter_context(Mirror(root))
         armbian = FakeArmbian(mirror=mirror, root=root, gpg=self.gpg)
-        armbian.publish_image(board, raw)
+        asset = armbian.publish_image(board, raw)
+        sha = root / board / "archive" / (asset["file_url"].rsplit("/", 1)[1] + ".sha")
+        self.armbian_sha = sha.read_text().split()[0]
         return ["--armbian-index", armbian.index_url, "--gpg-keyring", str(self.gpg.keyring)]
 
     def preseed(self) -> Path:
@@ -386,6 +404,24 @@ def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> No
         "systemd-resolved's link, restored after the build"
     release = (image.root / "etc/orangepi-jupyter-release").read_text()
     assert f"BOARD={appliance.board}\n" in release and "JUPYTER_USER=jupyter\n" in release
+
+
+def test_armhf_base_came_the_armbian_way_and_left_the_cache(appliance: Appliance,
+                                                            builds: Builds, image: Image) -> None:
+    """The armhf build found its base in the mirror's index, checked its sha256 and its
+    signature like an Armbian image's, kept Armbian's own first-boot services, and the test
+    cache does not keep this run's copy of the base."""
+    if appliance.arch != "armhf":
+        pytest.skip("the arm64 build is on --base debian")
+    assert "base image: Armbian 26.5.1 trixie current minimal" in appliance.log
+    assert "sha256 verified: Armbian_26.5.1_Orangepipcplus_trixie_current" in appliance.log
+    assert "signature good:" in appliance.log
+    for unit in ("armbian-resize-filesystem.service", "armbian-firstrun.service"):
+        assert image.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled", unit
+    assert builds.armbian_sha is not None
+    cache = Cache(CACHE)
+    assert not (cache.downloads / builds.armbian_sha).exists()
+    assert not cache.image_path(builds.armbian_sha).exists()
 
 
 def test_debian_packages_are_compiled_and_py3compile_is_back(image: Image) -> None:
