@@ -208,8 +208,8 @@ def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) 
 
 
 def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
-    """A second run, of the same image in the same second or of another image, leaves the
-    first run's report as it was: the evidence of a failure survives the next try."""
+    """A second run, of the same image (also in the same second) or of another image, leaves
+    the first run's report as it was: the evidence of a failure survives the next try."""
     image = hanging_image(tmp_path)
     other = shutil.copy(image, tmp_path / "other.img")
     report = tmp_path / "reports"
@@ -226,6 +226,14 @@ def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
     for run in runs:
         assert '"failed_phase": "kernel"' in (run / "report.json").read_text()
         assert (run / "serial-boot1.log").exists() and (run / "summary.txt").exists()
+    # Two runs in the same second: the second directory gets a number, the first is kept.
+    from builder import tryimage
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tryimage.time, "strftime", lambda fmt: "20261204-120000")
+        first = tryimage.new_report_directory(report, image)
+        second = tryimage.new_report_directory(report, image)
+    assert (first.name, second.name) == ("hang-20261204-120000", "hang-20261204-120000-2")
+    assert (report / "latest").resolve() == second and all(r.is_dir() for r in runs)
     # An unwritable --report is refused before anything is decompressed.
     blocker = tmp_path / "a-file"
     blocker.write_text("")
