@@ -19,7 +19,6 @@ The boot script is this project's own, written from Armbian's documented behavio
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from contextlib import ExitStack
@@ -133,13 +132,14 @@ def make_armbian_like(debian_base: Path, target: Path, board: str, board_name: s
     """`target`: a copy of the Debian base image for `board`, turned Armbian-like."""
     subprocess.run(["cp", "--sparse=always", str(debian_base), str(target)], check=True)
     ledger = Ledger()
+    mountpoint = target.with_name(f"{target.name}.root")
     with ExitStack() as stack:
         part = find_root(ledger, target, read_table(target)).partition
         device = stack.enter_context(loop_device(ledger, target, part.start, part.size))
-        root = stack.enter_context(mounted(ledger, device, target.with_name("armbian-root"),
-                                           fstype="ext4"))
+        root = stack.enter_context(mounted(ledger, device, mountpoint, fstype="ext4"))
         _make_boot(root, dtb)
         _make_system(root, board, board_name)
+    mountpoint.rmdir()
     _relabel(target, part.start)
     return target
 
@@ -218,4 +218,3 @@ def _make_system(root: Path, board: str, board_name: str) -> None:
     _write(etc / "ssh/sshd_config", "Include /etc/ssh/sshd_config.d/*.conf\n"
                                     "PermitRootLogin yes\nUsePAM yes\n")
     _write(etc / "ssh/ssh_host_ed25519_key", "a key every card would share\n", 0o600)
-    os.sync()
