@@ -17,15 +17,16 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder import log
 from builder.errors import BuildError
 from builder.ledger import Ledger, held_lock, kill_processes_under
 from builder.mount import mounted
-from builder.run import stream
+from builder.run import run, stream
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -113,6 +114,80 @@ def static_qemu(arch: str) -> Path | None:
     return None
 
 
+# The CPU qemu-user emulates for the image's programs (QEMU_CPU), by architecture: the model
+# that ran every program of the images fastest, measured with ci/bench-emulation. qemu's own
+# default for aarch64 is "max", which before QEMU 10 computes pointer authentication with the
+# architected QARMA5 cipher in software: Python, apt and dpkg ran about 20 times slower. The
+# models are the boards' own cores or older, so nothing the image runs needs more.
+FAST_CPU = {"arm64": "cortex-a53", "armhf": "cortex-a7"}
+CPU_AUTO, CPU_QEMU_DEFAULT = "auto", "qemu"
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """How the image's programs are emulated: `cpu` goes into QEMU_CPU (None: qemu's own
+    default), `note` says which and why for the build log."""
+
+    cpu: str | None
+    note: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"QEMU_CPU": self.cpu} if self.cpu else {}
+
+
+def emulator(arch: str) -> Path | None:
+    """The qemu that runs the image's programs, to ask for its version and CPU models.
+    Debian's binfmt entries name a wrapper (aarch64-binfmt-P) that only the kernel may start;
+    it runs the qemu of the same package, the one found here."""
+    qemu = static_qemu(arch)
+    if qemu is not None:
+        return qemu
+    binfmt = binfmt_status(arch)
+    return Path(binfmt.interpreter) if binfmt.interpreter else None
+
+
+def qemu_cpu_models(qemu: Path) -> tuple[str, set[str]]:
+    """The version of `qemu` and the CPU models it knows (`-cpu help`)."""
+    version = run([qemu, "--version"], capture=True, what=f"ask {qemu} its version")
+    words = version.stdout.decode(errors="replace").split()
+    number = words[words.index("version") + 1] if "version" in words else "?"
+    # QEMU 7.2 exits 1 after listing them.
+    listing = run([qemu, "-cpu", "help"], capture=True, check=False)
+    models = {line.split()[0] for line in listing.stdout.decode(errors="replace").splitlines()
+              if line.startswith(" ") and line.split()}
+    if not models:
+        raise BuildError(f"{qemu} -cpu help listed no CPU models: reinstall qemu-user-static "
+                         f"(sudo ci/setup-host)")
+    return number, models
+
+
+def choose_emulation(arch: str, setting: str = CPU_AUTO) -> Emulation:
+    """The CPU model for `arch` under `setting` (emulation.cpu): "auto" is FAST_CPU's when
+    this qemu has it, "qemu" is qemu's own default, anything else a model qemu must know."""
+    qemu = emulator(arch)
+    if setting == CPU_QEMU_DEFAULT or (arch not in FAST_CPU and setting == CPU_AUTO):
+        return Emulation(None, f"{arch} programs run on qemu's default CPU "
+                               f"(emulation.cpu={setting})")
+    if qemu is None:
+        raise BuildError(f"no qemu for {arch} on this host: sudo ci/setup-host installs it")
+    version, models = qemu_cpu_models(qemu)
+    name = f"{qemu.name} {version}"
+    if setting == CPU_AUTO:
+        model = FAST_CPU[arch]
+        if model not in models:
+            return Emulation(None, f"{name} has no {model} CPU: {arch} programs run on its "
+                                   f"default CPU, which may be many times slower")
+        return Emulation(model, f"{arch} programs run as {model} (QEMU_CPU) on {name}: "
+                                f"the fastest model measured; emulation.cpu=qemu for qemu's "
+                                f"default")
+    if setting not in models:
+        raise BuildError(f"emulation.cpu={setting}: {name} has no such CPU model; choose one "
+                         f"of `{qemu} -cpu help`, or auto")
+    return Emulation(setting, f"{arch} programs run as {setting} (QEMU_CPU, emulation.cpu) "
+                              f"on {name}")
+
+
 @dataclass
 class Chroot:
     root: Path
@@ -127,7 +202,13 @@ class Chroot:
             prefix: str | None = None, what: str | None = None) -> None:
         """Run argv inside the image with a clean environment, streaming its output."""
         stream(["chroot", str(self.root), *argv], env={**self.env, **(env or {})},
-               prefix=prefix, what=what or " ".join(argv))
+               prefix=prefix, what=what or " ".join(argv), preexec=_limit_open_files)
+
+    def runs(self, argv: Sequence[str], env: Mapping[str, str]) -> bool:
+        """Whether argv exits 0 in the image with env added, its output not shown."""
+        proc = run(["chroot", str(self.root), *argv], env={**self.env, **env}, capture=True,
+                   check=False)
+        return proc.returncode == 0
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -197,6 +278,63 @@ def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
             path.chmod(old_mode)
 
 
+# apt configuration for the build only. The hooks apt runs after `apt-get update` rebuild
+# caches from the package lists (command-not-found's database, AppStream's metadata): under
+# emulation they took most of an update (Armbian's build sets them aside for the same
+# reason), and the finished image ships without package lists, so the board's first update
+# runs them again anyway.
+QUICK_APT_CONF = "etc/apt/apt.conf.d/99zz-build-image-hooks"
+QUICK_APT = b"""// build-image: during the build only, gone from the finished image.
+#clear APT::Update::Post-Invoke-Success;
+"""
+# While this file exists, man-db's dpkg trigger rebuilds the whole manual database after each
+# dpkg run (debconf man-db/auto-update); the session rebuilds it once at its end instead.
+MAN_DB_AUTO_UPDATE = "var/lib/man-db/auto-update"
+# apt closes every possible descriptor before it starts a program: in a container whose limit
+# is a million or more that loop alone took hours under emulation.
+OPEN_FILES = 1024
+
+
+@contextmanager
+def _set_aside(path: Path) -> Iterator[bool]:
+    """`path` is out of the way for a while (renamed beside itself), then back. Yields
+    whether there was anything to set aside. One that a package made anew meanwhile stays."""
+    if not path.is_file() or path.is_symlink():
+        yield False
+        return
+    aside = path.with_name(path.name + ".build-image-aside")
+    os.rename(path, aside)
+    try:
+        yield True
+    finally:
+        if path.exists() or path.is_symlink():
+            aside.unlink()
+        else:
+            os.rename(aside, path)
+
+
+@contextmanager
+def _quick_apt(root: Path, run_in_image: Callable[[list[str]], None]) -> Iterator[None]:
+    """apt and dpkg without the work the board redoes, or that can wait for the end."""
+    status = in_root(root, "var/lib/dpkg/status")
+    before = status.stat().st_mtime_ns if status.exists() else None
+    with _replaced_file(root / QUICK_APT_CONF, QUICK_APT, 0o644), \
+            _set_aside(in_root(root, MAN_DB_AUTO_UPDATE)) as man_db_aside:
+        yield
+        # Once, as the trigger would have after the session's last dpkg run, so `man -k` on
+        # the board knows the pages the build installed. Not after a failure.
+        changed = status.exists() and status.stat().st_mtime_ns != before
+        if man_db_aside and changed and in_root(root, "usr/bin/mandb").exists():
+            run_in_image(["mandb", "--quiet"])
+
+
+def _limit_open_files() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > OPEN_FILES:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, hard))
+
+
 # A minimal /dev: the nodes programs in a chroot expect, and nothing that reaches the
 # host's disks. (major, minor) of character devices.
 DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
@@ -222,9 +360,29 @@ def host_resolv_conf() -> bytes:
         return b""
 
 
+def _checked_emulation(session: Chroot, emulation: Emulation) -> Emulation:
+    """A CPU model the image's programs fail on (built for newer cores) is no model: then
+    qemu's default, said once."""
+    if emulation.cpu is None:
+        return emulation
+    probe = ["/bin/sh", "-c", "exec dpkg --version" if session.path("usr/bin/dpkg").exists()
+             else "exit 0"]
+    if session.runs(probe, emulation.env) or not session.runs(probe, {}):
+        return emulation
+    log.warn(f"this image's programs do not run on an emulated {emulation.cpu}: qemu's "
+             f"default CPU instead, which may be many times slower (emulation.cpu)")
+    return Emulation(None, "qemu's default CPU")
+
+
 @contextmanager
 def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | None,
-                   apt_proxy: str | None, env: Mapping[str, str]) -> Iterator[Chroot]:
+                   apt_proxy: str | None, env: Mapping[str, str],
+                   emulation: Emulation | None = None,
+                   quick_apt: bool = True) -> Iterator[Chroot]:
+    """A chroot into `root` for `arch` programs, emulated as `emulation` says (by default the
+    fast CPU model), with apt's slow hooks set aside unless `quick_apt` is false."""
+    if emulation is None:
+        emulation = choose_emulation(arch)
     with ExitStack() as stack:
         binfmt = binfmt_status(arch)
         if not binfmt.usable:
@@ -268,7 +426,12 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
                 waiting=f"waiting for another build using the apt cache {apt_cache}"))
             stack.enter_context(mounted(ledger, str(apt_cache),
                                         in_root(root, "var/cache/apt/archives"), bind=True))
+        session = Chroot(root=root, arch=arch, env=clean_env(env))
+        session.env.update(_checked_emulation(session, emulation).env)
+        if quick_apt:
+            stack.enter_context(_quick_apt(root, lambda argv: session.run(
+                argv, prefix=argv[0], what=f"{argv[0]} in the image")))
         # Registered last, so it runs first on the way out: nothing may still run in the
         # image when its mounts go.
         stack.callback(kill_processes_under, root)
-        yield Chroot(root=root, arch=arch, env=clean_env(env))
+        yield session

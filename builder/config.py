@@ -276,6 +276,19 @@ class AptConfig:
     proxy: Annotated[str | None, Rule(_http_url)]
 
 
+def _cpu_model(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*", value):
+        raise ValueError("is not a qemu CPU model (auto, qemu, or a name from qemu's "
+                         "-cpu help such as cortex-a53)")
+    return value
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    cpu: Annotated[str, Rule(_cpu_model)]
+    quick_apt: bool
+
+
 @dataclass(frozen=True)
 class DownloadConfig:
     timeout: Annotated[float, Rule(_positive, "a number of seconds")]
@@ -299,6 +312,7 @@ class Config:
     output: OutputConfig
     customize: CustomizeConfig
     apt: AptConfig
+    emulation: EmulationConfig
     download: DownloadConfig
     cache: CacheConfig
 

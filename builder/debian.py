@@ -26,7 +26,7 @@ from pathlib import Path
 from builder import log
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
-from builder.chroot import Chroot, chroot_session
+from builder.chroot import Chroot, Emulation, choose_emulation, chroot_session
 from builder.errors import BuildError
 from builder.ledger import Ledger
 from builder.mount import work_path
@@ -125,8 +125,9 @@ def cached(cache: Cache, key: str) -> CachedImage | None:
 
 
 def build_base(board: Board, release: str, mirror: str, cache: Cache,
-               ledger: Ledger) -> CachedImage:
-    """The cached Debian base for `board`, built first if there is none."""
+               ledger: Ledger, emulation: Emulation | None = None) -> CachedImage:
+    """The cached Debian base for `board`, built first if there is none. The CPU model
+    emulated does not change what is built, so it is not part of the key."""
     key = cache_key(board, release, mirror)
     cache.prepare()
     with cache.lock(key, f"the Debian base for {board.id}"):
@@ -139,9 +140,11 @@ def build_base(board: Board, release: str, mirror: str, cache: Cache,
         workspace = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-debian-", dir=work))
         with work_path(ledger, workspace):
             rootfs = workspace / "rootfs"
-            _bootstrap(board, release, mirror, rootfs)
+            emulation = emulation or choose_emulation(board.arch)
+            _bootstrap(board, release, mirror, rootfs, emulation)
             uuid_ = str(uuid.uuid4())
-            uboot = _install_system(board, release, mirror, rootfs, uuid_, ledger, cache)
+            uboot = _install_system(board, release, mirror, rootfs, uuid_, ledger, cache,
+                                    emulation)
             final = cache.image_path(key)
             tmp = final.with_name(f".{final.name}.tmp")
             try:
@@ -158,14 +161,17 @@ def build_base(board: Board, release: str, mirror: str, cache: Cache,
     return entry
 
 
-def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path) -> None:
+def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path,
+               emulation: Emulation) -> None:
     log.info(f"debootstrap {release} {board.arch} from {mirror} (a few minutes under qemu)")
     argv = ["debootstrap", f"--arch={board.arch}", "--variant=minbase",
             f"--include={','.join(PACKAGES[:5])}", release, str(rootfs), mirror]
     # Asked to stop with SIGTERM, not killed, on an interruption: debootstrap's exit trap
     # unmounts the proc and sys it mounted in the target.
     try:
-        stream(argv, env=dict(os.environ), prefix="debootstrap",
+        # debootstrap's second stage runs the image's programs: the CPU model reaches them
+        # through its environment (host programs ignore it).
+        stream(argv, env={**os.environ, **emulation.env}, prefix="debootstrap",
                what=f"debootstrap of {release} {board.arch}", stop=signal.SIGTERM)
     except BuildError as exc:
         raise BuildError(f"{exc}: check the mirror {mirror} (base.debian_mirror) and the "
@@ -173,7 +179,7 @@ def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path) -> None:
 
 
 def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_uuid: str,
-                    ledger: Ledger, cache: Cache) -> bytes:
+                    ledger: Ledger, cache: Cache, emulation: Emulation) -> bytes:
     """Kernel, initramfs, boot configuration, network; returns U-Boot's binary."""
     debian = BOARDS[board.id]
     etc = rootfs / "etc"
@@ -212,7 +218,7 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
     grow.chmod(0o755)
     (etc / "systemd/system/grow-root-filesystem.service").write_text(GROW_UNIT)
     with chroot_session(ledger, rootfs, board.arch, apt_cache=apt_cache, apt_proxy=None,
-                        env={}) as session:
+                        env={}, emulation=emulation) as session:
         _apt_update(session)
         session.run(["apt-get", "install", "-q", "-y", "--no-install-recommends",
                      debian.kernel, *PACKAGES[5:]], prefix="apt",

@@ -43,7 +43,15 @@ from builder import (
 )
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
-from builder.chroot import QEMU, binfmt_status, chroot_session, in_root, static_qemu
+from builder.chroot import (
+    QEMU,
+    Emulation,
+    binfmt_status,
+    choose_emulation,
+    chroot_session,
+    in_root,
+    static_qemu,
+)
 from builder.config import Config
 from builder.download import Http
 from builder.errors import BuildError
@@ -79,6 +87,7 @@ class Context:
     stack: ExitStack = field(default_factory=ExitStack)
     ledger: Ledger = field(default_factory=Ledger)
     trust: fetch.Trust | None = None
+    emulation: Emulation | None = None
     source: fetch.BaseSource | None = None
     base: CachedImage | None = None
     scripts: list[customize.Script] = field(default_factory=list)
@@ -118,6 +127,7 @@ def check_host(ctx: Context) -> None:
                                  "run it with sudo, or use --dry-run")
             require_programs("debootstrap", "mkfs.ext4", "dpkg-deb", "sfdisk", "mount",
                              "chroot")
+            _choose_emulation(ctx)
     else:
         suffix = (".img.xz" if base.source == "armbian"
                   else fetch.image_suffix(fetch.location_name(base.source)))
@@ -155,12 +165,19 @@ def check_host(ctx: Context) -> None:
             raise BuildError(f"cannot run {ctx.board.arch} programs on this host: "
                              f"{binfmt.problem}")
         log.warn(f"{binfmt.problem}; copying qemu into the image for the build instead")
+    _choose_emulation(ctx)
     _check_free_space(ctx)
     # The packages asked for by name must exist as wheels for the board; what they depend
     # on is chosen later, against what the image's Debian packages provide.
     if builtin:
         wheels.check_requested(cfg.packages.pip, cfg.base.release, ctx.board.arch,
                                ctx.cache.root / "host" / "wheels", ctx.options.offline)
+
+
+def _choose_emulation(ctx: Context) -> None:
+    if ctx.emulation is None:
+        ctx.emulation = choose_emulation(ctx.board.arch, ctx.config.emulation.cpu)
+        log.info(ctx.emulation.note)
 
 
 def check_preseed(cfg: Config) -> None:
@@ -244,7 +261,8 @@ def fetch_base_image(ctx: Context) -> None:
     assert ctx.source is not None
     if ctx.source.kind == "debian":
         ctx.base = debian.build_base(ctx.board, ctx.config.base.release,
-                                     ctx.config.base.debian_mirror, ctx.cache, ctx.ledger)
+                                     ctx.config.base.debian_mirror, ctx.cache, ctx.ledger,
+                                     ctx.emulation)
         return
     ctx.base = fetch.fetch_base_image(ctx.source, cache=ctx.cache, http=ctx.http,
                                       trust=ctx.trust, offline=ctx.options.offline)
@@ -321,7 +339,8 @@ def _run_session(ctx: Context, scripts: list[customize.Script]) -> None:
     cfg = ctx.config
     apt_cache = ctx.cache.root / "apt" / f"{cfg.base.release}-{ctx.board.arch}"
     with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
-                        apt_proxy=cfg.apt.proxy, env={}) as session:
+                        apt_proxy=cfg.apt.proxy, env={}, emulation=ctx.emulation,
+                        quick_apt=cfg.emulation.quick_apt) as session:
         ctx.script_timings.update(customize.run_scripts(
             scripts, session, cfg, ctx.board, host_env=_host_env(ctx),
             outputs=ctx.workspace / "script-output"))

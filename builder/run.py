@@ -141,21 +141,22 @@ def spawn(
 
 
 def stream(argv: Sequence[str], *, env: Mapping[str, str], prefix: str | None,
-           what: str, cwd: Path | None = None, stop: int = signal.SIGKILL) -> None:
+           what: str, cwd: Path | None = None, stop: int = signal.SIGKILL,
+           preexec: Callable[[], None] | None = None) -> None:
     """Run argv, showing each line of its output as it comes, prefixed with `[prefix]`, and
     copying it into the build log. A failure is a BuildError with the exit code, after the
     last lines were shown.
 
     On an interruption the program's whole process group gets `stop`; a program that cleans
     up after itself on SIGTERM (debootstrap unmounts what it mounted) is given time for it
-    before everything left is killed."""
+    before everything left is killed. `preexec` runs in the child before argv (limits)."""
     log.debug("+ " + " ".join(argv))
     tail: list[str] = []
     # A session of its own: on an interruption the whole group goes, not just the script
     # (a dpkg run leaves postinst children that would outlive it).
     proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec)
     assert proc.stdout is not None
     pending = b""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    ARMBIAN_CNF_HOOK,
     BUILD_IMAGE,
     REPO,
     BaseImage,
@@ -172,6 +173,97 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert "File not found" in policy.stderr
     assert not (tmp_path / "cache" / "work").exists() or \
         not list((tmp_path / "cache" / "work").iterdir())
+
+
+def auxv_hwcap(root: Path, cpu: str | None) -> str:
+    """AT_HWCAP (the CPU features) a grandchild process in `root` sees under `cpu`."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **({"QEMU_CPU": cpu} if cpu else {})}
+    return subprocess.run(["chroot", str(root), "/bin/sh", "-c", HWCAP], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+HWCAP = "sh -c 'od -An -t u8 -w16 /proc/self/auxv' | awk '$1 == 16 { print $2 }'"
+# Looks at emulation and apt from inside the image: the CPU model a grandchild runs as, apt's
+# update hooks and man-db's switch; then runs apt-get update and a real dpkg install.
+EMULATION_PROBE = f"""#!/bin/sh
+set -e
+echo "cpu=${{QEMU_CPU:-none}} hwcap=$({HWCAP})"
+echo "update hooks: $(apt-config dump | grep -c 'Post-Invoke-Success:: ' || true)"
+test -e /var/lib/man-db/auto-update && echo "man-db auto-update on" || echo "man-db off"
+mkdir -p /tmp/lists/partial /tmp/sources /tmp/repo /tmp/pkg/DEBIAN /tmp/pkg/usr/share/man/man1
+: > /tmp/repo/Packages
+echo 'deb [trusted=yes] file:/tmp/repo ./' > /tmp/sources/probe.list
+apt-get -q update -o Acquire::Languages=none -o Dir::Etc::SourceList=/dev/null \
+    -o Dir::Etc::SourceParts=/tmp/sources -o Dir::State::Lists=/tmp/lists
+printf 'Package: probe\nVersion: 1\nArchitecture: all\nMaintainer: t <t@example.org>\n\
+Description: probe\n' > /tmp/pkg/DEBIAN/control
+echo '.TH PROBE 1' | gzip -n > /tmp/pkg/usr/share/man/man1/probe.1.gz
+dpkg-deb -b /tmp/pkg /tmp/probe.deb >/dev/null
+dpkg -i /tmp/probe.deb >/dev/null
+"""
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "settings-off"])
+def test_emulation_and_apt_hooks(base: BaseImage, debian_rootfs: Path, tmp_path: Path,
+                                 checked: None, fast: bool) -> None:
+    """Every program in the image, grandchildren included, runs as the fast CPU model and
+    no host script sees it; apt's update hooks and man-db's auto-update are set aside for
+    the build, man-db's index is rebuilt once, and the image keeps every setting as it was.
+    With emulation.cpu=qemu and emulation.quick_apt=false none of that happens."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "10-fake-mandb.chroot").write_text(
+        "#!/bin/sh\nprintf '#!/bin/sh\\necho \"$*\" >> /var/lib/mandb-ran\\n' > /usr/bin/mandb\n"
+        "chmod 755 /usr/bin/mandb\n")
+    (scripts / "20-probe.chroot").write_text(EMULATION_PROBE)
+    (scripts / "25-env.host").write_text("#!/bin/sh\necho \"host sees ${QEMU_CPU:-none}\"\n")
+    for script in scripts.iterdir():
+        script.chmod(0o755)
+    settings = () if fast else ("--set", "emulation.cpu=qemu", "--set",
+                                "emulation.quick_apt=false")
+    result = build(base, tmp_path, "--customize", scripts, *settings)
+    assert result.returncode == 0, result.stderr
+    a53, default = auxv_hwcap(debian_rootfs, "cortex-a53"), auxv_hwcap(debian_rootfs, None)
+    assert a53 != default
+    log = result.stderr
+    assert "[25-env.host] host sees none" in log
+    if fast:
+        assert "arm64 programs run as cortex-a53 (QEMU_CPU) on qemu-aarch64" in log
+        assert f"[20-probe.chroot] cpu=cortex-a53 hwcap={a53}" in log
+        assert "[20-probe.chroot] update hooks: 0" in log
+        assert "[20-probe.chroot] man-db off" in log
+    else:
+        assert "arm64 programs run on qemu's default CPU (emulation.cpu=qemu)" in log
+        assert f"[20-probe.chroot] cpu=none hwcap={default}" in log
+        assert "[20-probe.chroot] update hooks: 1" in log
+        assert "[20-probe.chroot] man-db auto-update on" in log
+
+    part = root_partition(raw_image(outputs(tmp_path)["img.zst"], tmp_path / "result.img"),
+                          base.first_partition)
+    seen = read_from(part, "/etc/apt/apt.conf.d/50command-not-found",
+                     "/var/lib/command-not-found/hook-ran", "/var/lib/mandb-ran",
+                     "/var/lib/man-db/auto-update", "/var/lib/dpkg/status")
+    assert seen["/etc/apt/apt.conf.d/50command-not-found"] == ARMBIAN_CNF_HOOK
+    assert "Package: probe\n" in seen["/var/lib/dpkg/status"]
+    listing = debugfs(part, "ls -l /var/lib/man-db").stdout
+    assert "auto-update" in listing and "aside" not in listing
+    assert "99zz-build-image" not in debugfs(part, "ls /etc/apt/apt.conf.d").stdout
+    if fast:
+        assert seen["/var/lib/command-not-found/hook-ran"] == ""
+        assert seen["/var/lib/mandb-ran"] == "--quiet\n", "once, at the session's end"
+    else:
+        assert seen["/var/lib/command-not-found/hook-ran"].count("\n") == 1
+        assert seen["/var/lib/mandb-ran"] == ""
+
+
+def test_unknown_cpu_model(base: BaseImage, tmp_path: Path, checked: None) -> None:
+    result = build(base, tmp_path, "--set", "emulation.cpu=cortex-z99")
+    assert result.returncode != 0
+    line = error_line(result)
+    assert line.startswith("build-image: error: emulation.cpu=cortex-z99: qemu-aarch64")
+    assert line.endswith("has no such CPU model; choose one of "
+                         "`/usr/bin/qemu-aarch64-static -cpu help`, or auto")
+    assert outputs(tmp_path) == {}
 
 
 def test_cache_path_with_a_space(base: BaseImage, tmp_path: Path, checked: None) -> None:
