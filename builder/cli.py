@@ -15,12 +15,12 @@ from types import FrameType
 from builder import __version__, log
 from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
-from builder.config import load_config
+from builder.config import Config, load_config
 from builder.download import Http
 from builder.errors import BuildError, Interrupted
 from builder.ledger import clean_stale
 from builder.mount import is_root
-from builder.pipeline import Context, Options, run_build
+from builder.pipeline import Context, Options, run_build, stage_cache_of
 from builder.qemu import machine_for
 
 EXIT_ERROR = 1
@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                       help=f"downloads and base images (default {default_cache_dir()})")
     base.add_argument("--offline", action="store_true",
                       help="use only what the cache holds; no network")
+    base.add_argument("--no-cache", action="store_true",
+                      help="run every customize.d script, using no stage from the step cache "
+                           "(the fresh stages are kept for the next build)")
     image = p.add_argument_group("the image")
     image.add_argument("--output", metavar="DIR", help="where the image and its files go "
                        "(default ./out)")
@@ -103,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cleanup", action="store_true",
                      help="undo what builds that were killed left behind (loop devices, "
                           "mounts, work files) and exit")
+    run.add_argument("--cache-prune", action="store_true",
+                     help="remove every entry of the step cache (kept images of earlier "
+                          "builds' stages) and exit; downloads and base images stay")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     run.add_argument("--debug", action="store_true", help="show commands and tracebacks")
     run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -177,6 +183,19 @@ def _emulated_on(board: Board) -> str:
         return "not emulated"
 
 
+def _cache_of(config: Config) -> Cache:
+    # Absolute, so the path printed by --fetch-only does not depend on the working directory.
+    root = Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir()
+    return Cache(root.absolute())
+
+
+def _prune(config: Config) -> int:
+    stage_cache = stage_cache_of(_cache_of(config), config)
+    freed = stage_cache.prune() if stage_cache.root.exists() else 0
+    log.result(f"step cache {stage_cache.root}: {log.human_size(freed)} freed")
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     catalog = load_catalog()
     if args.list_boards:
@@ -203,6 +222,8 @@ def _main(args: argparse.Namespace) -> int:
         firstboot = dataclasses.replace(config.firstboot,
                                         preseed=_absolute(config.firstboot.preseed))
         config = dataclasses.replace(config, firstboot=firstboot)
+    if args.cache_prune:
+        return _prune(config)
     if not config.board:
         raise BuildError("no board given: pass --board ID (`build-image --list-boards` shows "
                          "them; --board orangepi picks the Orange Pi 5)")
@@ -211,14 +232,12 @@ def _main(args: argparse.Namespace) -> int:
         log.info(f"board '{alias}' is an alias for {board.id} ({board.name})")
     if args.dry_run and args.fetch_only:
         raise BuildError("--dry-run and --fetch-only exclude each other: pick one")
-    # Absolute, so the path printed by --fetch-only does not depend on the working directory.
-    root = Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir()
-    cache = Cache(root.absolute())
+    cache = _cache_of(config)
     http = Http(timeout=config.download.timeout, retries=config.download.retries)
     ctx = Context(
         config=config,
         options=Options(dry_run=args.dry_run, fetch_only=args.fetch_only, offline=args.offline,
-                        keep_workspace=args.keep_workspace),
+                        keep_workspace=args.keep_workspace, no_cache=args.no_cache),
         board=board,
         cache=cache,
         http=http,

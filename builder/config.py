@@ -298,6 +298,8 @@ class DownloadConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     dir: str | None
+    stages_size: ByteSize
+    stage_days: Annotated[float, Rule(_positive, "a number of days")]
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,14 @@ executable, is an error before the build starts. Every script gets this environm
     IMAGE_BOARD    board id (orangepi5)          IMAGE_ARCH     armhf | arm64
     IMAGE_RELEASE  trixie, noble, ...            IMAGE_FAMILY   Armbian family (rockchip-rk3588)
     IMAGE_CONFIG   a JSON file {"config": settings, "board": catalog entry} (inside the image
-                   for .chroot scripts)
-    IMAGE_CONFIG_<SECTION>_<KEY>   each setting for shell scripts: IMAGE_CONFIG_JUPYTER_PORT=8888,
+                   for .chroot scripts); the settings are those the script declares (below)
+    IMAGE_CONFIG_<SECTION>_<KEY>   each of them for shell scripts: IMAGE_CONFIG_JUPYTER_PORT=8888,
                    lists joined by spaces, true/false, empty for null
     IMAGE_OUTPUT   a directory: a file written there is published next to the image as
                    <image name>.<file name>, and manifest/<key>.json goes into the manifest
-                   under <key>. Scripts hand files to each other in its parent, /tmp/build-image,
-                   which is gone at the end of the session (before and after the overlays).
+                   under <key>. Scripts hand files to each other in its parent, the work
+                   directory /tmp/build-image: a directory of the build's workspace, mounted
+                   there in every session, kept with each stage in the step cache.
     IMAGE_ROOT     the mounted root filesystem   (.host scripts only)
     IMAGE_CACHE    a directory of the build cache for downloads (.host scripts only)
     IMAGE_OFFLINE  1 with --offline: use the cache, no network (.host scripts only)
@@ -62,8 +63,10 @@ from builder.run import stream
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"
 BUILTIN_OVERLAYS = REPO_ROOT / "overlays"
+# The build's work directory (on the host, mounted here in every session) and where each
+# script's copy and settings file go (the session's own /tmp).
 WORK_IN_IMAGE = "/tmp/build-image"
-OUTPUT_IN_IMAGE = f"{WORK_IN_IMAGE}/output"
+SCRIPTS_IN_IMAGE = "/tmp/build-image-scripts"
 # Scripts numbered below this run before overlays/ is laid in, the others after.
 OVERLAY_POINT = 50
 
@@ -73,6 +76,12 @@ class Script:
     path: Path
     where: str          # "chroot" or "host"
     number: int
+    # What the script declares in `# build-image:` lines (see DIRECTIVES); None: undeclared,
+    # which means everything.
+    settings: tuple[str, ...] | None = None
+    reads: tuple[str, ...] | None = None
+    code: tuple[str, ...] | None = None
+    keep: bool = False
 
     @property
     def name(self) -> str:
@@ -81,6 +90,35 @@ class Script:
     @property
     def before_overlays(self) -> bool:
         return self.number < OVERLAY_POINT
+
+
+# Lines `# build-image: NAME VALUES...` among a script's first lines say what it depends on,
+# for the step cache (builder/stages.py) and for what the script is given:
+#   settings a.b c ...  the only settings it is given (a section name gives the whole
+#                       section); none after the word: no settings. Undeclared: all of them.
+#   reads NAME ...      the files of the work directory it reads; none: it reads none.
+#                       Undeclared: all of them.
+#   code FILE ...       for a host script, the builder's modules (builder/FILE) it runs.
+#                       Undeclared: all of them.
+#   keep                keep the image after it in the step cache.
+DIRECTIVES = ("settings", "reads", "code", "keep")
+DIRECTIVE = re.compile(r"#\s*build-image:\s*(\S+)(.*)$")
+
+
+def _directives(path: Path) -> dict[str, tuple[str, ...]]:
+    found: dict[str, tuple[str, ...]] = {}
+    with open(path, "rb") as f:
+        head = [next(f, b"") for _ in range(40)]
+    for number, raw in enumerate(head, 1):
+        match = DIRECTIVE.match(raw.decode(errors="replace").strip())
+        if not match:
+            continue
+        name, values = match.group(1), tuple(match.group(2).split())
+        if name not in DIRECTIVES:
+            raise BuildError(f"{path}:{number}: unknown `build-image: {name}`; known: "
+                             f"{', '.join(DIRECTIVES)}")
+        found[name] = found.get(name, ()) + values
+    return found
 
 
 def _skipped(name: str) -> bool:
@@ -111,20 +149,42 @@ def find_scripts(dirs: Sequence[Path]) -> list[Script]:
                 if f.read(2) != b"#!":
                     raise BuildError(f"{path} has no #! line: start it with #!/bin/sh "
                                      f"(or the interpreter it needs)")
-            chosen[path.name] = Script(path, where, int(number.group(1)))
+            declared = _directives(path)
+            chosen[path.name] = Script(path, where, int(number.group(1)),
+                                       settings=declared.get("settings"),
+                                       reads=declared.get("reads"),
+                                       code=declared.get("code"), keep="keep" in declared)
     # By number, then name: 100-x runs after 50-y.
     return sorted(chosen.values(), key=lambda script: (script.number, script.name))
 
 
-def script_env(config: Config, board: Board, work: str) -> dict[str, str]:
+def settings_for(script: Script, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings the script declared, in the same nesting; all of them if it did not."""
+    if script.settings is None:
+        return dict(settings)
+    view: dict[str, Any] = {}
+    for name in script.settings:
+        section, _, key = name.partition(".")
+        if section not in settings or (key and key not in settings[section]):
+            raise BuildError(f"{script.path}: `build-image: settings` names {name}, which is "
+                             f"not a setting (see build-image --print-config)")
+        if key:
+            view.setdefault(section, {})[key] = settings[section][key]
+        else:
+            view[section] = settings[section]
+    return view
+
+
+def script_env(view: Mapping[str, Any], config: Config, board: Board, work: str,
+               config_file: str) -> dict[str, str]:
     return {
         "IMAGE_BOARD": board.id,
         "IMAGE_ARCH": board.arch,
         "IMAGE_RELEASE": config.base.release,
         "IMAGE_FAMILY": board.family,
-        "IMAGE_CONFIG": f"{work}/config.json",
+        "IMAGE_CONFIG": config_file,
         "IMAGE_OUTPUT": f"{work}/output",
-        **config_env(config.to_dict()),
+        **config_env(view),
     }
 
 
@@ -144,40 +204,39 @@ def config_env(settings: Mapping[str, Any], prefix: str = "IMAGE_CONFIG") -> dic
     return env
 
 
-def run_scripts(scripts: Sequence[Script], chroot: Chroot, config: Config, board: Board,
-                host_env: Mapping[str, str], outputs: Path) -> dict[str, float]:
-    """Run each script, streaming its output with its name in front; then keep what they
-    wrote to $IMAGE_OUTPUT in `outputs` on the host (the session's /tmp goes with it).
-    Returns how long each script took."""
-    timings: dict[str, float] = {}
-    work = chroot.path(WORK_IN_IMAGE)
-    chroot.path(OUTPUT_IN_IMAGE).mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(template_context(config, board), indent=2))
-    for script in scripts:
-        log.info(f"running customize.d/{script.name} ({script.where})")
-        started = time.monotonic()
-        if script.where == "chroot":
-            copy = work / script.name
-            shutil.copyfile(script.path, copy)
-            copy.chmod(0o755)
-            chroot.run([f"{WORK_IN_IMAGE}/{script.name}"],
-                       env=script_env(config, board, WORK_IN_IMAGE),
-                       prefix=script.name, what=f"customize.d/{script.name}")
-        else:
-            env = {**host_env, **script_env(config, board, str(work)),
-                   "IMAGE_ROOT": str(chroot.root)}
-            stream([str(script.path)], env=env, prefix=script.name,
-                   what=f"customize.d/{script.name}", cwd=script.path.parent)
-        timings[script.name] = time.monotonic() - started
-    # Links are copied as links: one pointing at /etc/... would otherwise publish the host's.
-    shutil.copytree(chroot.path(OUTPUT_IN_IMAGE), outputs, symlinks=True, dirs_exist_ok=True)
-    return timings
+def run_script(script: Script, chroot: Chroot, config: Config, board: Board,
+               host_env: Mapping[str, str]) -> float:
+    """Run one script with the settings it declared, streaming its output with its name in
+    front; returns how long it took. The work directory is mounted at WORK_IN_IMAGE."""
+    log.info(f"running customize.d/{script.name} ({script.where})")
+    started = time.monotonic()
+    view = settings_for(script, config.to_dict())
+    scratch = chroot.path(SCRIPTS_IN_IMAGE)
+    scratch.mkdir(parents=True, exist_ok=True)
+    config_file = scratch / f"{script.name}.json"
+    context = template_context(config, board)
+    config_file.write_text(json.dumps({"config": view, "board": context["board"]}, indent=2))
+    inside = f"{SCRIPTS_IN_IMAGE}/{script.name}.json"
+    if script.where == "chroot":
+        copy = scratch / script.name
+        shutil.copyfile(script.path, copy)
+        copy.chmod(0o755)
+        chroot.run([f"{SCRIPTS_IN_IMAGE}/{script.name}"],
+                   env=script_env(view, config, board, WORK_IN_IMAGE, inside),
+                   prefix=script.name, what=f"customize.d/{script.name}")
+    else:
+        env = {**host_env, **script_env(view, config, board, str(chroot.path(WORK_IN_IMAGE)),
+                                        str(config_file)),
+               "IMAGE_ROOT": str(chroot.root)}
+        stream([str(script.path)], env=env, prefix=script.name,
+               what=f"customize.d/{script.name}", cwd=script.path.parent)
+    return time.monotonic() - started
 
 
 # Names the build's own outputs have: a script cannot replace them.
 RESERVED_OUTPUTS = ("img", "manifest.json", "build.log")
 RESERVED_SECTIONS = ("builder", "built", "board", "base", "config", "packages", "steps",
-                     "scripts")
+                     "scripts", "stages")
 
 
 def read_outputs(outputs: Path) -> tuple[dict[str, Path], dict[str, Any]]:

@@ -23,8 +23,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,14 @@ from builder import (
     image,
     log,
     output,
+    stages,
     wheels,
 )
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import (
     QEMU,
+    Chroot,
     Emulation,
     binfmt_status,
     choose_emulation,
@@ -69,6 +71,7 @@ class Options:
     fetch_only: bool = False
     offline: bool = False
     keep_workspace: bool = False
+    no_cache: bool = False
 
     @property
     def builds_image(self) -> bool:
@@ -98,6 +101,12 @@ class Context:
     root: image.Partition | None = None
     root_dir: Path | None = None
     root_mount: ExitStack | None = None
+    chroot: Chroot | None = None
+    stage_cache: stages.StageCache | None = None
+    base_digest: str = ""
+    stage_key: str = ""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    overlays_digest: str | None = None
     outputs: output.Outputs | None = None
     timings: dict[str, float] = field(default_factory=dict)
     script_timings: dict[str, float] = field(default_factory=dict)
@@ -268,6 +277,11 @@ def fetch_base_image(ctx: Context) -> None:
                                       trust=ctx.trust, offline=ctx.options.offline)
 
 
+def stage_cache_of(cache: Cache, config: Config) -> stages.StageCache:
+    return stages.StageCache(cache.root / "stages", cache.locks, config.cache.stages_size,
+                             config.cache.stage_days)
+
+
 def copy_base_image(ctx: Context) -> None:
     assert ctx.base is not None
     work = ctx.cache.root / "work"
@@ -281,7 +295,11 @@ def copy_base_image(ctx: Context) -> None:
     ctx.workspace = workspace
     ctx.work_image = workspace / "image.img"
     log.info(f"copying the base image to {ctx.work_image}")
-    image.copy_sparse(ctx.base.path, ctx.work_image)
+    # The digest of what was copied (whatever the base's source told) keys every stage.
+    ctx.base_digest = stages.copy_image(ctx.base.path, ctx.work_image)
+    if ctx.config.cache.stages_size > 0:
+        ctx.stage_cache = stage_cache_of(ctx.cache, ctx.config)
+        ctx.stage_cache.prepare()
 
 
 def sweep_workspaces(work: Path) -> None:
@@ -322,28 +340,178 @@ def mount_root(ctx: Context) -> None:
 
 
 def customize_image(ctx: Context) -> None:
-    assert ctx.root_dir is not None and ctx.workspace is not None
+    """Run the scripts, with the overlays laid in before the first one numbered 50 or more.
+    Before each script the step cache is asked for the furthest state ahead whose key can be
+    known already; a hit puts that state in place and the build goes on after it."""
+    assert ctx.workspace is not None and ctx.base is not None
+    work = ctx.workspace / "work"
+    (work / "output").mkdir(parents=True, exist_ok=True)
+    ctx.stage_key = stages.key_of_base(
+        ctx.base_digest, customize.template_context(ctx.config, ctx.board)["board"],
+        ctx.config.base.release, ctx.config.image.headroom)
+    plan = _customize_plan(ctx)
+    with ExitStack() as session:
+        index = 0
+        while index < len(plan):
+            hit = _cached_ahead(ctx, plan, index, work) if ctx.stage_cache else None
+            if hit is not None:
+                session.close()
+                index = _restore_stage(ctx, plan, index, hit, work)
+                continue
+            item = plan[index]
+            ctx.stage_key = _key_after(ctx, item, ctx.stage_key, work)
+            if item is OVERLAYS:
+                # Between sessions: their tmpfs on /run, /tmp and /dev would swallow files
+                # laid there.
+                session.close()
+                assert ctx.root_dir is not None
+                files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
+                log.info(f"laid {files} overlay files into the image")
+            else:
+                assert isinstance(item, customize.Script)
+                if ctx.chroot is None:
+                    session.enter_context(_session(ctx, work))
+                chroot = ctx.chroot
+                assert chroot is not None
+                ctx.script_timings[item.name] = customize.run_script(
+                    item, chroot, ctx.config, ctx.board, host_env=_host_env(ctx))
+                if item.keep:
+                    session.close()
+                    _store_stage(ctx, item, work)
+            index += 1
+    files_dir = ctx.workspace / "script-output"
+    shutil.copytree(work / "output", files_dir, symlinks=True, dirs_exist_ok=True)
+
+
+# Where the overlays go among the scripts.
+OVERLAYS = "overlays"
+PlanItem = customize.Script | str
+
+
+def _customize_plan(ctx: Context) -> list[PlanItem]:
     before = [script for script in ctx.scripts if script.before_overlays]
     after = [script for script in ctx.scripts if not script.before_overlays]
-    _run_session(ctx, before)
-    # Between two sessions: their tmpfs on /run, /tmp and /dev would swallow files laid
-    # there, and no package installed early can overwrite an overlay file.
-    files = customize.apply_overlays(ctx.overlay_dirs, ctx.root_dir, ctx.rendered)
-    log.info(f"laid {files} overlay files into the image")
-    if after:
-        _run_session(ctx, after)
+    return [*before, OVERLAYS, *after]
 
 
-def _run_session(ctx: Context, scripts: list[customize.Script]) -> None:
-    assert ctx.root_dir is not None and ctx.workspace is not None
+def _key_after(ctx: Context, item: PlanItem, previous: str, work: Path) -> str:
+    if item is OVERLAYS:
+        return stages.key_of_overlays(previous, _overlays_digest(ctx))
+    assert isinstance(item, customize.Script)
+    settings = customize.settings_for(item, ctx.config.to_dict())
+    # A setting that names a file stands for the file's contents too.
+    files = {name: stages.file_digest(Path(value))
+             for name, value in _file_settings(settings).items()}
+    code = None
+    if item.where == "host":
+        code = stages.code_digest(item.code if item.code is not None else
+                                  sorted(p.name for p in stages.BUILDER_DIR.glob("*.py")))
+    inputs = stages.tree_digest(work, item.reads)
+    return stages.key_of_script(previous, item.name, item.path.read_bytes(),
+                                {"settings": settings, "files": files}, inputs, code)
+
+
+FILE_SETTINGS = (("firstboot", "preseed"),)
+
+
+def _file_settings(settings: dict[str, Any]) -> dict[str, str]:
+    found = {}
+    for section, key in FILE_SETTINGS:
+        value = settings.get(section, {}).get(key)
+        if value:
+            found[f"{section}.{key}"] = value
+    return found
+
+
+def _overlays_digest(ctx: Context) -> str:
+    if ctx.overlays_digest is None:
+        ctx.overlays_digest = stages.digest_of({
+            "trees": [stages.tree_digest(d) for d in ctx.overlay_dirs],
+            "rendered": {str(path): text for path, text in ctx.rendered.items()}})
+    return ctx.overlays_digest
+
+
+def _cached_ahead(ctx: Context, plan: list[PlanItem], index: int,
+                  work: Path) -> tuple[int, str, stages.Entry] | None:
+    """The furthest entry from plan[index] on whose key is known now: a script that reads
+    the work directory ends the look ahead unless it is the next one (what the skipped
+    scripts would have written there is not known)."""
+    assert ctx.stage_cache is not None
+    if ctx.options.no_cache:
+        return None
+    key, best = ctx.stage_key, None
+    for position in range(index, len(plan)):
+        item = plan[position]
+        if (position > index and isinstance(item, customize.Script)
+                and item.reads != ()):
+            break
+        key = _key_after(ctx, item, key, work)
+        entry = ctx.stage_cache.lookup(key)
+        if entry is not None:
+            best = (position, key, entry)
+    return best
+
+
+def _restore_stage(ctx: Context, plan: list[PlanItem], index: int,
+                   hit: tuple[int, str, stages.Entry], work: Path) -> int:
+    """Put a cached state in place; returns where the plan goes on. A damaged entry is
+    dropped and the plan goes on where it was."""
+    assert ctx.stage_cache is not None and ctx.work_image is not None
+    position, key, entry = hit
+    _unmount_root(ctx)
+    restored = ctx.stage_cache.restore(entry, ctx.work_image, work)
+    mount_root(ctx)
+    if not restored:
+        return index
+    skipped = [item.name for item in plan[index:position + 1]
+               if isinstance(item, customize.Script)]
+    log.info(f"step cache: the image after {entry.script} (key {key[:12]}) restored; "
+             f"skipped {', '.join(skipped) or 'the overlays'}")
+    for name in skipped:
+        ctx.script_timings[name] = 0.0
+    ctx.stages.append({"after": entry.script, "key": key, "from_cache": True})
+    ctx.stage_key = key
+    return position + 1
+
+
+def _store_stage(ctx: Context, script: customize.Script, work: Path) -> None:
+    assert ctx.work_image is not None
+    if ctx.stage_cache is None:
+        return
+    _unmount_root(ctx)
+    started = time.monotonic()
+    entry = ctx.stage_cache.store(ctx.stage_key, script.name, ctx.work_image, work,
+                                  {"base": ctx.base_digest, "board": ctx.board.id},
+                                  replace=ctx.options.no_cache)
+    mount_root(ctx)
+    if entry is not None:
+        log.info(f"step cache: kept the image after {script.name} (key "
+                 f"{ctx.stage_key[:12]}) in {time.monotonic() - started:.1f} s")
+        ctx.stages.append({"after": script.name, "key": ctx.stage_key, "from_cache": False})
+
+
+def _unmount_root(ctx: Context) -> None:
+    """Unmounted and synced: the image file can be copied or replaced."""
+    assert ctx.root_mount is not None
+    ctx.root_mount.close()
+    ctx.root_mount = None
+    ctx.root_dir = None
+
+
+@contextmanager
+def _session(ctx: Context, work: Path) -> Iterator[None]:
+    assert ctx.root_dir is not None
     cfg = ctx.config
     apt_cache = ctx.cache.root / "apt" / f"{cfg.base.release}-{ctx.board.arch}"
     with chroot_session(ctx.ledger, ctx.root_dir, ctx.board.arch, apt_cache=apt_cache,
                         apt_proxy=cfg.apt.proxy, env={}, emulation=ctx.emulation,
-                        quick_apt=cfg.emulation.quick_apt) as session:
-        ctx.script_timings.update(customize.run_scripts(
-            scripts, session, cfg, ctx.board, host_env=_host_env(ctx),
-            outputs=ctx.workspace / "script-output"))
+                        quick_apt=cfg.emulation.quick_apt,
+                        binds={customize.WORK_IN_IMAGE: work}) as chroot:
+        ctx.chroot = chroot
+        try:
+            yield
+        finally:
+            ctx.chroot = None
 
 
 # What host scripts may see of the builder's environment: the PATH and the settings that
@@ -449,6 +617,8 @@ def _manifest(ctx: Context, packages: list[dict[str, str]]) -> dict[str, Any]:
         "packages": packages,
         "steps": {name: round(seconds, 1) for name, seconds in ctx.timings.items()},
         "scripts": {name: round(seconds, 1) for name, seconds in ctx.script_timings.items()},
+        # Each stage kept in or restored from the step cache, in order, with its key.
+        "stages": ctx.stages,
     }
 
 

@@ -386,7 +386,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def main(env: Mapping[str, str]) -> None:
-    work = Path(env["IMAGE_CONFIG"]).parent
+    work = Path(env["IMAGE_OUTPUT"]).parent
     config = json.loads(Path(env["IMAGE_CONFIG"]).read_text())["config"]
     requirements = config["packages"]["pip"]
     facts_file = work / "python.json"

@@ -11,6 +11,8 @@ meet on a real Armbian card:
 - the first login: root's password 1234, root logged in automatically on every console, the
   marker `/root/.not_logged_in_yet` and the profile script that starts the first-login
   questions while it exists, root logins over SSH and a host key every card would share;
+- command-not-found's apt hook, with a slow stand-in for the database it rebuilds after every
+  `apt-get update` (the build must set it aside, and the image must keep it);
 - Armbian's services in place of the Debian base's grow-root-filesystem:
   `armbian-resize-filesystem` (grows the root partition and filesystem once, then disables
   itself) and `armbian-firstrun` (new SSH host keys, then disables itself).
@@ -127,6 +129,27 @@ AUTOLOGIN = ("[Service]\nExecStart=\nExecStart=-/sbin/agetty --noissue --autolog
              "$TERM\n")
 
 
+# command-not-found's apt hook as Armbian's images ship it, and a stand-in for the program it
+# runs: like cnf-update-db it reads every package list apt fetched and writes a database,
+# which under emulation takes a long while. It leaves the time it ran, for the tests.
+CNF_HOOK = """## This file is provided by command-not-found
+APT::Update::Post-Invoke-Success { "if /usr/bin/test -w /var/lib/command-not-found/ -a -e \
+/usr/lib/cnf-update-db; then /usr/lib/cnf-update-db > /dev/null; fi"; };
+"""
+CNF_UPDATE_DB = """#!/bin/sh
+# Stand-in for command-not-found's cnf-update-db (see tests/armbian_like.py).
+set -e
+db=/var/lib/command-not-found/commands.db
+for pass in 1 2 3; do
+    cat /var/lib/apt/lists/*_Packages 2>/dev/null \
+        | awk '/^Package: / { seen[$2]++ } END { for (name in seen) print name }' \
+        | sort > "$db.new"
+done
+mv "$db.new" "$db"
+date >> /var/lib/command-not-found/updated
+"""
+
+
 def make_armbian_like(debian_base: Path, target: Path, board: str, board_name: str,
                       dtb: str) -> Path:
     """`target`: a copy of the Debian base image for `board`, turned Armbian-like."""
@@ -205,6 +228,9 @@ def _make_system(root: Path, board: str, board_name: str) -> None:
         wants = etc / f"systemd/system/{target}.target.wants"
         wants.mkdir(parents=True, exist_ok=True)
         (wants / f"{unit}.service").symlink_to(f"/usr/lib/systemd/system/{unit}.service")
+    _write(etc / "apt/apt.conf.d/50command-not-found", CNF_HOOK)
+    _write(root / "usr/lib/cnf-update-db", CNF_UPDATE_DB, 0o755)
+    (root / "var/lib/command-not-found").mkdir(parents=True, exist_ok=True)
     # The first login, as shipped.
     _write(root / "root/.not_logged_in_yet", "")
     _write(etc / "profile.d/armbian-check-first-login.sh", FIRSTLOGIN_PROFILE)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from armbian_like import make_armbian_like
+from armbian_like import CNF_HOOK, make_armbian_like
 from conftest import (
     BUILD_IMAGE,
     REPO,
@@ -388,7 +388,7 @@ def test_outputs_name_what_the_venv_holds(appliance: Appliance) -> None:
         for module in STACK:
             assert re.search(rf"\[70-check-stack.chroot\]   {module} \S+ from ",
                              appliance.log), module
-        assert "[70-check-stack.chroot]   pyproj transforms with PROJ data from " \
+        assert "[42-check-stack.chroot]   pyproj transforms with PROJ data from " \
             f"{VENV}/share/proj" in appliance.log
     assert re.search(r"\[70-check-stack.chroot\] jupyter lab \d+\.\d+", appliance.log)
 
@@ -416,12 +416,18 @@ def test_base_came_the_way_the_build_asked_for_it(appliance: Appliance, builds: 
         assert re.search(r"^building \S+ for .* from Debian trixie for ", appliance.log, re.M)
         assert "signature good:" not in appliance.log
         assert not any((image.root / "usr/lib/systemd/system" / s).exists() for s in services)
+        assert "arm64 programs run as cortex-a53 (QEMU_CPU)" in appliance.log
         return
     assert "base image: Armbian 26.5.1 trixie current minimal" in appliance.log
     assert "sha256 verified: Armbian_26.5.1_Orangepipcplus_trixie_current" in appliance.log
     assert "signature good:" in appliance.log
     for unit in services:
         assert image.run("systemctl", "is-enabled", unit).stdout.strip() == "enabled", unit
+    # command-not-found's hook did not run in the build, and the image keeps it as it was.
+    assert (image.root / "etc/apt/apt.conf.d/50command-not-found").read_text() == CNF_HOOK
+    assert not (image.root / "var/lib/command-not-found/updated").exists()
+    assert "armhf programs run on qemu's default CPU: no model was measured faster" \
+        in appliance.log
     assert builds.armbian_sha is not None
     cache = Cache(CACHE)
     assert not (cache.downloads / builds.armbian_sha).exists()

@@ -187,7 +187,7 @@ def test_main_reads_the_image_description(index: Path, tmp_path: Path) -> None:
     for wheel in index.iterdir():
         (cache / "wheels" / wheel.name).write_bytes(wheel.read_bytes())
     wheels.main({"IMAGE_CONFIG": str(work / "config.json"), "IMAGE_CACHE": str(cache),
-                 "IMAGE_OFFLINE": "1"})
+                 "IMAGE_OUTPUT": str(work / "output"), "IMAGE_OFFLINE": "1"})
     # Debian's helper 0.1+dfsg is held (a local version): only app comes from the wheels.
     assert sorted(p.name for p in (work / "wheels").iterdir()) == ["app-2.0-py3-none-any.whl"]
 
