@@ -150,6 +150,8 @@ def check_host(ctx: Context) -> None:
     script_dirs = [customize.BUILTIN_CUSTOMIZE] if builtin else []
     ctx.scripts = customize.find_scripts(
         [*script_dirs, *map(_user_dir, cfg.customize.scripts)])
+    for script in ctx.scripts:       # the settings each declares exist
+        customize.settings_for(script, cfg.to_dict())
     overlay_dirs = [customize.BUILTIN_OVERLAYS] if builtin else []
     ctx.overlay_dirs = [*overlay_dirs, *map(_user_dir, cfg.customize.overlays)]
     ctx.rendered = customize.render_templates(
@@ -348,7 +350,7 @@ def customize_image(ctx: Context) -> None:
     (work / "output").mkdir(parents=True, exist_ok=True)
     ctx.stage_key = stages.key_of_base(
         ctx.base_digest, customize.template_context(ctx.config, ctx.board)["board"],
-        ctx.config.base.release, ctx.config.image.headroom)
+        ctx.config.base.release, ctx.config.image.headroom, ctx.config.to_dict()["emulation"])
     plan = _customize_plan(ctx)
     with ExitStack() as session:
         index = 0

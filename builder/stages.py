@@ -83,12 +83,13 @@ def code_digest(names: Sequence[str]) -> str:
     return digest_of({name: file_digest(BUILDER_DIR / name) for name in sorted(names)})
 
 
-def key_of_base(base_sha256: str, board: Mapping[str, Any], release: str,
-                headroom: int) -> str:
-    """What every stage starts from: the base image as verified, the board's catalog entry,
-    the release, the room added, and the builder code around the scripts."""
-    return digest_of({"format": FORMAT, "base": base_sha256, "board": board,
-                      "release": release, "headroom": headroom,
+def key_of_base(base_digest: str, board: Mapping[str, Any], release: str, headroom: int,
+                emulation: Mapping[str, Any]) -> str:
+    """What every stage starts from: the base image's content, the board's catalog entry,
+    the release, the room added, how programs are emulated (set-aside hooks leave other
+    files than hooks that ran) and the builder code around the scripts."""
+    return digest_of({"format": FORMAT, "base": base_digest, "board": board,
+                      "release": release, "headroom": headroom, "emulation": emulation,
                       "code": code_digest(CODE_IN_EVERY_KEY)})
 
 
@@ -144,8 +145,8 @@ def copy_image(source: Path, target: Path) -> str:
                     continue
                 digest.update(offset.to_bytes(8, "little") + piece)
                 os.pwrite(dst.fileno(), piece, offset)
-        dst.flush()
-        os.fsync(dst.fileno())
+    # Not synced: an entry the disk lost part of (a power cut) fails its digest when it is
+    # read back and is redone; waiting for gigabytes to reach the disk costs more.
     return digest.hexdigest()
 
 

@@ -331,19 +331,27 @@ def test_failing_script_stops_the_build(base: BaseImage, tmp_path: Path, checked
     assert not any((tmp_path / "out").glob(".*")), "no temporary output left"
 
 
-@pytest.mark.parametrize("problem", ["not executable", "no kind", "no shebang"])
+@pytest.mark.parametrize("problem", ["not executable", "no kind", "no shebang",
+                                     "unknown setting", "unknown directive"])
 def test_bad_script_is_found_before_anything_runs(base: BaseImage, tmp_path: Path,
                                                   problem: str, checked: None) -> None:
     scripts = tmp_path / "bad.d"
     scripts.mkdir()
     name = "30-x.sh" if problem == "no kind" else "30-x.chroot"
     script = scripts / name
-    script.write_text("echo hi\n" if problem == "no shebang" else "#!/bin/sh\necho hi\n")
+    header = {"unknown setting": "# build-image: settings jupyter.prot\n",
+              "unknown directive": "# build-image: depends jupyter.port\n"}.get(problem, "")
+    script.write_text("echo hi\n" if problem == "no shebang" else
+                      f"#!/bin/sh\n{header}echo hi\n")
     script.chmod(0o644 if problem == "not executable" else 0o755)
     line = error_line(build(base, tmp_path, "--customize", scripts))
     expected = {"not executable": "is not executable: chmod +x",
                 "no kind": "name must be NN-name.chroot (runs in the image)",
-                "no shebang": "has no #! line"}[problem]
+                "no shebang": "has no #! line",
+                "unknown setting": "30-x.chroot: `build-image: settings` names jupyter.prot, "
+                                   "which is not a setting",
+                "unknown directive": "30-x.chroot:2: unknown `build-image: depends`; known: "
+                                     "settings, reads, code, keep"}[problem]
     assert expected in line
     assert not (tmp_path / "cache" / "work").exists()
 

@@ -286,11 +286,15 @@ def test_size_limit_and_prune(builds: Builds) -> None:
 
 
 def test_keys_follow_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base = stages.key_of_base("a" * 64, {"id": "orangepi5"}, "trixie", 1 << 30)
-    assert base != stages.key_of_base("b" * 64, {"id": "orangepi5"}, "trixie", 1 << 30)
-    assert base != stages.key_of_base("a" * 64, {"id": "orangepi5b"}, "trixie", 1 << 30)
-    assert base != stages.key_of_base("a" * 64, {"id": "orangepi5"}, "noble", 1 << 30)
-    assert base != stages.key_of_base("a" * 64, {"id": "orangepi5"}, "trixie", 2 << 30)
+    fast = {"cpu": "auto", "quick_apt": True}
+    args = ("a" * 64, {"id": "orangepi5"}, "trixie", 1 << 30, fast)
+    base = stages.key_of_base(*args)
+    for position, other in ((0, "b" * 64), (1, {"id": "orangepi5b"}), (2, "noble"),
+                            (3, 2 << 30), (4, {"cpu": "qemu", "quick_apt": True}),
+                            (4, {"cpu": "auto", "quick_apt": False})):
+        changed = list(args)
+        changed[position] = other
+        assert stages.key_of_base(*changed) != base, position
     args = (base, "20-x.chroot", b"#!/bin/sh\n", {"packages": {"apt": ["a"]}}, "in", None)
     key = stages.key_of_script(*args)
     for position, other in ((0, "c" * 64), (1, "21-x.chroot"), (2, b"#!/bin/sh\n#\n"),
