@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,29 @@ REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT = REPO.parent / "shared" / "data" / "armbian-images.json"
 BUILD_IMAGE = [sys.executable, "-m", "builder"]
 TRY_IMAGE = [sys.executable, "-m", "builder.tryimage"]
+
+
+_config: pytest.Config | None = None
+_progress_lock = threading.Lock()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
+def progress(text: str) -> None:
+    """A line on the terminal at once, while a long test waits (the appliance's builds and
+    boots take many minutes): pytest shows a test's own output only when it has ended, and a
+    run stopped by CI's time limit would otherwise not say where it was. Safe from threads."""
+    reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
+    line = f"[{time.strftime('%H:%M:%S')}] {text}"
+    with _progress_lock:
+        if reporter is None:
+            print(line, file=sys.__stderr__, flush=True)
+            return
+        reporter.write_line(line)
+        reporter.flush()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -39,6 +39,7 @@ from conftest import (
     error_line,
     leftover_resources,
     make_base_image,
+    progress,
     run_cli,
 )
 from mirror import Mirror
@@ -101,6 +102,7 @@ class Smoke:
     work: Path
     image: Path
     sha256: str         # of the image before try-image (or flash-image) read it
+    arch: str
 
 
 # What the armhf smoke test puts on the trial card: try-image must know the passwords.
@@ -115,6 +117,47 @@ FLASH_IMAGE = [sys.executable, "-m", "builder.flash"]
 
 # What try-image says when the wizard's unit on the serial console failed.
 EMULATOR_CRASH = "the setup wizard's unit on the serial console failed"
+
+# The smoke's phases that can take longest, limited to about four times what they took here
+# (README, "Trying an image"), not try-image's defaults for any machine (25 and 40 min): a
+# guest that hangs fails its test with the serial log in minutes, inside CI's time.
+SMOKE_TIMEOUTS = {"userspace": 900, "jupyter": 600, "cell": 600, "second-boot": 900}
+
+
+def follow(proc: subprocess.Popen[str], log: Path, name: str, limit: float) -> str:
+    """Waits for `proc` (killed after `limit` seconds) and returns its stdout; meanwhile shows
+    on the terminal each line of the program's own that its log gains (not the indented or
+    bracketed output of what it runs), so a long run says where it is."""
+    deadline = time.monotonic() + limit
+    shown = 0
+    chunks: list[str] = []
+
+    def show_new_lines() -> None:
+        nonlocal shown
+        with open(log, "rb") as f:
+            f.seek(shown)
+            data = f.read()
+        done = data[:data.rfind(b"\n") + 1]
+        shown += len(done)
+        for line in done.decode(errors="replace").splitlines():
+            if line.strip() and not line.startswith((" ", "\t", "[")):
+                progress(f"{name}: {line[:160]}")
+
+    while True:
+        try:
+            out, _ = proc.communicate(timeout=min(10, max(0.1, deadline - time.monotonic())))
+            chunks.append(out or "")
+            break
+        except subprocess.TimeoutExpired:
+            show_new_lines()
+            if time.monotonic() >= deadline:
+                progress(f"{name}: still running after {limit:.0f} s: killed")
+                proc.kill()
+                out, _ = proc.communicate()
+                chunks.append(out or "")
+                break
+    show_new_lines()
+    return "".join(chunks)
 
 
 class Builds:
@@ -167,11 +210,7 @@ class Builds:
             proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=stderr)
         self.started[arch] = (proc, log)
-        try:
-            proc.communicate(timeout=3600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        follow(proc, log, f"build-image {arch}", 3600)
         self.forget_armbian_like()
         if proc.returncode == 0 and not self.stopping:
             image = next((self.work / arch / "out").glob("*.img.zst"))
@@ -198,6 +237,7 @@ class Builds:
         it in the index, downloads it, checks its sha256 and signature, as with Armbian's own.
         Returns the build's arguments for it."""
         board = BOARDS[arch]
+        progress(f"build-image {arch}: the Debian base (debootstrap, unless in the test cache)")
         debian = run_cli("--board", board, "--base", "debian", "--fetch-only", "--cache-dir",
                          CACHE, timeout=3600)
         assert debian.returncode == 0, f"the Debian base: {debian.stderr[-3000:]}"
@@ -242,16 +282,18 @@ class Builds:
         if arch == "armhf":
             preseed = work / "smoke.conf"
             preseed.write_text(SMOKE_PRESEED)
+            progress(f"flash-image {arch}: the image onto a card (a loop device)")
             boot, on_card = self.flash_card(image, work, preseed)
             # try-image writes back exactly the preseed flash-image left on the card: it boots
             # the card as flashed (it needs a --preseed to know the passwords).
             extra = ["--preseed", str(on_card)]
+        limits = [f"--timeout={phase}={seconds}" for phase, seconds in SMOKE_TIMEOUTS.items()]
         argv = [*TRY_IMAGE, str(boot), "--smoke", "--report", str(work / "report"),
-                "--workdir", str(work), *extra]
+                "--workdir", str(work), *limits, *extra]
         with open(work / "try-image.log", "w") as stderr:
             proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=stderr)
-        self.smokes[arch] = Smoke(proc, work, image, digest)
+        self.smokes[arch] = Smoke(proc, work, image, digest, arch)
 
     @staticmethod
     def flash_card(image: Path, work: Path, preseed: Path) -> tuple[Path, Path]:
@@ -294,11 +336,9 @@ class Builds:
 
     @staticmethod
     def _wait(smoke: Smoke) -> tuple[Smoke, str, str]:
-        try:
-            stdout, _ = smoke.proc.communicate(timeout=3 * 3600)
-        except subprocess.TimeoutExpired:
-            smoke.proc.kill()
-            stdout, _ = smoke.proc.communicate()
+        # Every phase has its limit; this one is for try-image itself.
+        stdout = follow(smoke.proc, smoke.work / "try-image.log", f"try-image {smoke.arch}",
+                        2 * 3600)
         # The flashed card (2 GiB of a machine's disk) is not needed once it was booted.
         (smoke.work / "card.img").unlink(missing_ok=True)
         return smoke, stdout, (smoke.work / "try-image.log").read_text()
@@ -319,14 +359,23 @@ class Builds:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory: pytest.TempPathFactory, gpg: Gpg) -> Iterator[Builds]:
+def builds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           gpg: Gpg) -> Iterator[Builds]:
     reason = engine_capable()
     if reason:
         pytest.skip(reason)
     builds = Builds(tmp_path_factory.mktemp("appliance"), gpg)
+    failed_before = request.session.testsfailed
     builds.start()
     yield builds
     builds.stop()
+    if request.session.testsfailed == failed_before:
+        # Some 15 GB of images, built, decompressed and flashed, that nothing needs now; the
+        # logs and try-image's reports stay. After a failure, all stay for looking into.
+        # Named places only: a walk of the tree could enter a chroot's mounts.
+        for pattern in ("*/*.img", "*/out/*.img*", "*/try*/*.img"):
+            for path in builds.work.glob(pattern):
+                path.unlink()
 
 
 @pytest.fixture(scope="module", params=sorted(BOARDS))
