@@ -33,12 +33,17 @@ TRY_IMAGE = [sys.executable, "-m", "builder.tryimage"]
 
 
 _config: pytest.Config | None = None
+_terminal: int | None = None
+_width_seen = 0       # the reporter's line width when progress() last wrote
 _progress_lock = threading.Lock()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _config
+    global _config, _terminal
     _config = config
+    # pytest points descriptor 1 at a capture file while a test runs (and its reporter with
+    # it); a copy taken now, outside any test, still reaches the terminal or CI's log.
+    _terminal = os.dup(sys.__stdout__.fileno())
 
 
 def progress(text: str) -> None:
@@ -46,13 +51,17 @@ def progress(text: str) -> None:
     boots take many minutes): pytest shows a test's own output only when it has ended, and a
     run stopped by CI's time limit would otherwise not say where it was. Safe from threads."""
     reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config else None
-    line = f"[{time.strftime('%H:%M:%S')}] {text}"
+    line = f"[{time.strftime('%H:%M:%S')}] {text}\n"
     with _progress_lock:
-        if reporter is None:
-            print(line, file=sys.__stderr__, flush=True)
+        if _terminal is None:
+            print(line, end="", file=sys.__stderr__, flush=True)
             return
-        reporter.write_line(line)
-        reporter.flush()
+        global _width_seen
+        width = reporter._tw.width_of_current_line if reporter is not None else 0
+        if width and width != _width_seen:
+            line = "\n" + line     # after the dots pytest wrote since
+        _width_seen = width
+        os.write(_terminal, line.encode(errors="replace"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
