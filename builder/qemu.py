@@ -136,6 +136,25 @@ def make_trial_disk(image: Path, target: Path) -> None:
         raise BuildError(f"{image} decompressed to nothing: it is not a disk image")
 
 
+# What a guest writes to its trial disk on the smoke's two boots (the grown root's metadata,
+# logs, Python's caches, Jupyter's files, swap where the image makes one), with a margin. On a
+# host disk that fills up meanwhile, an emulated SD card fails the guest's writes and a virtio
+# disk pauses the guest: either way the boot stalls until a time limit, saying nothing.
+GUEST_WRITES = 1 << 30
+
+
+def check_room_for_guest(disk: Path) -> None:
+    """Refuse to boot when the filesystem holding the trial disk has not room for what the
+    guest will write to it."""
+    free = shutil.disk_usage(disk.parent).free
+    if free < GUEST_WRITES:
+        # Named by where the user can act: the directory that holds try-image's own.
+        raise BuildError(f"{disk.parent.parent}: {log.human_size(free)} free once the trial "
+                         f"disk is there, and the guest writes up to "
+                         f"{log.human_size(GUEST_WRITES)} to it while it boots: free space "
+                         f"there, or pass --workdir DIR on a disk with room")
+
+
 def grow_to_power_of_two(disk: Path) -> int:
     """QEMU's SD card emulation wants a power-of-two size; the margin is also what the image's
     first boot grows its root filesystem into, which try-image checks."""

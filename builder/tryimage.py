@@ -277,6 +277,7 @@ def _port(value: str) -> int:
 def prepare_trial(request: Request, work: Path) -> Trial:
     disk = work / "disk.img"
     qemu.make_trial_disk(request.image, disk)
+    qemu.check_room_for_guest(disk)
     table = read_table(disk)
     fs = find_root_fs(disk, table)
     release = _release(fs)

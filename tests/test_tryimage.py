@@ -207,6 +207,26 @@ def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) 
     assert image.read_bytes() == image_before
 
 
+@pytest.mark.root
+def test_a_workdir_without_room_for_the_guest_is_refused(tmp_path: Path) -> None:
+    """A host disk that fills while the guest boots stalls it silently until a time limit:
+    try-image refuses at once when the guest's writes would not fit beside the trial disk."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600m", "tmpfs", str(small)], check=True)
+    try:
+        proc = try_image(hanging_image(tmp_path), "--smoke", "--workdir", small,
+                         "--report", tmp_path / "report")
+        assert proc.returncode == 1, proc.stderr
+        line = error_of(proc)
+        assert re.search(rf"{small}: 5\d\d\.\d MiB free once the trial disk is there, and the "
+                         rf"guest writes up to 1\.0 GiB .*pass --workdir DIR", line), line
+        assert "QEMU" not in proc.stderr
+        assert_nothing_left(small)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
     """A second run, of the same image (also in the same second) or of another image, leaves
     the first run's report as it was: the evidence of a failure survives the next try."""
