@@ -358,7 +358,9 @@ class Builds:
         self.servers.close()
 
 
-@pytest.fixture(scope="module")
+# For the session: the boots it starts are awaited by the last tests of the run (marked late),
+# so that every other test runs meanwhile.
+@pytest.fixture(scope="session")
 def builds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
            gpg: Gpg) -> Iterator[Builds]:
     reason = engine_capable()
@@ -776,8 +778,12 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
 # the trial card; arm64 on QEMU's virt machine, where try-image answers the wizard itself.
 
 
-def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -> None:
-    smoke, stdout, stderr = builds.smoke(appliance.arch)
+@pytest.mark.late
+@pytest.mark.parametrize("arch", sorted(BOARDS))
+def test_try_image_smoke_boots_the_image(arch: str, builds: Builds) -> None:
+    code, log = builds.result(arch)
+    assert code == 0, log[-5000:]
+    smoke, stdout, stderr = builds.smoke(arch)
     print(stdout)
     assert smoke.proc.returncode == 0, stdout + stderr[-6000:]
     (report,) = [p for p in (smoke.work / "report").iterdir() if not p.is_symlink()]
@@ -785,11 +791,11 @@ def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -
     assert f"try-image: report in {report}" in stdout
     result = json.loads((report / "report.json").read_text())
     assert result["ok"] and result["failed_phase"] is None
-    machine = {"armhf": "orangepi-pc", "arm64": "virt"}[appliance.arch]
-    assert result["machine"] == machine and result["board"] == appliance.board
+    machine = {"armhf": "orangepi-pc", "arm64": "virt"}[arch]
+    assert result["machine"] == machine and result["board"] == BOARDS[arch]
     phases = {"kernel", "userspace", "wizard", "jupyter", "cell", "browser", "login", "shutdown",
               "second-boot"}
-    if appliance.arch == "armhf":
+    if arch == "armhf":
         phases.add("u-boot")
     assert set(result["phases"]) == phases, result["phases"]
     assert result["stack"]["user"] == "jupyter"
@@ -807,7 +813,7 @@ def test_try_image_smoke_boots_the_image(appliance: Appliance, builds: Builds) -
     serial = (report / "serial-boot1.log").read_bytes()
     assert b"=== Jupyter workstation setup" in serial
     assert b"=== Jupyter workstation setup" not in (report / "serial-boot2.log").read_bytes()
-    if appliance.arch == "armhf":
+    if arch == "armhf":
         # The card flash-image wrote: its own hostname, the smoke's passwords (with which the
         # smoke logged in) over the image's hashes, and the image's time zone, kept.
         assert b"Starting kernel" in serial and f"{FLASHED_HOSTNAME} login:".encode() in serial
