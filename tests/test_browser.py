@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -85,14 +86,18 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Isolat
     name, value = marker.split("=")
     monkeypatch.setenv(name, value)
     # Chromium's singleton socket goes to $TMPDIR itself (a path inside tmp_path would be too
-    # long for a socket), so what it leaves there is found by comparison.
-    system_tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    before = set(system_tmp.glob("org.chromium.*"))
+    # long for a socket): a short one of this test's own, as other Chromiums (try-image's, in
+    # the appliance's smokes) may come and go in the system's meanwhile.
+    short = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp"))
+    monkeypatch.setenv("TMPDIR", str(short))
     result = Isolated(tmp=tmp, marker=marker)
-    yield result
-    assert list(tmp.iterdir()) == [], "Chromium's user-data-dir was left behind"
-    assert chromium_processes(result) == []
-    assert set(system_tmp.glob("org.chromium.*")) - before == set()
+    try:
+        yield result
+        assert list(tmp.iterdir()) == [], "Chromium's user-data-dir was left behind"
+        assert chromium_processes(result) == []
+        assert list(short.iterdir()) == [], "Chromium's singleton socket was left behind"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def png_size(path: Path) -> tuple[int, int]:
