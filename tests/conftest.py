@@ -67,7 +67,7 @@ def progress(text: str) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests that await work started in the background (the appliance's boots, minutes of
     # emulation on one core) run last, so that all the others run on the other core meanwhile.
-    items.sort(key=lambda item: "late" in item.keywords)      # stable: the order otherwise kept
+    items.sort(key=lambda item: item.get_closest_marker("late") is not None)     # stable
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (loop devices, mounts): run the tests with sudo")
