@@ -43,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _config = config
     # pytest points descriptor 1 at a capture file while a test runs (and its reporter with
     # it); a copy taken now, outside any test, still reaches the terminal or CI's log.
-    _terminal = os.dup(sys.__stdout__.fileno())
+    _terminal = os.dup(1)
 
 
 def progress(text: str) -> None:

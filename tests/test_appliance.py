@@ -102,7 +102,7 @@ class Smoke:
     work: Path
     image: Path
     sha256: str         # of the image before try-image (or flash-image) read it
-    arch: str
+    shown: threading.Thread     # showing try-image's log as it grows
 
 
 # What the armhf smoke test puts on the trial card: try-image must know the passwords.
@@ -125,40 +125,45 @@ EMULATOR_CRASH = "the setup wizard's unit on the serial console failed"
 SMOKE_TIMEOUTS = {"userspace": 1200, "jupyter": 900, "cell": 900, "second-boot": 1200}
 
 
-def follow(proc: subprocess.Popen[str], log: Path, name: str, limit: float) -> str:
-    """Waits for `proc` (killed after `limit` seconds) and returns its stdout; meanwhile shows
-    on the terminal each line of the program's own that its log gains (not the indented or
-    bracketed output of what it runs), so a long run says where it is."""
-    deadline = time.monotonic() + limit
-    shown = 0
-    chunks: list[str] = []
-
-    def show_new_lines() -> None:
-        nonlocal shown
+def show_log(proc: subprocess.Popen[str], log: Path, name: str) -> threading.Thread:
+    """Shows on the terminal, until `proc` ends, each line of the program's own that its log
+    gains (not the indented or bracketed output of what it runs), so that a long build or boot
+    says where it is while it runs, also in a CI log cut short. Returns the thread doing it."""
+    def show_new_lines(shown: int) -> int:
         with open(log, "rb") as f:
             f.seek(shown)
             data = f.read()
         done = data[:data.rfind(b"\n") + 1]
-        shown += len(done)
         for line in done.decode(errors="replace").splitlines():
             if line.strip() and not line.startswith((" ", "\t", "[")):
                 progress(f"{name}: {line[:160]}")
+        return shown + len(done)
 
-    while True:
-        try:
-            out, _ = proc.communicate(timeout=min(10, max(0.1, deadline - time.monotonic())))
-            chunks.append(out or "")
-            break
-        except subprocess.TimeoutExpired:
-            show_new_lines()
-            if time.monotonic() >= deadline:
-                progress(f"{name}: still running after {limit:.0f} s: killed")
-                proc.kill()
-                out, _ = proc.communicate()
-                chunks.append(out or "")
+    def run() -> None:
+        shown = 0
+        while True:
+            try:
+                proc.wait(timeout=10)
                 break
-    show_new_lines()
-    return "".join(chunks)
+            except subprocess.TimeoutExpired:
+                shown = show_new_lines(shown)
+        show_new_lines(shown)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def finish(proc: subprocess.Popen[str], shown: threading.Thread, limit: float) -> str:
+    """`proc`'s stdout once it ended, killed after `limit` seconds; its log shown to the end."""
+    try:
+        out, _ = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        progress(f"{shown.name}: still running after {limit:.0f} s: killed")
+        proc.kill()
+        out, _ = proc.communicate()
+    shown.join()
+    return out or ""
 
 
 class Builds:
@@ -213,7 +218,7 @@ class Builds:
             proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=stderr)
         self.started[arch] = (proc, log)
-        follow(proc, log, f"build-image {arch}", 3600)
+        finish(proc, show_log(proc, log, f"build-image {arch}"), 3600)
         self.forget_armbian_like()
         if proc.returncode == 0 and not self.stopping:
             image = next((self.work / arch / "out").glob("*.img.zst"))
@@ -296,7 +301,8 @@ class Builds:
         with open(work / "try-image.log", "w") as stderr:
             proc = subprocess.Popen(argv, cwd=REPO, env=cli_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=stderr)
-        self.smokes[arch] = Smoke(proc, work, image, digest, arch)
+        shown = show_log(proc, work / "try-image.log", f"try-image {arch}")
+        self.smokes[arch] = Smoke(proc, work, image, digest, shown)
 
     @staticmethod
     def flash_card(image: Path, work: Path, preseed: Path) -> tuple[Path, Path]:
@@ -340,8 +346,7 @@ class Builds:
     @staticmethod
     def _wait(smoke: Smoke) -> tuple[Smoke, str, str]:
         # Every phase has its limit; this one is for try-image itself.
-        stdout = follow(smoke.proc, smoke.work / "try-image.log", f"try-image {smoke.arch}",
-                        2 * 3600)
+        stdout = finish(smoke.proc, smoke.shown, 2 * 3600)
         # The flashed card (2 GiB of a machine's disk) is not needed once it was booted.
         (smoke.work / "card.img").unlink(missing_ok=True)
         return smoke, stdout, (smoke.work / "try-image.log").read_text()
