@@ -19,7 +19,7 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
@@ -199,7 +199,6 @@ class Chroot:
     root: Path
     arch: str
     env: dict[str, str]
-    log_lines: list[str] = field(default_factory=list)
 
     def path(self, inside: str) -> Path:
         return self.root / inside.lstrip("/")

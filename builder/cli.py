@@ -24,7 +24,6 @@ from builder.pipeline import Context, Options, run_build, stage_cache_of
 from builder.qemu import machine_for
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 # Dedicated flags and the settings key each one sets (they win over --config and --set).
 FLAG_KEYS = {

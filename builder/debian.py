@@ -120,10 +120,6 @@ def label(board: Board, release: str) -> str:
     return f"Debian {release} for {board.name} (U-Boot {BOARDS[board.id].uboot})"
 
 
-def cached(cache: Cache, key: str) -> CachedImage | None:
-    return cache.image(key)
-
-
 def build_base(board: Board, release: str, mirror: str, cache: Cache,
                ledger: Ledger, emulation: Emulation | None = None) -> CachedImage:
     """The cached Debian base for `board`, built first if there is none. The CPU model

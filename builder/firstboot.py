@@ -64,9 +64,8 @@ PRESEED = "boot/jupyter-firstboot.conf"
 STAMP = "var/lib/orangepi-jupyter/firstboot-done"
 CREDENTIALS = "var/lib/jupyter/credentials.json"
 RUN_DIR = "run/jupyter-firstboot"
-INSTALLED_AT = "usr/lib/orangepi-jupyter/firstboot.py"
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 # Preseed keys. Secrets are never echoed back, and the file is removed once applied.
 SECRET_KEYS = ("login_password", "login_password_hash", "jupyter_password",

@@ -64,10 +64,6 @@ def alive(pid: int, start: str | None) -> bool:
     return start is not None and _start_time(pid) == start
 
 
-def own_identity() -> tuple[int, str | None]:
-    return os.getpid(), _start_time(os.getpid())
-
-
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of a process: with the pid it names one process for good."""
     try:

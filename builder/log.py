@@ -25,10 +25,6 @@ def setup(*, quiet: bool = False, debug: bool = False) -> None:
     _quiet, _debug = quiet, debug
 
 
-def is_debug() -> bool:
-    return _debug
-
-
 @contextmanager
 def build_log(path: Path) -> Iterator[None]:
     """Copy every message, and all output of scripts, into `path` while the block runs."""

@@ -38,7 +38,6 @@ from builder.preseed import load_preseed
 from builder.run import require_programs
 from builder.serial_console import ConsoleError, ConsoleTimeout, Match, SerialConsole, tail
 
-EXIT_ERROR = 1
 EXIT_FAILED = 2
 # Generous, because emulation is slow (measured figures are in README "Trying an image").
 TIMEOUTS: dict[str, float] = {
@@ -53,7 +52,6 @@ TIMEOUTS: dict[str, float] = {
     "shutdown": 600,        # at least; longer on a machine that booted slowly (see below)
     "second-boot": 2400,    # from QEMU's start to the login prompt and Jupyter again
 }
-PHASES = ("u-boot", "kernel", "userspace", "wizard", "jupyter", "cell")
 REPORTS = "try-image-reports"
 
 
