@@ -1,29 +1,25 @@
-"""`build-image`: the command line, and the one place errors and signals become exit codes."""
+"""`build-image`: the command line (errors and signals become exit codes in builder.entry)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from builder import __version__, log
 from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
 from builder.config import Config, load_config
 from builder.download import Http
-from builder.errors import BuildError, Interrupted
+from builder.entry import run_reporting
+from builder.errors import BuildError
 from builder.ledger import clean_stale
 from builder.mount import is_root
 from builder.pipeline import Context, Options, run_build, stage_cache_of
 from builder.qemu import machine_for
-
-EXIT_ERROR = 1
 
 # Dedicated flags and the settings key each one sets (they win over --config and --set).
 FLAG_KEYS = {
@@ -119,23 +115,6 @@ def _absolute(value: str) -> str:
     return str(Path(value).expanduser().absolute())
 
 
-@contextmanager
-def signals_as_exceptions() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a CI job cancelled, a terminal closed) and SIGINT raise
-    Interrupted, so every cleanup on the way out runs as it does for an error."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(signum)
-
-    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, handler) for s in wanted}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     # Line-buffered stdout keeps results in order with messages on stderr in a shared log.
     if hasattr(sys.stdout, "reconfigure"):
@@ -148,30 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_reporting("build-image", lambda: _main(args), debug=args.debug,
                          after_interrupt="everything started was cleaned up (a partial "
                                          "download is kept and resumes on the next run)")
-
-
-def run_reporting(program: str, body: Callable[[], int], *, debug: bool,
-                  after_interrupt: str) -> int:
-    """Run a command's body: an error becomes one line and exit 1, a signal a line saying
-    what was cleaned up and 128 + its number (with --debug, errors keep their traceback)."""
-    try:
-        with signals_as_exceptions():
-            return body()
-    except BuildError as exc:
-        if debug:
-            raise
-        print(f"{program}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        if debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        print(f"{program}: interrupted by {name}; {after_interrupt}", file=sys.stderr)
-        return 128 + exc.signum
 
 
 def _emulated_on(board: Board) -> str:

@@ -25,9 +25,9 @@ from pathlib import Path
 from builder import log
 from builder.armbian import ArmbianImage
 from builder.cache import Cache, CachedImage, key_of
+from builder.compression import decompress_sparse, image_suffix
 from builder.download import Http, disk_full_error, forget_partial
 from builder.errors import BuildError
-from builder.run import spawn
 from builder.verify import (
     BadSignature,
     check_digest,
@@ -37,15 +37,6 @@ from builder.verify import (
     verify_signature,
 )
 
-# File suffix → decompressing command (reads stdin, writes stdout). Separate processes, not
-# Python's lzma: xz decompresses the multi-block files Armbian publishes on every core.
-COMPRESSIONS: dict[str, list[str]] = {
-    ".img.xz": ["xz", "--decompress", "--stdout", "--threads=0"],
-    ".img.gz": ["gzip", "--decompress", "--stdout"],
-    ".img.zst": ["zstd", "--decompress", "--stdout", "--quiet"],
-    ".img": ["cat"],
-}
-
 
 @dataclass(frozen=True)
 class BaseSource:
@@ -53,7 +44,7 @@ class BaseSource:
 
     location: str                 # URL or local path of the file as published
     filename: str
-    suffix: str                   # a key of COMPRESSIONS
+    suffix: str                   # a key of compression.COMPRESSIONS
     sha256: str | None            # expected digest, when given by the user
     sha256_url: str | None        # where the publisher's digest is, to fetch before download
     signature_url: str | None     # detached .asc, checked when a keyring is given
@@ -69,30 +60,6 @@ class BaseSource:
     @property
     def used_in_place(self) -> bool:
         return self.kind == "file" and not self.is_remote and self.suffix == ".img"
-
-
-def image_suffix(name: str) -> str:
-    lowered = name.lower()
-    for suffix in sorted(COMPRESSIONS, key=len, reverse=True):
-        if lowered.endswith(suffix):
-            return suffix
-    raise BuildError(
-        f"base image {name!r} is not an .img, .img.xz, .img.gz or .img.zst file: "
-        f"give --base armbian, or a path or URL to a disk image"
-    )
-
-
-def built_image_suffix(image: Path) -> str:
-    """The suffix of an image build-image wrote, named on try-image's or flash-image's command
-    line; a missing file or one that is no image is refused with one line."""
-    if not image.is_file():
-        raise BuildError(f"{image}: no such image file (give the .img, .img.xz or .img.zst "
-                         f"build-image wrote)")
-    try:
-        return image_suffix(image.name)
-    except BuildError:
-        raise BuildError(f"{image.name}: not an .img, .img.xz or .img.zst file (give the image "
-                         f"build-image wrote)") from None
 
 
 def source_from_armbian(image: ArmbianImage) -> BaseSource:
@@ -311,37 +278,6 @@ def _check_remote_signature(source: BaseSource, path: Path, trust: Trust, http: 
         except BadSignature as exc:
             discard()
             raise BuildError(f"{exc} (it was removed from the cache)") from None
-
-
-ZEROS = bytes(1 << 20)
-
-
-def decompress_sparse(compressed: Path, suffix: str, target: Path, name: str) -> int:
-    """Decompress into `target` with a progress bar, skipping runs of zeros (a sparse file);
-    returns the size written."""
-    size = compressed.stat().st_size
-    with open(compressed, "rb") as src, open(target, "wb") as out, \
-            log.progress(f"decompressing {name}", size) as bar, \
-            spawn(COMPRESSIONS[suffix], stdin=src,
-                  what=f"decompress {compressed}: the file is corrupt or truncated") as proc:
-        assert proc.stdout is not None
-        written = 0
-        seen = 0
-        while chunk := proc.stdout.read(len(ZEROS)):
-            if chunk == ZEROS[: len(chunk)]:
-                out.seek(len(chunk), os.SEEK_CUR)
-            else:
-                out.write(chunk)
-            written += len(chunk)
-            # The decompressor shares our file description of src, so its read position is
-            # how far it has come.
-            position = os.lseek(src.fileno(), 0, os.SEEK_CUR)
-            bar.update(position - seen)
-            seen = position
-        out.truncate(written)
-        out.flush()
-        os.fsync(out.fileno())
-    return written
 
 
 def _decompress(compressed: Path, source: BaseSource, digest: str, signature: str | None,

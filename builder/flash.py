@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import IO
 
 from builder import __version__, firstboot, log
-from builder.cli import run_reporting
+from builder.compression import COMPRESSIONS, built_image_suffix
+from builder.entry import run_reporting
 from builder.errors import BuildError, Interrupted
 from builder.ext4 import Ext4, find_root_fs
-from builder.fetch import COMPRESSIONS, built_image_suffix
 from builder.image import Table, read_table
 from builder.log import human_size
 from builder.preseed import load_preseed

@@ -32,6 +32,7 @@ from typing import Any
 from builder import (
     __version__,
     armbian,
+    compression,
     customize,
     debian,
     fetch,
@@ -139,8 +140,8 @@ def check_host(ctx: Context) -> None:
             _choose_emulation(ctx)
     else:
         suffix = (".img.xz" if base.source == "armbian"
-                  else fetch.image_suffix(fetch.location_name(base.source)))
-        require_programs(fetch.COMPRESSIONS[suffix][0])
+                  else compression.image_suffix(fetch.location_name(base.source)))
+        require_programs(compression.COMPRESSIONS[suffix][0])
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
                  f"images may be missing or broken")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from builder import log
 from builder.boards import Board
+from builder.compression import decompress_sparse, image_suffix
 from builder.errors import BuildError
 from builder.ext4 import Ext4
-from builder.fetch import decompress_sparse, image_suffix
 from builder.image import copy_sparse
 from builder.run import die_with_parent
 

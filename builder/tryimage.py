@@ -29,10 +29,10 @@ from builder import __version__, log, qemu
 from builder import browser as browser_check
 from builder import jupyter_client as jupyter
 from builder.boards import Board, load_catalog
-from builder.cli import run_reporting
+from builder.compression import built_image_suffix, image_suffix
+from builder.entry import run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
-from builder.fetch import built_image_suffix, image_suffix
 from builder.image import copy_sparse, read_table
 from builder.preseed import load_preseed
 from builder.run import require_programs

@@ -1,0 +1,56 @@
+"""What every command's entry point shares (build-image, try-image, flash-image): an error
+becomes one line and exit 1, a signal a line saying what was cleaned up and 128 + its number.
+Small on purpose: each command imports this and its own modules, nothing of the others'."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from builder.errors import BuildError, Interrupted
+
+EXIT_ERROR = 1
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI job cancelled, a terminal closed) and SIGINT raise
+    Interrupted, so every cleanup on the way out runs as it does for an error."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_reporting(program: str, body: Callable[[], int], *, debug: bool,
+                  after_interrupt: str) -> int:
+    """Run a command's body: an error becomes one line and exit 1, a signal a line saying
+    what was cleaned up and 128 + its number (with --debug, errors keep their traceback)."""
+    try:
+        with signals_as_exceptions():
+            return body()
+    except BuildError as exc:
+        if debug:
+            raise
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{program}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"{program}: interrupted by {name}; {after_interrupt}", file=sys.stderr)
+        return 128 + exc.signum
