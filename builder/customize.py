@@ -40,6 +40,7 @@ with the same name as a built-in one replaces it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
 import re
@@ -60,9 +61,11 @@ from builder.config import Config
 from builder.errors import BuildError
 from builder.run import stream
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_CUSTOMIZE = REPO_ROOT / "customize.d"
-BUILTIN_OVERLAYS = REPO_ROOT / "overlays"
+# The package's customize.d and overlays are links to the repository's top-level directories
+# in a checkout (and an editable install), and copies of them in a wheel (pyproject.toml).
+# Resolved: messages name the real directory, and digests read what the link leads to.
+BUILTIN_CUSTOMIZE = Path(str(importlib.resources.files("builder") / "customize.d")).resolve()
+BUILTIN_OVERLAYS = Path(str(importlib.resources.files("builder") / "overlays")).resolve()
 # The build's work directory (on the host, mounted here in every session) and where each
 # script's copy and settings file go (the session's own /tmp).
 WORK_IN_IMAGE = "/tmp/build-image"

@@ -428,9 +428,14 @@ def _file_settings(settings: dict[str, Any]) -> dict[str, str]:
 
 def _overlays_digest(ctx: Context) -> str:
     if ctx.overlays_digest is None:
+        # Templates by their place in the overlays, not on this host: a checkout elsewhere
+        # or an installed copy makes the same key.
+        rendered = {f"{number}/{path.relative_to(top).as_posix()}": text
+                    for number, top in enumerate(ctx.overlay_dirs)
+                    for path, text in ctx.rendered.items() if path.is_relative_to(top)}
         ctx.overlays_digest = stages.digest_of({
             "trees": [stages.tree_digest(d) for d in ctx.overlay_dirs],
-            "rendered": {str(path): text for path, text in ctx.rendered.items()}})
+            "rendered": rendered})
     return ctx.overlays_digest
 
 

@@ -58,13 +58,31 @@ PLACEHOLDER_BUILD = "0debian"
 # PEP 440 versions, local part included (Debian's "2.2.3+dfsg"); others cannot be held.
 VERSION = re.compile(r"(\d+!)?\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?"
                      r"(\+[A-Za-z0-9]+(\.[A-Za-z0-9]+)*)?")
+# Choosing for another platform without --target (`install --dry-run --platform ...`) is
+# allowed from pip 23.3 on; pyproject.toml asks for it, and this catches an install without it.
+MIN_PIP = (23, 3)
 # pip has options for the target's tags but none for its marker values (platform_machine,
 # python_version...): without this it would pick dependencies for the host's CPU and Python.
-PIP_FOR_TARGET = """\
-import json, os, runpy, sys
-from pip._vendor.packaging import markers
-target = json.loads(os.environ["BUILD_IMAGE_TARGET_MARKERS"])
-markers.default_environment = lambda: dict(target)
+# The values go in through pip's vendored packaging, a private API: the script proves the
+# patch takes before pip runs, and says so in one line (prefixed "build-image:") if not.
+PIP_FOR_TARGET = f"""\
+import json, os, re, runpy, sys
+import pip
+found = tuple(int(n) for n in re.findall(r"\\d+", pip.__version__)[:2])
+if found < {MIN_PIP!r}:
+    sys.exit(f"build-image: choosing wheels for the board needs pip {MIN_PIP[0]}.{MIN_PIP[1]} or "
+             f"newer, and {{sys.executable}} has pip {{pip.__version__}}: run "
+             f"'{{sys.executable}} -m pip install --upgrade pip'")
+target = json.loads(os.environ.get("BUILD_IMAGE_TARGET_MARKERS") or "{{}}")
+if target:
+    from pip._vendor.packaging import markers
+    markers.default_environment = lambda: dict(target)
+    probe = " and ".join(f"{{key}} == '{{target[key]}}'" for key in
+                         ("platform_machine", "python_version") if key in target)
+    if probe and not markers.Marker(probe).evaluate():
+        sys.exit(f"build-image: pip {{pip.__version__}} no longer takes the board's marker "
+                 f"values through its vendored packaging: run '{{sys.executable}} -m pip "
+                 f"install \\"pip<{{pip.__version__}}\\"' and report it")
 sys.argv[0] = "pip"
 runpy.run_module("pip", run_name="__main__", alter_sys=True)
 """
@@ -112,9 +130,7 @@ class Target:
     def pip(self, *args: str) -> tuple[list[str], dict[str, str]]:
         """The pip command line for the target, and its environment."""
         env = dict(os.environ)
-        if not self.markers:
-            return pip_command(*args), env
-        env["BUILD_IMAGE_TARGET_MARKERS"] = json.dumps(self.markers)
+        env["BUILD_IMAGE_TARGET_MARKERS"] = json.dumps(dict(self.markers))
         return [sys.executable, "-c", PIP_FOR_TARGET, "--disable-pip-version-check",
                 *args], env
 
@@ -131,10 +147,6 @@ def platform_tags(machine: str, glibc: tuple[int, int]) -> list[str]:
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def pip_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
 
 
 def index_options(cache: Path, offline: bool) -> list[str]:
@@ -168,6 +180,9 @@ def check_requested(requirements: Sequence[str], release: str, arch: str, cache:
 def explain_failure(stderr: str, target: Target, offline_cache: Path | None,
                     held: Mapping[str, str] | None = None) -> str:
     """pip's complaint as one line that says what to do."""
+    ours = re.search(r"^build-image: (.*)$", stderr, re.M)
+    if ours:
+        return ours.group(1)
     unreachable = re.search(r"(ProxyError|SSLError|NewConnectionError|ConnectTimeoutError|"
                             r"Could not fetch URL [^:]*|HTTP error \d+)[^\n]*", stderr)
     missing = re.search(r"Could not find a version that satisfies the requirement (\S+)"

@@ -288,6 +288,9 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
 # later run reuses it; a cold run makes it again (about 3 minutes).
 
 TEST_CACHE = Path(os.environ.get("BUILD_IMAGE_TEST_CACHE", "/var/cache/orangepi-jupyter-tests"))
+# build-image's own cache for the tests that build with --base debian: the Debian bases,
+# apt's archives and the wheels stay between runs.
+BUILD_CACHE = TEST_CACHE / "build-cache"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 

@@ -27,9 +27,9 @@ import pytest
 import requests
 from armbian_like import CNF_HOOK, make_armbian_like
 from conftest import (
+    BUILD_CACHE,
     BUILD_IMAGE,
     REPO,
-    TEST_CACHE,
     TRY_IMAGE,
     BaseImage,
     FakeArmbian,
@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 BOARDS = {"armhf": "orangepipcplus", "arm64": "orangepizeroplus2-h5"}
 # The armhf build starts from an Armbian-like image of this board (tests/armbian_like.py).
 ARMBIAN_BOARD = ("Orange Pi PC +", "sun8i-h3-orangepi-pc-plus.dtb")
-CACHE = TEST_CACHE / "build-cache"
+CACHE = BUILD_CACHE
 VENV = "/opt/jupyter"
 # What the armhf build's preseed sets: hashes only, so no plain password is in the image.
 LOGIN = "login pässword; 'quoted' $HOME"
@@ -558,6 +558,9 @@ def test_default_kernel_is_the_stack(image: Image) -> None:
 
 def test_service_is_enabled_and_verifies(image: Image) -> None:
     assert image.run("systemctl", "is-enabled", "jupyter.service").stdout.strip() == "enabled"
+    # Enabled by a script: a link in overlays/ would become a plain file in the wheel.
+    assert image.run("systemctl", "is-enabled",
+                     "regenerate-ssh-host-keys.service").stdout.strip() == "enabled"
     verify = image.run("systemd-analyze", "verify", "jupyter.service", check=False)
     assert verify.returncode == 0 and "jupyter" not in verify.stdout + verify.stderr, verify
     unit = (image.root / "etc/systemd/system/jupyter.service").read_text()

@@ -104,6 +104,21 @@ def test_builtin_scripts_and_templates_pass_their_own_checks() -> None:
     assert any("BOARD=orangepi5" in text for text in rendered.values())
 
 
+def test_the_package_finds_the_top_level_directories() -> None:
+    """In a checkout the package reaches customize.d/ and overlays/ through its links; a wheel
+    copies what they hold, and a link inside them would arrive as a plain file (systemd would
+    not take a unit's .wants entry then): the built-in directories hold none."""
+    from builder import customize
+    repo = Path(__file__).resolve().parent.parent
+    # The directories themselves, not the links: the step cache's digest of a link would be
+    # its target's name, and a changed overlay would not change the key.
+    assert repo / "customize.d" == customize.BUILTIN_CUSTOMIZE
+    assert repo / "overlays" == customize.BUILTIN_OVERLAYS
+    links = [p for top in ("customize.d", "overlays") for p in (repo / top).rglob("*")
+             if p.is_symlink()]
+    assert links == []
+
+
 def test_in_root_follows_links_inside_the_image(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "run").mkdir(parents=True)

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_CACHE, engine_capable, leftover_resources, root_partition, run_cli
+from conftest import BUILD_CACHE, engine_capable, leftover_resources, root_partition, run_cli
 from conftest import debugfs as run_debugfs
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 BOARD = "orangepipcplus"   # armhf, H3: the board QEMU's orangepi-pc machine stands in for
-CACHE = TEST_CACHE / "build-cache"
+CACHE = BUILD_CACHE
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,51 @@ def test_target_markers_decide_dependencies(index: Path, tmp_path: Path) -> None
     assert [item.name for item in locked] == ["armonly", "tool"]
 
 
+ARMHF_MARKERS = {"implementation_name": "cpython", "os_name": "posix",
+                 "platform_machine": "armv7l", "python_version": "3.13",
+                 "python_full_version": "3.13.5", "sys_platform": "linux"}
+
+
+@pytest.fixture(scope="session")
+def pips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real pip releases, as wheels run straight from PYTHONPATH: the one Debian 12 ships and
+    the oldest that chooses for another platform without --target."""
+    where = tmp_path_factory.mktemp("pips")
+    for version in ("23.0.1", "23.3.2"):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--disable-pip-version-check", "--dest", str(where),
+                        f"pip=={version}"], check=True, capture_output=True)
+    return {path.name.split("-")[1]: path for path in where.glob("pip-*.whl")}
+
+
+@pytest.mark.slow
+def test_a_pip_too_old_to_choose_for_the_board_is_named_with_the_fix(
+        index: Path, tmp_path: Path, pips: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(pips["23.0.1"]))
+    target = wheels.Target("3.13", "armv7l", (2, 41), {}, ARMHF_MARKERS)
+    with pytest.raises(BuildError) as caught:
+        wheels.resolve(["helper"], target, index, offline=True, scratch=tmp_path / "s")
+    assert str(caught.value) == (
+        f"choosing wheels for the board needs pip 23.3 or newer, and {sys.executable} has "
+        f"pip 23.0.1: run '{sys.executable} -m pip install --upgrade pip'")
+
+
+@pytest.mark.slow
+def test_the_oldest_pip_allowed_chooses_by_the_boards_markers(
+        index: Path, tmp_path: Path, pips: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The minimum is a measured one: pip 23.3 takes the target's options and markers."""
+    monkeypatch.setenv("PYTHONPATH", str(pips["23.3.2"]))
+    make_wheel(index, "armonly", "1.0")
+    make_wheel(index, "x86only", "1.0")
+    make_wheel(index, "tool", "1.0", requires=('armonly; platform_machine == "armv7l"',
+                                                'x86only; platform_machine == "x86_64"'))
+    target = wheels.Target("3.13", "armv7l", (2, 41), {}, ARMHF_MARKERS)
+    locked = wheels.resolve(["tool"], target, index, offline=True, scratch=tmp_path / "s")
+    assert [item.name for item in locked] == ["armonly", "tool"]
+
+
 def test_arm64_also_holds_debians_version(index: Path, tmp_path: Path) -> None:
     """Even where a wheel exists, the venv uses Debian's copy of a compiled package: one
     copy, the one Debian's other packages were built against."""
