@@ -15,8 +15,6 @@ final name is always complete.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +26,7 @@ from typing import Any
 
 from builder import log
 from builder.errors import BuildError
+from builder.files import locked
 
 APP = "orangepi-jupyter"
 
@@ -91,10 +90,8 @@ class Cache:
         an image whose lock nobody holds is not being written any more."""
         for tmp in self.images.glob(".*.img.tmp"):
             digest = tmp.name[1:].removesuffix(".img.tmp")
-            with open(self.locks / f"{digest}.lock", "a") as handle:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
+            with locked(self.locks / f"{digest}.lock", wait=False) as had:
+                if not had:
                     continue  # another build is writing it right now
                 log.info(f"removing {tmp}, left by a build that was killed")
                 tmp.unlink(missing_ok=True)
@@ -103,19 +100,10 @@ class Cache:
     def lock(self, key: str, what: str) -> Iterator[None]:
         """Hold the entry `key` alone. The kernel drops an flock when its holder dies, so a
         killed build never leaves a lock that blocks the next one."""
-        path = self.locks / f"{key}.lock"
-        with open(path, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                log.info(f"waiting for another build that is fetching {what}")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with locked(self.locks / f"{key}.lock",
+                    on_wait=lambda: log.info(f"waiting for another build that is fetching "
+                                             f"{what}")):
+            yield
 
     # Which sha256 a URL served: lets a rerun find its image without asking the network.
 

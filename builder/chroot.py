@@ -24,7 +24,8 @@ from pathlib import Path
 
 from builder import log
 from builder.errors import BuildError
-from builder.ledger import Ledger, held_lock, kill_processes_under
+from builder.files import locked
+from builder.ledger import Ledger, kill_processes_under
 from builder.mount import mounted
 from builder.run import run, stream
 
@@ -427,9 +428,10 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
             (apt_cache / "partial").mkdir(exist_ok=True)
             # apt does not wait for the archive's lock: two builds of one release and
             # architecture take turns on the shared cache instead of failing at random.
-            stack.enter_context(held_lock(
+            stack.enter_context(locked(
                 apt_cache.with_name(apt_cache.name + ".lock"),
-                waiting=f"waiting for another build using the apt cache {apt_cache}"))
+                on_wait=lambda: log.info(f"waiting for another build using the apt cache "
+                                         f"{apt_cache}")))
             stack.enter_context(mounted(ledger, str(apt_cache),
                                         in_root(root, "var/cache/apt/archives"), bind=True))
         for inside, directory in (binds or {}).items():

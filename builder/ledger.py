@@ -12,7 +12,6 @@ The record lives in /run, which is emptied at boot, as are loop devices and moun
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -42,22 +41,6 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-@contextmanager
-def held_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
-    """An exclusive flock on `path` for the block. The kernel drops it when its holder dies,
-    so a killed build never blocks the next. With `waiting`, say so if it must wait; without,
-    a lock held elsewhere is an error (BlockingIOError)."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is None:
-                raise
-            log.info(waiting)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def alive(pid: int, start: str | None) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,8 @@ from typing import Any
 from builder import log
 from builder.cache import key_of
 from builder.errors import BuildError
-from builder.ledger import STATE_DIR, Ledger, held_lock, shielded
+from builder.files import locked, sha256_of
+from builder.ledger import STATE_DIR, Ledger, shielded
 from builder.mount import work_path
 from builder.run import run, spawn
 
@@ -97,9 +97,8 @@ def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Ite
         # The lock lives in /run, not beside the outputs: nothing but results in --output.
         locks = STATE_DIR / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        try:
-            stack.enter_context(held_lock(locks / f"{key_of(str(directory / name))}.lock"))
-        except BlockingIOError:
+        if not stack.enter_context(locked(locks / f"{key_of(str(directory / name))}.lock",
+                                          wait=False)):
             raise BuildError(f"another build is writing {name} in {directory} right now: "
                              f"wait for it, or use another --output") from None
         for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
@@ -141,14 +140,6 @@ def write_image(raw: Path, out: Outputs, level: int) -> Path:
             bar.update(position - seen)
             seen = position
     return target
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_checksum(image: Path, out: Outputs) -> None:

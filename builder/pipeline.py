@@ -17,7 +17,6 @@ context's ExitStack and recorded in the ledger, so any failure or signal unwinds
 from __future__ import annotations
 
 import datetime
-import fcntl
 import os
 import shutil
 import sys
@@ -58,7 +57,8 @@ from builder.chroot import (
 from builder.config import Config
 from builder.download import Http
 from builder.errors import BuildError
-from builder.ledger import Ledger, held_lock, mounts_under, remove_path
+from builder.files import locked, sha256_of
+from builder.ledger import Ledger, mounts_under, remove_path
 from builder.mount import is_root, loop_device, mounted, work_path
 from builder.preseed import load_preseed
 from builder.run import require_programs
@@ -294,7 +294,7 @@ def copy_base_image(ctx: Context) -> None:
     workspace = Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=work))
     if not ctx.options.keep_workspace:
         ctx.stack.enter_context(work_path(ctx.ledger, workspace))
-    ctx.stack.enter_context(held_lock(workspace / ".lock"))
+    ctx.stack.enter_context(locked(workspace / ".lock"))
     ctx.workspace = workspace
     ctx.work_image = workspace / "image.img"
     log.info(f"copying the base image to {ctx.work_image}")
@@ -315,10 +315,8 @@ def sweep_workspaces(work: Path) -> None:
         lock_file = workspace / ".lock"
         if not lock_file.exists() or mounts_under(workspace):
             continue
-        with open(lock_file, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+        with locked(lock_file, wait=False) as had:
+            if not had:
                 continue
             log.info(f"removing {workspace}, left by a build that did not finish")
         remove_path(workspace)
@@ -403,7 +401,7 @@ def _key_after(ctx: Context, item: PlanItem, previous: str, work: Path) -> str:
     assert isinstance(item, customize.Script)
     settings = customize.settings_for(item, ctx.config.to_dict())
     # A setting that names a file stands for the file's contents too.
-    files = {name: stages.file_digest(Path(value))
+    files = {name: sha256_of(Path(value))
              for name, value in _file_settings(settings).items()}
     code = None
     if item.where == "host":

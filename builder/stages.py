@@ -20,7 +20,6 @@ How keys are made: see key_of_base and key_of_script.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Any
 from builder import log
 from builder.cache import write_atomic
 from builder.errors import BuildError
+from builder.files import locked, sha256_of
 
 # Raised whenever the builder changes what it does to an image around the scripts in a way
 # the modules hashed into every key (CODE_IN_EVERY_KEY) would not show.
@@ -49,11 +49,6 @@ ZEROS = bytes(CHUNK)
 
 def digest_of(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tree_digest(root: Path, names: Sequence[str] | None = None) -> str:
@@ -72,7 +67,7 @@ def tree_digest(root: Path, names: Sequence[str] | None = None) -> str:
                 found.append((relative, "dir", path.stat().st_mode & 0o7777))
             elif path.exists():
                 found.append((relative, "file", path.stat().st_mode & 0o7777,
-                              file_digest(path)))
+                              sha256_of(path)))
             else:
                 found.append((relative, "missing"))
     return digest_of(found)
@@ -80,7 +75,7 @@ def tree_digest(root: Path, names: Sequence[str] | None = None) -> str:
 
 def code_digest(names: Sequence[str]) -> str:
     """The builder's own source files (builder/NAME) that something depends on."""
-    return digest_of({name: file_digest(BUILDER_DIR / name) for name in sorted(names)})
+    return digest_of({name: sha256_of(BUILDER_DIR / name) for name in sorted(names)})
 
 
 def key_of_base(base_digest: str, board: Mapping[str, Any], release: str, headroom: int,
@@ -184,14 +179,8 @@ class StageCache:
               wait: bool = True) -> Iterator[bool]:
         """Yields whether the lock was had: without `wait`, False when another build holds
         it (it is writing that entry)."""
-        with open(self.locks / f"stage-{key}.lock", "a") as handle:
-            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-            try:
-                fcntl.flock(handle, mode | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
+        with locked(self.locks / f"stage-{key}.lock", shared=shared, wait=wait) as had:
+            yield had
 
     def sweep(self) -> None:
         """Remove entries half written by builds that were killed: a temporary directory

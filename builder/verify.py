@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tempfile
 from pathlib import Path
 
 from builder import log
 from builder.errors import BuildError
+from builder.files import sha256_of
 from builder.run import run
 
 # Armbian's own signing keys, to name them in messages. Trust comes only from the keyring the
@@ -20,13 +20,8 @@ ARMBIAN_KEYS = {
 
 
 def sha256_file(path: Path, what: str | None = None) -> str:
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f, log.progress(f"checking {what or path.name}", size) as bar:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    with log.progress(f"checking {what or path.name}", path.stat().st_size) as bar:
+        return sha256_of(path, bar.update)
 
 
 def parse_sha_file(data: bytes, what: str) -> str:

@@ -25,8 +25,6 @@ runs here, on the host, for the image's platform, and the chroot only installs f
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import re
@@ -35,14 +33,14 @@ import sys
 import tempfile
 import urllib.parse
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from builder import log
 from builder.errors import BuildError
+from builder.files import locked, sha256_of
 from builder.run import run
 
 # The Python and glibc of each release's own packages, for the check before the first
@@ -369,14 +367,6 @@ def download(locked: Iterable[Locked], target: Target, cache: Path, offline: boo
                              f"sha256: removed it; run the build again")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_wheelhouse(locked: Sequence[Locked], cache: Path, work: Path,
                      target: Target) -> None:
     """The wheels and the lock, for 40-create-venv.chroot."""
@@ -390,14 +380,6 @@ def write_wheelhouse(locked: Sequence[Locked], cache: Path, work: Path,
         digest = sha256_of(house / item.filename)
         lines.append(f"{item.name}=={item.version} --hash=sha256:{digest}\n")
     (work / "requirements.txt").write_text("".join(lines))
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One build at a time adds to the wheel cache; the kernel drops the lock if it dies."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def main(env: Mapping[str, str]) -> None:
@@ -420,12 +402,12 @@ def main(env: Mapping[str, str]) -> None:
         return
     log.info(f"choosing wheels of {', '.join(requirements)} for {target.describe()}, with "
              f"{len(target.provided)} Python packages from Debian")
-    with tempfile.TemporaryDirectory(prefix="wheels-") as scratch, _locked(cache / ".lock"):
-        locked = resolve(requirements, target, cache, offline, Path(scratch))
-        download(locked, target, cache, offline)
-        write_wheelhouse(locked, cache, work, target)
-    size = sum((cache / item.filename).stat().st_size for item in locked)
-    log.info(f"{len(locked)} wheels ({log.human_size(size)}) ready for the venv")
+    with tempfile.TemporaryDirectory(prefix="wheels-") as scratch, locked(cache / ".lock"):
+        chosen = resolve(requirements, target, cache, offline, Path(scratch))
+        download(chosen, target, cache, offline)
+        write_wheelhouse(chosen, cache, work, target)
+    size = sum((cache / item.filename).stat().st_size for item in chosen)
+    log.info(f"{len(chosen)} wheels ({log.human_size(size)}) ready for the venv")
 
 
 if __name__ == "__main__":

@@ -165,3 +165,35 @@ def test_host_scripts_see_where_pip_looks_not_what_it_chooses(monkeypatch: pytes
     assert env["https_proxy"] == "http://proxy.example:3128"
     assert "PIP_NO_DEPS" not in env and "BUILD_IMAGE_SECRET" not in env
     assert env["IMAGE_OFFLINE"] == "1" and env["IMAGE_CACHE"] == str(tmp_path / "host")
+
+
+def test_host_scripts_declare_every_builder_module_they_run() -> None:
+    """A host script's `code` line is what its stage key covers of the builder: each module
+    the program it starts loads must be in it, or a change there would reuse a stale stage.
+    Measured in a fresh interpreter, importing what the script runs (`-m builder.X`,
+    `import builder.X`)."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from builder.customize import BUILTIN_CUSTOMIZE
+    checked = 0
+    for found in find_scripts([BUILTIN_CUSTOMIZE]):
+        if found.where != "host" or found.code is None:
+            continue
+        modules = {m for pair in re.findall(r"-m (builder[\w.]*)|import (builder[\w.]*)",
+                                            found.path.read_text()) for m in pair if m}
+        assert modules, found.name
+        probe = (f"import json, sys, {', '.join(sorted(modules))}; print(json.dumps(sorted("
+                 f"m.__file__ for n, m in sys.modules.items() if n.startswith('builder.'))))")
+        files = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                                          text=True, check=True).stdout)
+        package = Path(__import__("builder").__file__).parent
+        used = {Path(f).relative_to(package).as_posix() for f in files}
+        declared = set(found.code)
+        undeclared = {name for name in used if name not in declared and not any(
+            name.startswith(entry) for entry in declared if entry.endswith("/"))}
+        assert undeclared == set(), found.name
+        checked += 1
+    assert checked >= 2
