@@ -26,7 +26,7 @@ from urllib.parse import quote
 import requests
 import websocket
 
-from builder.run import die_with_parent
+from builder.run import die_with_parent, host_env
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
 INSTALL_HINT = "install it with: apt-get install chromium"
@@ -185,7 +185,7 @@ def _redact(text: str, token: str) -> str:
 
 
 def _start(program: str, profile: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
+    env = host_env()
     # Chromium keeps certificates, caches and crash reports under $HOME and the XDG dirs as
     # well as in --user-data-dir; pointing them into the profile leaves nothing behind.
     # (Not $TMPDIR: its singleton socket must have a path shorter than 108 bytes.)

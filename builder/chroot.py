@@ -25,8 +25,8 @@ from pathlib import Path
 from builder import log
 from builder.errors import BuildError
 from builder.files import locked
-from builder.ledger import Ledger, kill_processes_under
-from builder.mount import mounted
+from builder.ledger import Ledger
+from builder.mount import kill_processes_under, mounted
 from builder.run import run, stream
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -30,7 +30,7 @@ from builder.chroot import Chroot, Emulation, choose_emulation, chroot_session
 from builder.errors import BuildError
 from builder.ledger import Ledger
 from builder.mount import work_path
-from builder.run import run, stream
+from builder.run import host_env, run, stream
 
 RELEASES = ("trixie",)
 # Raised whenever the recipe below changes what it produces: the cache key includes it.
@@ -167,7 +167,7 @@ def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path,
     try:
         # debootstrap's second stage runs the image's programs: the CPU model reaches them
         # through its environment (host programs ignore it).
-        stream(argv, env={**os.environ, **emulation.env}, prefix="debootstrap",
+        stream(argv, env=host_env(emulation.env), prefix="debootstrap",
                what=f"debootstrap of {release} {board.arch}", stop=signal.SIGTERM)
     except BuildError as exc:
         raise BuildError(f"{exc}: check the mirror {mirror} (base.debian_mirror) and the "

@@ -13,6 +13,8 @@ from types import FrameType
 from builder.errors import BuildError, Interrupted
 
 EXIT_ERROR = 1
+# What stops a command: Ctrl-C, a CI job cancelled, a terminal closed.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
@@ -23,13 +25,23 @@ def signals_as_exceptions() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, handler) for s in wanted}
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Hold back SIGINT, SIGTERM and SIGHUP while cleaning up or publishing: a second Ctrl-C
+    must not stop an unmount half-way. A signal that arrives meanwhile is delivered after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_reporting(program: str, body: Callable[[], int], *, debug: bool,

@@ -11,10 +11,23 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.errors import BuildError
-from builder.image import Partition, Table
 from builder.run import run
+
+if TYPE_CHECKING:
+    # image.py reads superblocks with the function below: it imports this module.
+    from builder.image import Partition, Table
+
+
+def superblock(spec: str | Path) -> dict[str, str]:
+    """The fields of an ext4 superblock as `dumpe2fs -h` prints them ({"Block size": "4096",
+    "Filesystem UUID": ...}); empty when there is none. `spec` is a device, a file, or
+    FILE?offset=N. (dumpe2fs's field names are not translated, and run() sets C anyway.)"""
+    proc = run(["dumpe2fs", "-h", spec], capture=True, check=False)
+    text = proc.stdout.decode(errors="replace")
+    return dict(re.findall(r"^([A-Za-z][A-Za-z #/-]*):[ \t]+(.*?)[ \t]*$", text, re.M))
 
 
 class Ext4:
@@ -104,16 +117,6 @@ class Ext4:
 
     def remove(self, path: str) -> None:
         self._debugfs(f"rm {path}", write=True)
-
-    def block_count(self) -> tuple[int, int]:
-        """(block size, blocks): the filesystem's size as made."""
-        proc = run(["dumpe2fs", "-h", self.spec], capture=True, check=False)
-        text = proc.stdout.decode(errors="replace")
-        size = re.search(r"^Block size:\s+(\d+)", text, re.M)
-        count = re.search(r"^Block count:\s+(\d+)", text, re.M)
-        if not size or not count:
-            raise BuildError(f"dumpe2fs could not read the root filesystem of {self.disk}")
-        return int(size.group(1)), int(count.group(1))
 
 
 def find_root_fs(disk: Path, table: Table) -> Ext4:

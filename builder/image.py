@@ -16,8 +16,9 @@ from pathlib import Path
 
 from builder import log
 from builder.errors import BuildError
+from builder.ext4 import superblock
 from builder.ledger import Ledger
-from builder.mount import loop_device
+from builder.mount import loop_device, probe
 from builder.run import run
 
 SECTOR = 512
@@ -76,10 +77,7 @@ def find_root(ledger: Ledger, image: Path, table: Table) -> RootFs:
     candidates: list[RootFs] = []
     for part in table.partitions:
         with loop_device(ledger, image, part.start, part.size, read_only=True) as dev:
-            probe = run(["blkid", "--probe", "--output", "export", dev], capture=True,
-                        check=False)
-            fields = dict(line.split("=", 1) for line in
-                          probe.stdout.decode(errors="replace").splitlines() if "=" in line)
+            fields = probe(dev)
             if fields.get("TYPE") != "ext4":
                 continue
             # debugfs reads the filesystem without mounting it.
@@ -234,8 +232,9 @@ def shrink(ledger: Ledger, image: Path, root: Partition, free: int) -> int:
 def _fs_usage(device: str) -> tuple[int, int]:
     """Block size and blocks in use (incl. metadata) of an ext4 filesystem, from its
     superblock; what resize2fs -P estimates is the minimum with room for its own needs."""
-    out = run(["dumpe2fs", "-h", device], capture=True).stdout.decode(errors="replace")
-    fields = dict(re.findall(r"^([A-Za-z ]+):\s+(\S+)", out, re.MULTILINE))
+    fields = superblock(device)
+    if "Block size" not in fields:
+        raise BuildError(f"dumpe2fs could not read the root filesystem on {device}")
     block_size = int(fields["Block size"])
     minimum = run(["resize2fs", "-P", device], capture=True).stdout.decode(errors="replace")
     match = re.search(r"(\d+)\s*$", minimum.strip())

@@ -20,9 +20,10 @@ from typing import Any
 
 from builder import log
 from builder.cache import key_of
+from builder.entry import shielded
 from builder.errors import BuildError
 from builder.files import locked, sha256_of
-from builder.ledger import STATE_DIR, Ledger, shielded
+from builder.ledger import STATE_DIR, Ledger
 from builder.mount import work_path
 from builder.run import run, spawn
 

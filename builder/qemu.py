@@ -27,7 +27,7 @@ from builder.compression import decompress_sparse, image_suffix
 from builder.errors import BuildError
 from builder.ext4 import Ext4
 from builder.image import copy_sparse
-from builder.run import die_with_parent
+from builder.run import die_with_parent, host_env
 
 # Where U-Boot's SPL sits on an Allwinner card, and the magic of its boot header.
 ALLWINNER_SPL_OFFSET = 8 << 10
@@ -409,6 +409,7 @@ def running(argv: Sequence[str], log_path: Path,
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdin=None if interactive else subprocess.DEVNULL,
                                 stdout=None if interactive else out, stderr=out,
+                                env=host_env(),
                                 preexec_fn=die_with_parent())
     try:
         yield proc

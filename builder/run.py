@@ -50,6 +50,33 @@ HOST_PACKAGES: dict[str, str] = {
 }
 
 
+# What a host program sees of the builder's environment: where programs, home and temporary
+# files are, the terminal, and what reaches the network (proxies, CA bundles, pip's index and
+# its network settings; not pip's other options, PIP_NO_DEPS or PIP_USER, which would change
+# what is chosen rather than where from). The locale is always C.UTF-8: the builder reads
+# programs' output ("Device or resource busy" from losetup, "No such device"), which a host
+# speaking German would translate; LANGUAGE, which outranks LC_ALL for messages, stays out.
+PASSED_ENV = frozenset({
+    # PYTHONPATH: where the builder itself was found, for the Python programs it starts
+    # (the wheels step, host scripts running builder modules).
+    "PATH", "PYTHONPATH", "HOME", "USER", "LOGNAME", "TERM", "TMPDIR",
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC",
+    "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR",
+    "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_TRUSTED_HOST", "PIP_CERT", "PIP_CLIENT_CERT",
+    "PIP_PROXY", "PIP_TIMEOUT", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES", "PIP_CONFIG_FILE",
+    "PIP_CACHE_DIR", "PIP_KEYRING_PROVIDER",
+})
+
+
+def host_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a host program: the allow-list above, C.UTF-8, then `extra`."""
+    env = {key: value for key, value in os.environ.items() if key in PASSED_ENV}
+    env.update(LANG="C.UTF-8", LC_ALL="C.UTF-8")
+    env.update(extra or {})
+    return env
+
+
 def install_hint(program: str) -> str:
     package = HOST_PACKAGES.get(program, program)
     return f"install it with: apt-get install {package}"
@@ -75,14 +102,15 @@ def run(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv and wait. With capture, stdout and stderr are returned instead of shown.
 
-    `what` names the action for the error message ("verify the signature of X").
+    `what` names the action for the error message ("verify the signature of X"); `env`
+    replaces host_env() (callers build theirs from it).
     """
     args = [os.fspath(a) for a in argv]
     log.debug("+ " + shlex.join(args))
     try:
         proc = subprocess.run(
             args,
-            env=dict(env) if env is not None else None,
+            env=dict(env) if env is not None else host_env(),
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture else None,
@@ -120,7 +148,7 @@ def spawn(
     log.debug("+ " + shlex.join(args))
     with tempfile.TemporaryFile() as errors:
         try:
-            proc = subprocess.Popen(args, stdin=stdin, stderr=errors,
+            proc = subprocess.Popen(args, stdin=stdin, stderr=errors, env=host_env(),
                                     stdout=subprocess.PIPE if stdout is None else stdout)
         except FileNotFoundError:
             raise BuildError(f"{args[0]} not found on this host: {install_hint(args[0])}") from None

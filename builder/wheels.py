@@ -41,7 +41,7 @@ from typing import Any
 from builder import log
 from builder.errors import BuildError
 from builder.files import locked, sha256_of
-from builder.run import run
+from builder.run import host_env, run
 
 # The Python and glibc of each release's own packages, for the check before the first
 # download; the build itself reads them from the image.
@@ -127,8 +127,7 @@ class Target:
 
     def pip(self, *args: str) -> tuple[list[str], dict[str, str]]:
         """The pip command line for the target, and its environment."""
-        env = dict(os.environ)
-        env["BUILD_IMAGE_TARGET_MARKERS"] = json.dumps(dict(self.markers))
+        env = host_env({"BUILD_IMAGE_TARGET_MARKERS": json.dumps(dict(self.markers))})
         return [sys.executable, "-c", PIP_FOR_TARGET, "--disable-pip-version-check",
                 *args], env
 
