@@ -60,6 +60,7 @@ from builder.chroot import Chroot, in_root
 from builder.config import Config
 from builder.errors import BuildError
 from builder.run import stream
+from builder.stages import BUILDER_DIR
 
 # The package's customize.d and overlays are links to the repository's top-level directories
 # in a checkout (and an editable install), and copies of them in a wheel (pyproject.toml).
@@ -101,8 +102,8 @@ class Script:
 #                       section); none after the word: no settings. Undeclared: all of them.
 #   reads NAME ...      the files of the work directory it reads; none: it reads none.
 #                       Undeclared: all of them.
-#   code FILE ...       for a host script, the builder's modules (builder/FILE) it runs.
-#                       Undeclared: all of them.
+#   code FILE ...       for a host script, the builder's modules (builder/FILE) it runs;
+#                       a subpackage as DIR/, for all of its modules. Undeclared: all of them.
 #   keep                keep the image after it in the step cache.
 DIRECTIVES = ("settings", "reads", "code", "keep")
 DIRECTIVE = re.compile(r"#\s*build-image:\s*(\S+)(.*)$")
@@ -122,6 +123,17 @@ def _directives(path: Path) -> dict[str, tuple[str, ...]]:
                              f"{', '.join(DIRECTIVES)}")
         found[name] = found.get(name, ()) + values
     return found
+
+
+def _check_code(script: Path, name: str) -> None:
+    """A `code` name must be one of the builder's files, or a directory of them written as
+    DIR/: a typo would otherwise stop the build only when the script's key is made."""
+    path = BUILDER_DIR / name
+    inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside or not (path.is_dir() if name.endswith("/") else path.is_file()):
+        raise BuildError(f"{script}: `build-image: code` names {name}, which is not "
+                         f"{'a directory' if name.endswith('/') else 'a file'} of the builder "
+                         f"({BUILDER_DIR}; a directory ends in /)")
 
 
 def _skipped(name: str) -> bool:
@@ -153,6 +165,8 @@ def find_scripts(dirs: Sequence[Path]) -> list[Script]:
                     raise BuildError(f"{path} has no #! line: start it with #!/bin/sh "
                                      f"(or the interpreter it needs)")
             declared = _directives(path)
+            for name in declared.get("code", ()):
+                _check_code(path, name)
             chosen[path.name] = Script(path, where, int(number.group(1)),
                                        settings=declared.get("settings"),
                                        reads=declared.get("reads"),

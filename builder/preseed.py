@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder import firstboot
 from builder.errors import BuildError
+from builder.firstboot.answers import Answers, parse_preseed
+from builder.firstboot.card import Settings
 
 
 def load_preseed(path: Path, shown: str | None = None,
-                 settings: firstboot.Settings | None = None) -> tuple[bytes, firstboot.Answers]:
+                 settings: Settings | None = None) -> tuple[bytes, Answers]:
     """The file's bytes and answers; `shown` is the path as the user wrote it."""
     flag = f"--preseed {shown or path}"
     try:
@@ -19,8 +20,7 @@ def load_preseed(path: Path, shown: str | None = None,
     except OSError as exc:
         raise BuildError(f"{flag}: {exc.strerror}: give the path of an existing file") from None
     # Time zone names are checked against the host's tzdata: the same names as the image's.
-    answers, problems = firstboot.parse_preseed(data, Path("/"),
-                                                settings or firstboot.Settings())
+    answers, problems = parse_preseed(data, Path("/"), settings or Settings())
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BuildError(f"{flag}: {problems[0]}{more}: fix the file (README: \"Headless "

@@ -74,8 +74,22 @@ def tree_digest(root: Path, names: Sequence[str] | None = None) -> str:
 
 
 def code_digest(names: Sequence[str]) -> str:
-    """The builder's own source files (builder/NAME) that something depends on."""
-    return digest_of({name: sha256_of(BUILDER_DIR / name) for name in sorted(names)})
+    """The builder's own source files (builder/NAME) that something depends on; a directory
+    (NAME/, a subpackage) stands for every Python file under it."""
+    files: dict[str, str] = {}
+    for name in names:
+        path = BUILDER_DIR / name
+        sources = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for source in sources:
+            files[source.relative_to(BUILDER_DIR).as_posix()] = sha256_of(source)
+    return digest_of(files)
+
+
+def all_code() -> list[str]:
+    """What a host script that declares no `code` depends on: all of the builder, each
+    module and each subpackage (as NAME/)."""
+    return sorted(p.name + "/" if p.is_dir() else p.name for p in BUILDER_DIR.iterdir()
+                  if p.suffix == ".py" or (p / "__init__.py").is_file())
 
 
 def key_of_base(base_digest: str, board: Mapping[str, Any], release: str, headroom: int,

@@ -26,7 +26,7 @@ import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
-from builder.firstboot import hash_login_password
+from builder.firstboot.answers import hash_login_password
 from builder.image import find_root, read_table
 from builder.ledger import Ledger
 from builder.mount import loop_device, mounted

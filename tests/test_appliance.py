@@ -265,7 +265,7 @@ class Builds:
     def preseed(self) -> Path:
         from jupyter_server.auth import passwd
 
-        from builder.firstboot import hash_login_password
+        from builder.firstboot.answers import hash_login_password
         path = self.work / "jupyter-firstboot.conf"
         path.write_text(f"# hashes only: every card from this image would share them\n"
                         f"login_password_hash = {hash_login_password(LOGIN)}\n"
@@ -706,7 +706,7 @@ def first_boot(image: Image) -> None:
     plain passwords on arm64 (hashed by the image's own jupyter_server and libcrypt)."""
     if image.appliance.arch == "armhf":
         result = subprocess.run(
-            ["chroot", str(image.root), "python3", "/usr/lib/orangepi-jupyter/firstboot.py",
+            ["chroot", str(image.root), "python3", "/usr/lib/orangepi-jupyter/firstboot.pyz",
              "--boot", "--console", "ttyS0"], stdin=subprocess.DEVNULL, env=image.chroot.env,
             capture_output=True, text=True, timeout=600)
     else:
@@ -725,10 +725,10 @@ def first_boot(image: Image) -> None:
         == ["jupyter", "600"]
     assert json.loads(credentials.read_text())["token"] == TOKEN
     check = image.run("python3", "-c",
-                      "import sys; sys.path.insert(0, '/usr/lib/orangepi-jupyter'); "
-                      "import firstboot; h = open('/etc/shadow').read().split('jupyter:')[1]"
-                      ".split(':')[0]; print(firstboot._crypt(sys.argv[1].encode(), h.encode())"
-                      ".decode() == h)", LOGIN)
+                      "import sys; sys.path.insert(0, '/usr/lib/orangepi-jupyter/firstboot.pyz');"
+                      " from builder.firstboot.answers import _crypt; h = open('/etc/shadow')"
+                      ".read().split('jupyter:')[1].split(':')[0]; print(_crypt(sys.argv[1]"
+                      ".encode(), h.encode()).decode() == h)", LOGIN)
     assert check.stdout.strip() == "True", "the login password is the preseed's"
     hostname = {"armhf": "pcplus-lab", "arm64": "zero-lab"}[image.appliance.arch]
     assert (image.root / "etc/hostname").read_text() == f"{hostname}\n"

@@ -1,7 +1,9 @@
-"""The first-boot wizard (builder/firstboot.py) as a person meets it: on a pseudo-terminal,
-against a temporary card (a root directory with its own passwd, shadow and hostname), with
-the real chpasswd writing the shadow file, the real jupyter_server hashing and checking the
-Jupyter password, and two wizards on two terminals sharing one card."""
+"""The first-boot wizard (builder/firstboot/) as a person meets it: the card's own zipapp on
+a pseudo-terminal, against a temporary card (a root directory with its own passwd, shadow and
+hostname), with the real chpasswd writing the shadow file, the real jupyter_server hashing and
+checking the Jupyter password, and two wizards on two terminals sharing one card. The preseed
+format's checks on their own: tests/test_firstboot_answers.py; the zipapp itself:
+tests/test_firstboot_bundle.py."""
 
 from __future__ import annotations
 
@@ -23,19 +25,14 @@ import pexpect
 import pytest
 from conftest import REPO
 
-from builder import firstboot
-from builder.firstboot import (
-    CREDENTIALS,
-    PRESEED,
-    STAMP,
-    Settings,
-    check_login_hash,
-    check_ssh_key,
-    hash_login_password,
-    parse_preseed,
-)
+from builder.firstboot import bundle
+from builder.firstboot.answers import _crypt, hash_login_password
+from builder.firstboot.card import CREDENTIALS, ISSUE, PRESEED, SETTINGS, STAMP, Settings
+from builder.firstboot.console import Console
+from builder.firstboot.result import addresses
+from builder.firstboot.system import KILL_AFTER, STEP_NAMES, System, set_wifi
+from builder.firstboot.wizard import NOISE_LIMIT, Wizard
 
-WIZARD = REPO / "builder" / "firstboot.py"
 PYTHON = sys.executable        # the test venv's, with jupyter_server: the card's venv here
 UID = 1000
 LOGIN = "l0gin pä$$ 'q\"uo;te` #x"         # shell metacharacters, quotes, non-ASCII, '#'
@@ -53,9 +50,18 @@ def verifies(hashed: str, password: str) -> bool:
     return bool(passwd_check(hashed, password))
 
 
+@pytest.fixture(scope="session")
+def wizard_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zipapp the card gets (customize.d/50-install-firstboot.host), run by the tests."""
+    program = tmp_path_factory.mktemp("bundle") / "firstboot.pyz"
+    bundle.build(program)
+    return program
+
+
 @dataclass
 class Card:
     root: Path
+    program: Path
 
     def shadow(self, user: str) -> str:
         for line in (self.root / "etc/shadow").read_text().splitlines():
@@ -65,7 +71,7 @@ class Card:
 
     def login_accepts(self, password: str) -> bool:
         hashed = self.shadow("jupyter")
-        return firstboot._crypt(password.encode(), hashed.encode()).decode() == hashed
+        return _crypt(password.encode(), hashed.encode()).decode() == hashed
 
     def credentials(self) -> dict[str, str]:
         return dict(json.loads((self.root / CREDENTIALS).read_text()))
@@ -78,7 +84,7 @@ class Card:
         assert (self.root / "etc/hostname").read_text() == "orangepipcplus\n"
 
     def settings(self, **changes: object) -> None:
-        path = self.root / firstboot.SETTINGS
+        path = self.root / SETTINGS
         data = json.loads(path.read_text())
         data.update(changes)
         path.write_text(json.dumps(data))
@@ -92,8 +98,8 @@ class Card:
     def wizard(self, *args: str, console: str = "ttyT0", env: dict[str, str] | None = None,
                jupyter_python: str = PYTHON) -> pexpect.spawn:
         child = pexpect.spawn(
-            PYTHON, [str(WIZARD), "--root", str(self.root), "--jupyter-python", jupyter_python,
-                     "--console", console, *args],
+            PYTHON, [str(self.program), "--root", str(self.root), "--jupyter-python",
+                     jupyter_python, "--console", console, *args],
             env={**os.environ, **(env or {})}, encoding="utf-8", codec_errors="replace", timeout=60,
             dimensions=(50, 200))
         child.logfile_read = open(self.root.parent / f"{console}.log", "a")  # noqa: SIM115
@@ -113,7 +119,7 @@ class Card:
 
 
 @pytest.fixture
-def card(tmp_path: Path) -> Iterator[Card]:
+def card(tmp_path: Path, wizard_program: Path) -> Iterator[Card]:
     if os.geteuid() != 0:
         pytest.skip("needs root: chpasswd --root changes a card's shadow file by chroot(2)")
     if shutil.which("chpasswd") is None:
@@ -134,12 +140,12 @@ def card(tmp_path: Path) -> Iterator[Card]:
     (root / "usr/share/zoneinfo").symlink_to("/usr/share/zoneinfo")
     os.chown(root / "home/jupyter", UID, UID)
     os.chown(root / "var/lib/jupyter", UID, UID)
-    (root / firstboot.SETTINGS).write_text(json.dumps({
+    (root / SETTINGS).write_text(json.dumps({
         "user": "jupyter", "venv": "/opt/jupyter", "port": 8888, "base_url": "/",
         "board": "Orange Pi PC Plus", "consoles": [{"device": "ttyS0", "baud": 115200}],
         "root_password": "locked", "min_password_length": 8, "answer_timeout": 60,
         "unattended": "wait", "unattended_after": 900}))
-    yield Card(root)
+    yield Card(root, wizard_program)
 
 
 def finished(child: pexpect.spawn, code: int = 0) -> str:
@@ -202,7 +208,7 @@ def test_first_boot_sets_everything_and_shows_where_to_go(card: Card) -> None:
     assert (card.root / "etc/timezone").read_text() == "Europe/Berlin\n"
     assert (card.root / STAMP).exists()
     assert not list((card.root / "var/lib/jupyter").glob(".*tmp")), "no temporary files left"
-    if firstboot.addresses():
+    if addresses():
         assert f":8888/lab?token={shown_token}" in log
     else:
         assert "No network address yet" in log
@@ -413,17 +419,17 @@ def test_bad_preseed_is_reported_and_the_rest_is_asked(card: Card) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("step", [s for s in firstboot.STEP_NAMES if s != "start-jupyter"])
+@pytest.mark.parametrize("step", [s for s in STEP_NAMES if s != "start-jupyter"])
 def test_power_loss_between_steps_leaves_nothing_half_set(card: Card, step: str) -> None:
     card.preseed(f"login_password = '{LOGIN}'\njupyter_password = {JUPYTER}\n"
                  f"hostname = after-{step}\nssh_key = {ssh_public_key()}\n")
-    child = card.boot(env={firstboot.KILL_AFTER: step})
+    child = card.boot(env={KILL_AFTER: step})
     child.expect(pexpect.EOF, timeout=120)
     child.close()
     assert child.signalstatus == signal.SIGKILL
     done = (card.root / STAMP).exists()
     # The stamp is what jupyter.service waits for: it exists only when everything is set.
-    assert done == (firstboot.STEP_NAMES.index(step) >= firstboot.STEP_NAMES.index("stamp"))
+    assert done == (STEP_NAMES.index(step) >= STEP_NAMES.index("stamp"))
     if done:
         assert verifies(card.credentials()["hashed_password"], JUPYTER)
         assert card.login_accepts(LOGIN)
@@ -461,7 +467,7 @@ def test_unattended_token_mode_shows_a_token_locally(card: Card) -> None:
     # for root's eyes (agetty) only, until jupyter-setup runs again.
     assert (card.root / "home/jupyter/.ssh/authorized_keys").read_text() == key + "\n"
     assert (card.root / "etc/hostname").read_text() == "unattended\n"
-    issue = card.root / firstboot.ISSUE
+    issue = card.root / ISSUE
     assert stat.S_IMODE(issue.stat().st_mode) == 0o600
     assert token in issue.read_text() and temporary in issue.read_text()
     finished(card.wizard("--rotate-token"))
@@ -526,54 +532,14 @@ def test_rerun_interrupted_changes_nothing(card: Card) -> None:
     assert ((card.root / CREDENTIALS).read_bytes(), card.shadow("jupyter")) == before
 
 
-# The parser and checks on their own.
-
-
-def test_preseed_parser_keeps_what_is_valid(tmp_path: Path) -> None:
-    answers, problems = parse_preseed(
-        "  # comment\n\nLOGIN_PASSWORD =  ' spaces kept '  \njupyter_password=a#b=c!d...\n"
-        "hostname = Board1\nssh_key = " + ssh_public_key() + "\nssh_key = ssh-rsa AAAA\n"
-        "jupyter_token = short\nwifi_key = 1234567\nhostname = twice\n",
-        Path("/"), Settings())
-    assert answers.login_password == " spaces kept "
-    assert answers.jupyter_password == "a#b=c!d..."
-    assert answers.hostname == "board1"
-    assert len(answers.ssh_keys) == 1
-    text = "\n".join(problems)
-    assert "line 7: 'ssh_key': 'ssh-rsa AAAA' is not an SSH public key line" in text
-    assert "line 8: 'jupyter_token': must be 'generate', 'none', or 16-256" in text
-    assert "line 9: 'wifi_key': must be 8-63 printable" in text
-    assert "1234567" not in text, "a secret value is never repeated back"
-    assert "line 10: 'hostname': given twice" in text
-    assert "wifi_key is given without wifi_ssid" in text
-
-
-def test_login_hashes_are_checked_by_libcrypt() -> None:
-    hashed = hash_login_password(LOGIN)
-    assert check_login_hash(hashed) == hashed
-    assert firstboot._crypt(LOGIN.encode(), hashed.encode()).decode() == hashed
-    for bad in ("$y$nothing", "plain-password", "$6$", "*"):
-        with pytest.raises(ValueError, match="is not a whole crypt"):
-            check_login_hash(bad)
-
-
-def test_ssh_key_with_the_wrong_type_in_front_is_refused() -> None:
-    key = ssh_public_key()
-    assert check_ssh_key(key) == key
-    with pytest.raises(ValueError):
-        check_ssh_key(key.replace("ssh-ed25519", "ssh-rsa", 1))
-    with pytest.raises(ValueError):
-        check_ssh_key(key[:40])
-
-
-def test_check_option_reports_the_problems(tmp_path: Path) -> None:
+def test_check_option_reports_the_problems(tmp_path: Path, wizard_program: Path) -> None:
     good, bad = tmp_path / "good.conf", tmp_path / "bad.conf"
     good.write_text("hostname = lab\njupyter_token = generate\n")
     bad.write_text("hostname = la b\n")
-    result = subprocess.run([sys.executable, str(WIZARD), "--check", str(good)],
+    result = subprocess.run([sys.executable, str(wizard_program), "--check", str(good)],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == ""
-    result = subprocess.run([sys.executable, str(WIZARD), "--check", str(bad)],
+    result = subprocess.run([sys.executable, str(wizard_program), "--check", str(bad)],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "line 1: 'hostname': 'la b' is not a host name" in \
         result.stdout
@@ -584,7 +550,8 @@ def test_check_option_reports_the_problems(tmp_path: Path) -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path) -> None:
+def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path,
+                                         wizard_program: Path) -> None:
     from conftest import debugfs, leftover_resources, make_base_image, root_partition, run_cli
     base = make_base_image(debian_rootfs, tmp_path)
     scripts = tmp_path / "scripts"
@@ -620,9 +587,13 @@ def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path) ->
     sshd = read("/etc/ssh/sshd_config")
     assert "\nPermitRootLogin yes" not in sshd and "# PermitRootLogin yes" in sshd
     assert "PermitRootLogin no" in read("/etc/ssh/sshd_config.d/10-orangepi-jupyter.conf")
-    wizard = read("/usr/lib/orangepi-jupyter/firstboot.py")
-    assert wizard == (REPO / "builder/firstboot.py").read_text()
-    assert "/usr/lib/orangepi-jupyter/firstboot.py" in \
+    installed = tmp_path / "installed.pyz"
+    debugfs(part, f"dump /usr/lib/orangepi-jupyter/firstboot.pyz {installed}")
+    # The same bytes as a bundle made here from the same sources: the zipapp is reproducible.
+    assert installed.read_bytes() == wizard_program.read_bytes()
+    assert re.search(r"Type: regular\s+Mode:\s+0755\b",
+                     debugfs(part, "stat /usr/lib/orangepi-jupyter/firstboot.pyz").stdout)
+    assert "/usr/lib/orangepi-jupyter/firstboot.pyz" in \
         debugfs(part, "stat /usr/local/sbin/jupyter-setup").stdout
 
 
@@ -686,7 +657,7 @@ def test_a_failing_step_marks_nothing_done_and_asks_again(card: Card) -> None:
 @pytest.mark.root
 def test_a_line_of_noise_ends_the_session(card: Card) -> None:
     child = card.begin()
-    for _ in range(firstboot.NOISE_LIMIT - 1):
+    for _ in range(NOISE_LIMIT - 1):
         os.write(child.child_fd, b"\x8f\xfe\x13\x1c\n")
         # One at a time: what is queued behind a noisy line is thrown away with it.
         child.expect("unreadable input ignored")
@@ -715,44 +686,11 @@ def test_a_linked_ssh_directory_is_not_followed(card: Card, tmp_path: Path) -> N
     assert not (card.root / STAMP).exists()
 
 
-def test_preseed_encodings_and_comments() -> None:
-    bom = "\ufeffhostname = lab\n".encode()
-    answers, problems = parse_preseed(bom, Path("/"), Settings())
-    assert answers.hostname == "lab" and problems == []
-    latin1 = "login_password = gr\xfc\xdfe-aus-k\xf6ln\nhostname = ok\n".encode("latin-1")
-    answers, problems = parse_preseed(latin1, Path("/"), Settings())
-    assert problems == ["line 1: not UTF-8 text (save the file as UTF-8)"]
-    assert answers.login_password is None and answers.hostname == "ok"
-    answers, problems = parse_preseed(
-        "login_password = a long login password   # my comment\n"
-        "jupyter_password = 'a password #with a hash'\n= only-a-secret\n", Path("/"),
-        Settings())
-    assert answers.login_password is None, "a comment is never taken into a password"
-    assert answers.jupyter_password == "a password #with a hash"
-    assert "line 1: 'login_password': a comment after a value is not allowed" in problems[0]
-    assert problems[1] == "line 3: not 'key = value'" and "only-a-secret" not in problems[1]
-    _, problems = parse_preseed("timezone = leapseconds\ntimezone2 = x\n", Path("/"),
-                                Settings())
-    assert "is not a known time zone" in problems[0]
-
-
-def test_truncated_hashes_are_refused() -> None:
-    from jupyter_server.auth import passwd
-    whole = hash_login_password(LOGIN)
-    for cut in (whole[:whole.rindex("$") + 1], whole[:-5], "$6$x$y", "$y$j9T$"):
-        with pytest.raises(ValueError, match="is not a whole crypt"):
-            check_login_hash(cut)
-    jupyter = passwd(JUPYTER)
-    assert firstboot.check_jupyter_hash(jupyter) == jupyter
-    with pytest.raises(ValueError):
-        firstboot.check_jupyter_hash(jupyter[:jupyter.rindex("$") + 4])
-
-
 def test_wifi_for_networkmanager_keeps_odd_names(tmp_path: Path) -> None:
     (tmp_path / "usr/sbin").mkdir(parents=True)
     (tmp_path / "usr/sbin/NetworkManager").write_text("")
-    system = firstboot.System(tmp_path, Settings(), PYTHON)
-    said = firstboot.set_wifi(system, " Lab\\Net;5G", "pass\\word 123")
+    system = System(tmp_path, Settings(), PYTHON)
+    said = set_wifi(system, " Lab\\Net;5G", "pass\\word 123")
     assert said.endswith("configured (NetworkManager)")
     path = tmp_path / "etc/NetworkManager/system-connections/_Lab_Net_5G.nmconnection"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -761,8 +699,7 @@ def test_wifi_for_networkmanager_keeps_odd_names(tmp_path: Path) -> None:
     keyfile.read_string(path.read_text())
     assert keyfile["wifi"]["ssid"] == "\\sLab\\\\Net;5G"
     assert keyfile["wifi-security"]["psk"] == "pass\\\\word 123"
-    nothing = firstboot.set_wifi(firstboot.System(tmp_path / "bare", Settings(), PYTHON),
-                                 "Lab", None)
+    nothing = set_wifi(System(tmp_path / "bare", Settings(), PYTHON), "Lab", None)
     assert "NOT configured" in nothing
 
 
@@ -773,7 +710,7 @@ def test_a_hidden_prompt_shows_only_once_echo_is_off(tmp_path: Path) -> None:
     import termios
     master, slave = os.openpty()
     try:
-        console = firstboot.Console(slave, slave, "pts")
+        console = Console(slave, slave, "pts")
         echo_when_prompted: list[bool] = []
         write = console.say
 
@@ -783,8 +720,7 @@ def test_a_hidden_prompt_shows_only_once_echo_is_off(tmp_path: Path) -> None:
             write(text, end)
 
         console.say = say  # type: ignore[method-assign]
-        wizard = firstboot.Wizard(firstboot.System(tmp_path, Settings(), PYTHON), console,
-                                  first_boot=True)
+        wizard = Wizard(System(tmp_path, Settings(), PYTHON), console, first_boot=True)
         os.write(master, LOGIN.encode() + b"\r")
         assert wizard.ask("Login password for jupyter", lambda v: v, hidden=True) == LOGIN
         assert echo_when_prompted == [False]

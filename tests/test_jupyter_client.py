@@ -13,7 +13,7 @@ import pytest
 from conftest import local_jupyter
 
 from builder import jupyter_client as jupyter
-from builder.firstboot import hash_jupyter_password
+from builder.firstboot.answers import hash_jupyter_password
 
 pytestmark = pytest.mark.slow
 PASSWORD = "jupyter pässword \"$(true)\""

@@ -6,6 +6,7 @@ the size limit and --cache-prune. The keys themselves are checked without a buil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -329,6 +330,55 @@ def test_keys_follow_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     # Undeclared files of the work directory do not count.
     (work / "other.txt").write_text("x")
     assert stages.tree_digest(work, ["lock.txt", "wheels"]) in digests
+
+
+def test_a_code_directory_stands_for_every_module_in_it(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`code firstboot/`: a host script that runs a subpackage depends on all of it."""
+    code = tmp_path / "builder"
+    (code / "firstboot").mkdir(parents=True)
+    (code / "files.py").write_text("x = 1\n")
+    (code / "firstboot/__init__.py").write_text('"""The map."""\n')
+    (code / "firstboot/wizard.py").write_text("x = 1\n")
+    monkeypatch.setattr(stages, "BUILDER_DIR", code)
+    names = ["files.py", "firstboot/"]
+    digests = [stages.code_digest(names)]
+    (code / "firstboot/wizard.py").write_text("x = 2\n")
+    digests.append(stages.code_digest(names))
+    (code / "firstboot/session.py").write_text("")
+    digests.append(stages.code_digest(names))
+    (code / "firstboot/wizard.py").rename(code / "firstboot/console.py")
+    digests.append(stages.code_digest(names))
+    assert len(set(digests)) == 4, "a changed, a new and a renamed module each change the key"
+    (code / "firstboot/__pycache__").mkdir()
+    (code / "firstboot/__pycache__/console.cpython-311.pyc").write_bytes(b"\0")
+    (code / "firstboot/notes.txt").write_text("not a source")
+    assert stages.code_digest(names) == digests[-1], "only the Python sources count"
+    # A module named alone keeps the key it had before directories could be named: the
+    # stages kept by earlier builds stay usable.
+    assert stages.code_digest(["files.py"]) == stages.digest_of(
+        {"files.py": hashlib.sha256(b"x = 1\n").hexdigest()})
+
+
+def test_code_lines_name_the_builders_files(tmp_path: Path) -> None:
+    """Checked when the scripts are found, before anything runs: a name that is not one of
+    the builder's files (or, ending in /, its directories) would fail only at the key."""
+    from builder.customize import find_scripts
+    from builder.errors import BuildError
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    script = scripts / "50-run.host"
+    for names, problem in (("firstboot/ files.py", None), ("firstbot/", "not a directory"),
+                           ("firstboot", "not a file"), ("../pyproject.toml", "not a file"),
+                           ("/etc/passwd", "not a file"), ("files.py/", "not a directory")):
+        script.write_text(f"#!/bin/sh\n# build-image: code {names}\n")
+        script.chmod(0o755)
+        if problem is None:
+            assert find_scripts([scripts])[0].code == tuple(names.split())
+            continue
+        with pytest.raises(BuildError, match=f"code` names {names.split()[0]}, which is "
+                                             f"{problem} of the builder"):
+            find_scripts([scripts])
 
 
 def test_copy_keeps_holes_and_the_digest(tmp_path: Path) -> None:

@@ -1,0 +1,311 @@
+"""What an answer may be, and the preseed file that gives answers: the checks of each value,
+the login and Jupyter password hashes, the Answers record and the `key = value` format of
+/boot/jupyter-firstboot.conf.
+
+The host imports this module alone (builder/preseed.py, flash-image) to check a preseed file
+as the card will: it must not import the console, wizard or session code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ctypes
+import ctypes.util
+import re
+import struct
+import subprocess
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.firstboot.card import Settings, SetupError
+
+# Preseed keys. Secrets are never echoed back, and the file is removed once applied.
+SECRET_KEYS = ("login_password", "login_password_hash", "jupyter_password",
+               "jupyter_password_hash", "jupyter_token", "wifi_key")
+KEYS = (*SECRET_KEYS, "hostname", "timezone", "ssh_key", "wifi_ssid")
+REPEATABLE = ("ssh_key",)
+
+
+# Checking answers: each returns the value to use, or raises ValueError with the reason.
+
+
+HOSTNAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+TIMEZONE = re.compile(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+){0,2}")
+TOKEN = re.compile(r"[A-Za-z0-9_\-]{16,256}")
+ARGON2 = re.compile(r"argon2:\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]{11,}"
+                    r"\$[A-Za-z0-9+/]{22,}")
+SHA1 = re.compile(r"sha1:[0-9a-f]+:[0-9a-f]{40}")
+CRYPT = re.compile(r"\$[a-z0-9]{1,4}\$[./A-Za-z0-9$=,]+")
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                 "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+                 "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def check_password(value: str, minimum: int) -> str:
+    if not value:
+        raise ValueError("is empty")
+    if len(value) < minimum:
+        raise ValueError(f"is shorter than {minimum} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        raise ValueError("contains control characters")
+    return value
+
+
+def check_hostname(value: str) -> str:
+    name = value.strip().lower()
+    if not HOSTNAME.fullmatch(name):
+        raise ValueError("is not a host name (letters, digits and '-', at most 63, not "
+                         "starting or ending with '-')")
+    return name
+
+
+def check_timezone(value: str, root: Path) -> str:
+    zone = value.strip()
+    zoneinfo = root / "usr/share/zoneinfo"
+    if not TIMEZONE.fullmatch(zone) or zone.split("/")[0] in ("posix", "right"):
+        raise ValueError("is not a time zone name (e.g. Europe/Berlin, UTC)")
+    if not zoneinfo.is_dir():
+        raise ValueError("this image has no time zone data (tzdata): the time zone stays UTC")
+    if not (zoneinfo / zone).is_file() or (zoneinfo / zone).read_bytes()[:4] != b"TZif":
+        raise ValueError("is not a known time zone (e.g. Europe/Berlin, America/New_York, "
+                         "UTC)")
+    return zone
+
+
+def check_token(value: str) -> str:
+    token = value.strip()
+    if token.lower() in ("generate", "none"):
+        return token.lower()
+    if not TOKEN.fullmatch(token):
+        raise ValueError("must be 'generate', 'none', or 16-256 letters, digits, '-' and '_'")
+    return token
+
+
+def check_jupyter_hash(value: str) -> str:
+    hashed = value.strip()
+    if not (ARGON2.fullmatch(hashed) or SHA1.fullmatch(hashed)):
+        raise ValueError("is not a Jupyter password hash (argon2:$argon2id$... as made by "
+                         "jupyter_server.auth.passwd)")
+    return hashed
+
+
+def check_login_hash(value: str) -> str:
+    hashed = value.strip()
+    # libcrypt hashes a probe with the same method and salt: a whole hash gives a result of
+    # its own length and prefix; a truncated one (no hash part, a short one) does not.
+    probe = _crypt(b"probe", hashed.encode()).decode(errors="replace") if \
+        CRYPT.fullmatch(hashed) else ""
+    if not (probe and len(probe) == len(hashed) and "$" in hashed
+            and probe[:hashed.rindex("$")] == hashed[:hashed.rindex("$")]
+            and len(hashed) - hashed.rindex("$") > 20):
+        raise ValueError("is not a whole crypt(3) hash ($y$..., $6$..., as made by "
+                         "`mkpasswd -m yescrypt`)")
+    return hashed
+
+
+def check_ssh_key(value: str) -> str:
+    parts = value.strip().split(None, 2)
+    problem = ValueError("is not an SSH public key line (e.g. the contents of "
+                         "~/.ssh/id_ed25519.pub)")
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise problem
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except binascii.Error:
+        raise problem from None
+    # The blob is a series of length-prefixed fields, the first of them the key's type: a
+    # key cut short when pasted, or with the wrong type in front, does not pass.
+    fields, offset = [], 0
+    while offset + 4 <= len(blob):
+        size = struct.unpack(">I", blob[offset:offset + 4])[0]
+        fields.append(blob[offset + 4:offset + 4 + size])
+        offset += 4 + size
+    if offset != len(blob) or len(fields) < 2 or fields[0] != parts[0].encode():
+        raise problem
+    return " ".join(parts)
+
+
+def check_ssid(value: str) -> str:
+    if not 1 <= len(value.encode()) <= 32:
+        raise ValueError("must be 1-32 bytes")
+    return value
+
+
+def check_wifi_key(value: str) -> str:
+    if re.fullmatch(r"[0-9a-fA-F]{64}", value) or (
+            8 <= len(value) <= 63 and all(" " <= ch <= "~" for ch in value)):
+        return value
+    raise ValueError("must be 8-63 printable ASCII characters (or 64 hex digits)")
+
+
+# crypt(3) from the system's libcrypt: Python 3.13 dropped the crypt module.
+
+
+def _libcrypt() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+    lib.crypt.restype = ctypes.c_char_p
+    lib.crypt.argtypes = (ctypes.c_char_p, ctypes.c_char_p)
+    lib.crypt_gensalt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = (ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int)
+    return lib
+
+
+def _crypt(password: bytes, setting: bytes) -> bytes:
+    lib = _libcrypt()
+    if lib is None:
+        raise SetupError("libcrypt is missing: cannot hash the login password")
+    result: bytes | None = lib.crypt(password, setting)
+    return result or b""
+
+
+def hash_login_password(password: str) -> str:
+    """yescrypt, Debian's default, with a salt from the kernel's random source."""
+    lib = _libcrypt()
+    if lib is None:
+        raise SetupError("libcrypt is missing: cannot hash the login password")
+    for prefix in (b"$y$", b"$6$"):
+        setting = lib.crypt_gensalt(prefix, 0, None, 0)
+        if setting:
+            hashed = _crypt(password.encode(), setting)
+            if hashed.startswith(prefix):
+                return hashed.decode()
+    raise SetupError("libcrypt offers neither yescrypt nor sha512crypt")
+
+
+def hash_jupyter_password(password: str, python: str) -> str:
+    """An argon2 hash in jupyter_server's format, made by the venv's Python; the password goes
+    through a pipe, never the command line."""
+    # jupyter_server.auth.passwd's own recipe (argon2id, 10 MiB, t=10, p=8, "argon2:" prefix)
+    # through argon2-cffi, which jupyter_server requires: importing jupyter_server itself took
+    # over two minutes on a busy emulated board. The tests check the result with
+    # jupyter_server's passwd_check.
+    code = ("import sys, argon2; print('argon2:' + argon2.PasswordHasher(memory_cost=10240, "
+            "time_cost=10, parallelism=8).hash(sys.stdin.readline().rstrip('\\n')))")
+    try:
+        # -I and cwd /: run from a notebook user's directory, nothing there gets imported.
+        result = subprocess.run([python, "-I", "-X", "utf8", "-c", code],
+                                input=password + "\n", text=True, capture_output=True,
+                                timeout=300, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"cannot run {python} to hash the Jupyter password: {exc}") from None
+    if result.returncode != 0:
+        raise SetupError(f"{python} could not hash the Jupyter password: "
+                         f"{result.stderr.strip().splitlines()[-1:]}")
+    return check_jupyter_hash(result.stdout.strip())
+
+
+# The preseed file.
+
+
+@dataclass
+class Answers:
+    """What setup will apply. None: not answered (yet)."""
+
+    login_hash: str | None = None
+    jupyter_hash: str | None = None
+    token: str | None = None          # "generate", "none" or a token
+    hostname: str | None = None
+    timezone: str | None = None
+    ssh_keys: list[str] = field(default_factory=list)
+    wifi_ssid: str | None = None
+    wifi_key: str | None = None
+    # Plain passwords from a preseed, hashed only once the answers are applied.
+    login_password: str | None = None
+    jupyter_password: str | None = None
+
+    def has_login(self) -> bool:
+        return bool(self.login_hash or self.login_password)
+
+    def has_jupyter(self) -> bool:
+        return bool(self.jupyter_hash or self.jupyter_password)
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+def parse_preseed(data: str | bytes, root: Path,
+                  settings: Settings) -> tuple[Answers, list[str]]:
+    """`key = value` lines; `#` starts a comment only at the beginning of a line, so a
+    password may contain it. Quotes around a value keep its leading or trailing spaces, and
+    are needed for a value with " #" in it (so a comment after a value is an error, not part
+    of a password). Bytes are read as UTF-8 (a BOM, as Windows editors write, is allowed).
+    Returns what is valid and one line per problem; a bad value is left unanswered, and a
+    secret is never repeated in a problem."""
+    answers, problems = Answers(), []
+    seen: set[str] = set()
+    if isinstance(data, str):
+        data = data.encode()
+    for number, raw_line in enumerate(data.split(b"\n"), 1):
+        try:
+            raw = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"line {number}: not UTF-8 text (save the file as UTF-8)")
+            continue
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().lower()
+        where = f"line {number}: {key!r}" if key else f"line {number}"
+        if not sep or not key:
+            problems.append(f"line {number}: not 'key = value'")
+            continue
+        value = value.strip()
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+        if not quoted and re.search(r"\s#", value):
+            problems.append(f"{where}: a comment after a value is not allowed (put the comment "
+                            f"on its own line, or the value in quotes if ' #' belongs to it)")
+            continue
+        value = unquote(value)
+        if key not in KEYS:
+            problems.append(f"{where}: unknown key (known: {', '.join(KEYS)})")
+            continue
+        if key in seen and key not in REPEATABLE:
+            problems.append(f"{where}: given twice")
+            continue
+        seen.add(key)
+        try:
+            _preseed_value(answers, key, value, root, settings)
+        except ValueError as exc:
+            shown = "" if key in SECRET_KEYS else f" {value!r}"
+            problems.append(f"{where}:{shown} {exc}")
+    for plain, hashed in (("login_password", "login_password_hash"),
+                          ("jupyter_password", "jupyter_password_hash")):
+        if plain in seen and hashed in seen:
+            problems.append(f"{plain} and {hashed} are both given: keep one")
+    if "wifi_key" in seen and "wifi_ssid" not in seen:
+        problems.append("wifi_key is given without wifi_ssid")
+    return answers, problems
+
+
+def _preseed_value(answers: Answers, key: str, value: str, root: Path,
+                   settings: Settings) -> None:
+    if key == "login_password":
+        answers.login_password = check_password(value, settings.min_password_length)
+    elif key == "login_password_hash":
+        answers.login_hash = check_login_hash(value)
+    elif key == "jupyter_password":
+        answers.jupyter_password = check_password(value, settings.min_password_length)
+    elif key == "jupyter_password_hash":
+        answers.jupyter_hash = check_jupyter_hash(value)
+    elif key == "jupyter_token":
+        answers.token = check_token(value)
+    elif key == "hostname":
+        answers.hostname = check_hostname(value)
+    elif key == "timezone":
+        answers.timezone = check_timezone(value, root)
+    elif key == "ssh_key":
+        answers.ssh_keys.append(check_ssh_key(value))
+    elif key == "wifi_ssid":
+        answers.wifi_ssid = check_ssid(value)
+    elif key == "wifi_key":
+        answers.wifi_key = check_wifi_key(value)

@@ -1,0 +1,54 @@
+"""What every part of first boot shares: where it keeps things on the card, the settings the
+builder writes for it, and the error that the person at the console (or the preseed's author)
+has to fix. Standard library only, like the whole package (it runs on the card)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Inside the image, relative to the root.
+SETTINGS = "etc/orangepi-jupyter/firstboot.json"
+PRESEED = "boot/jupyter-firstboot.conf"
+STAMP = "var/lib/orangepi-jupyter/firstboot-done"
+CREDENTIALS = "var/lib/jupyter/credentials.json"
+RUN_DIR = "run/jupyter-firstboot"
+# Unattended setup's token and one-time login password, shown before the consoles'
+# login prompts (agetty reads /etc/issue.d) until jupyter-setup runs again.
+ISSUE = "etc/issue.d/jupyter-setup.issue"
+
+
+class SetupError(Exception):
+    """Something the person at the console (or the preseed's author) has to fix."""
+
+
+# Settings, written into the image by the builder from its configuration.
+
+
+@dataclass(frozen=True)
+class Settings:
+    user: str = "jupyter"
+    venv: str = "/opt/jupyter"
+    port: int = 8888
+    base_url: str = "/"
+    board: str = "Orange Pi"
+    consoles: tuple[dict[str, Any], ...] = ()     # the board's serial consoles: device, baud
+    root_password: str = "locked"         # locked | same (as the login user's)
+    min_password_length: int = 8
+    answer_timeout: float = 300.0         # seconds a question waits before the session ends
+    unattended: str = "wait"              # wait | token
+    unattended_after: float = 900.0       # seconds with nobody at a console (token mode)
+
+    @classmethod
+    def load(cls, path: Path) -> Settings:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def baud(self, device: str) -> int | None:
+        return next((int(c["baud"]) for c in self.consoles if c.get("device") == device), None)

@@ -1,0 +1,81 @@
+"""`jupyter-setup`'s command line, which is also how systemd starts the wizard at boot
+(`--boot --console TTY`, jupyter-firstboot@.service); `--check FILE` checks a preseed file
+wherever the program runs (the card, or the host: `python -m builder.firstboot --check`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.firstboot.answers import parse_preseed
+from builder.firstboot.card import SetupError
+from builder.firstboot.console import Console, configure_line
+from builder.firstboot.session import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, boot, rerun, status
+from builder.firstboot.system import System
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="jupyter-setup",
+        description="Set the passwords of this Jupyter workstation, make a new token, or "
+                    "show where Jupyter is. Run as root (sudo).")
+    p.add_argument("--preseed", metavar="FILE", type=Path,
+                   help="apply a preseed file (same keys as /boot/jupyter-firstboot.conf)")
+    p.add_argument("--rotate-token", action="store_true",
+                   help="make a new Jupyter token; the old one stops working")
+    p.add_argument("--status", action="store_true", help="show the URLs of Jupyter")
+    p.add_argument("--check", metavar="FILE", type=Path,
+                   help="only check a preseed file; print its problems")
+    p.add_argument("--boot", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--console", metavar="TTY", help=argparse.SUPPRESS)
+    p.add_argument("--baud", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+    p.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--jupyter-python", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    # Ctrl-C starts the questions over, so it must arrive as KeyboardInterrupt even when the
+    # wizard was started by something that ignores SIGINT (a background job of a shell
+    # without job control, nohup): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    system = System.open(args.root, args.settings, args.jupyter_python)
+    console = Console(0, 1, args.console or _tty_name())
+    if args.check:
+        try:
+            _, problems = parse_preseed(args.check.read_bytes(), system.root, system.settings)
+        except OSError as exc:
+            console.say(f"jupyter-setup: {args.check}: {exc.strerror}")
+            return EXIT_FAILED
+        for problem in problems:
+            console.say(f"{args.check}: {problem}")
+        return EXIT_FAILED if problems else EXIT_OK
+    if args.status:
+        return status(system, console)
+    if os.geteuid() != 0:
+        console.say("jupyter-setup: run it as root: sudo jupyter-setup")
+        return EXIT_FAILED
+    try:
+        system.account(system.settings.user)
+    except (SetupError, OSError) as exc:
+        console.say(f"jupyter-setup: {exc}")
+        return EXIT_FAILED
+    if args.boot:
+        configure_line(0, args.baud or system.settings.baud(console.name))
+        code = boot(system, console)
+        console.drain()
+        return code
+    try:
+        return rerun(system, console, args.preseed, args.rotate_token)
+    except KeyboardInterrupt:
+        console.say("\njupyter-setup: interrupted; nothing was changed")
+        return EXIT_INTERRUPTED
+
+
+def _tty_name() -> str:
+    try:
+        return os.ttyname(0).removeprefix("/dev/")
+    except OSError:
+        return "stdin"
+

@@ -1,0 +1,343 @@
+"""Applying answers to the card: the System (files under a root directory, and the live
+system when that root is "/"), each change (passwords, hostname, time zone, SSH keys, Wi-Fi,
+Jupyter's credentials) written atomically, the stamp last, and starting Jupyter.
+
+Every path is taken relative to the root, so tests apply answers to a temporary tree; live
+actions (hostname, systemctl) happen only on the running card, never in a chroot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.firstboot.answers import Answers, hash_jupyter_password, hash_login_password
+from builder.firstboot.card import (
+    CREDENTIALS,
+    ISSUE,
+    PRESEED,
+    SETTINGS,
+    STAMP,
+    Settings,
+    SetupError,
+)
+
+# What the unit of a step is called in progress lines; also the names fault injection uses.
+STEP_NAMES = ("login-password", "root-password", "hostname", "timezone", "ssh-key", "wifi",
+              "jupyter-credentials", "stamp", "remove-preseed", "start-jupyter")
+# Tests only: `ORANGEPI_JUPYTER_KILL_AFTER=<step>` makes the wizard SIGKILL itself right
+# after that step, the way a power cut would stop it.
+KILL_AFTER = "ORANGEPI_JUPYTER_KILL_AFTER"
+
+
+# The system being set up: files under a root, and the live system when root is "/".
+
+
+def _in_chroot() -> bool:
+    """A chroot (the build, a test) shares the host's hostname and init: never touch them."""
+    try:
+        init, here = os.stat("/proc/1/root/."), os.stat("/")
+    except OSError:
+        return True
+    return (init.st_dev, init.st_ino) != (here.st_dev, here.st_ino)
+
+
+@dataclass
+class System:
+    root: Path
+    settings: Settings
+    jupyter_python: str
+    # Live actions (hostname, systemctl, kernel log level) only on the running card, never
+    # in a test's tree or in a chroot, where they would change the host.
+    live: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: Path, settings_path: Path | None = None,
+             jupyter_python: str | None = None) -> System:
+        settings = Settings.load(settings_path or root / SETTINGS)
+        python = jupyter_python or str(root / settings.venv.lstrip("/") / "bin/python")
+        live = root.resolve() == Path("/") and not _in_chroot()
+        return cls(root, settings, python, live)
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def done(self) -> bool:
+        return self.path(STAMP).exists()
+
+    def account(self, name: str) -> tuple[int, int, str]:
+        for line in self.path("etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) >= 7 and fields[0] == name:
+                return int(fields[2]), int(fields[3]), fields[5]
+        raise SetupError(f"there is no user {name} in this image")
+
+    def run(self, *argv: str, stdin: str | None = None) -> None:
+        try:
+            result = subprocess.run(argv, input=stdin, text=True, capture_output=True,
+                                    timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SetupError(f"{argv[0]}: {exc}") from None
+        if result.returncode != 0:
+            raise SetupError(f"{' '.join(argv[:2])} failed: {result.stderr.strip()}")
+
+    def shadow_root(self) -> list[str]:
+        """--root for the shadow tools (chpasswd, chage) when the card is not "/"."""
+        root = self.root.resolve()
+        return [] if root == Path("/") else ["--root", str(root)]
+
+    def chpasswd(self, user: str, hashed: str) -> None:
+        self.run("chpasswd", "--encrypted", *self.shadow_root(), stdin=f"{user}:{hashed}\n")
+
+    def write(self, relative: str, data: str, mode: int = 0o644,
+              owner: tuple[int, int] | None = None) -> None:
+        write_atomically(self.path(relative), data.encode(), mode, owner)
+
+
+def write_atomically(path: Path, data: bytes, mode: int,
+                     owner: tuple[int, int] | None = None) -> None:
+    """Write, fsync, then rename over the old file and fsync the directory: after a power
+    cut the file is either the old one or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name, created exclusively: the user can write to some of these directories
+    # (~/.ssh) and must not be able to plant a link or a FIFO there for us to write through.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        if owner:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Applying answers.
+
+
+@dataclass
+class Outcome:
+    token: str | None
+    hostname: str
+    temporary_login_password: str | None = None
+
+
+def step_done(name: str) -> None:
+    if os.environ.get(KILL_AFTER) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def apply(system: System, answers: Answers, say: Callable[[str], None], first_boot: bool,
+          remove_preseed: bool = True, temporary_login: bool = False) -> Outcome:
+    """Apply everything, the stamp last. On a first boot every answer must be there; later
+    (jupyter-setup, a new preseed) what is not answered stays as it is. With
+    `temporary_login` the login password must be changed at the first login, and it and the
+    token are shown before each console's login prompt until jupyter-setup runs again."""
+    s = system.settings
+    user = s.user
+    uid, gid, home = system.account(user)
+    if answers.login_password is not None:
+        answers.login_hash = hash_login_password(answers.login_password)
+    if answers.jupyter_password is not None:
+        say("hashing the Jupyter password (a few seconds)...")
+        answers.jupyter_hash = hash_jupyter_password(answers.jupyter_password,
+                                                     system.jupyter_python)
+    old = read_credentials(system)
+    jupyter_hash = answers.jupyter_hash or old.get("hashed_password")
+    if first_boot and not (answers.login_hash and jupyter_hash):
+        raise SetupError("the login and Jupyter passwords are both needed")
+    token = old.get("token") or None
+    if answers.token == "none":
+        token = None
+    elif answers.token == "generate" or (answers.token is None and first_boot):
+        token = secrets.token_urlsafe(32)
+    elif answers.token:
+        token = answers.token
+
+    if answers.login_hash:
+        system.chpasswd(user, answers.login_hash)
+        if temporary_login:
+            system.run("chage", "--lastday", "0", *system.shadow_root(), user)
+        say(f"login password of {user}: set")
+    step_done("login-password")
+    if answers.login_hash and s.root_password == "same":
+        system.chpasswd("root", answers.login_hash)
+        say("root password: the same as the login password")
+    elif first_boot:
+        system.chpasswd("root", "!*")
+        say("root: locked (use sudo)")
+    step_done("root-password")
+    hostname = read_hostname(system)
+    if answers.hostname:
+        hostname = set_hostname(system, answers.hostname)
+        say(f"hostname: {hostname}")
+    step_done("hostname")
+    if answers.timezone:
+        set_timezone(system, answers.timezone)
+        say(f"time zone: {answers.timezone}")
+    step_done("timezone")
+    if answers.ssh_keys:
+        added = add_ssh_keys(system, answers.ssh_keys, (uid, gid), home)
+        say(f"SSH keys for {user}: {added} added")
+    step_done("ssh-key")
+    if answers.wifi_ssid:
+        say(set_wifi(system, answers.wifi_ssid, answers.wifi_key))
+    step_done("wifi")
+    credentials: dict[str, str] = {"hashed_password": str(jupyter_hash)}
+    if token:
+        credentials["token"] = token
+    system.write(CREDENTIALS, json.dumps(credentials, indent=1), 0o600, (uid, gid))
+    say("Jupyter password and token: saved")
+    # Made up on the card with nobody there: readable by root only (agetty shows it before
+    # the login prompt on the board's own consoles), gone when jupyter-setup runs again.
+    if temporary_login and answers.login_password:
+        system.write(ISSUE, f"Jupyter token: {token}\nOne-time login password of {user}: "
+                            f"{answers.login_password} (change it at the first login, then "
+                            f"run sudo jupyter-setup)\n\n", 0o600)
+    elif system.path(ISSUE).exists():
+        system.path(ISSUE).unlink()
+    step_done("jupyter-credentials")
+    system.write(STAMP, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"), 0o644)
+    step_done("stamp")
+    preseed = system.path(PRESEED)
+    if remove_preseed and preseed.exists():
+        preseed.unlink()
+        sync_directory(preseed.parent)
+        say(f"/{PRESEED}: applied and removed (it held secrets)")
+    step_done("remove-preseed")
+    return Outcome(token, hostname)
+
+
+def read_credentials(system: System) -> dict[str, str]:
+    try:
+        data = json.loads(system.path(CREDENTIALS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_hostname(system: System) -> str:
+    try:
+        return system.path("etc/hostname").read_text().strip() or "localhost"
+    except OSError:
+        return "localhost"
+
+
+def set_hostname(system: System, name: str) -> str:
+    system.write("etc/hostname", name + "\n")
+    hosts_path = system.path("etc/hosts")
+    lines = hosts_path.read_text().splitlines() if hosts_path.exists() else \
+        ["127.0.0.1\tlocalhost"]
+    lines = [line for line in lines if not line.startswith("127.0.1.1")]
+    lines.append(f"127.0.1.1\t{name}")
+    system.write("etc/hosts", "\n".join(lines) + "\n")
+    if system.live:
+        system.run("hostname", name)
+        # mDNS announces the new name only after a restart.
+        subprocess.run(["systemctl", "try-restart", "avahi-daemon.service"],
+                       capture_output=True, timeout=60, check=False)
+    return name
+
+
+def set_timezone(system: System, zone: str) -> None:
+    system.write("etc/timezone", zone + "\n")
+    link = system.path("etc/localtime")
+    tmp = link.with_name(".localtime.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(f"/usr/share/zoneinfo/{zone}")
+    os.replace(tmp, link)
+    sync_directory(link.parent)
+
+
+def add_ssh_keys(system: System, keys: Sequence[str], owner: tuple[int, int],
+                 home: str) -> int:
+    ssh = system.path(home.lstrip("/")) / ".ssh"
+    authorized = ssh / "authorized_keys"
+    # The home directory belongs to the user: a link there must not lead root's chown or
+    # write elsewhere (~/.ssh -> /etc).
+    for path in (ssh, authorized):
+        if path.is_symlink():
+            raise SetupError(f"{path} is a symbolic link: not following it (remove it, then "
+                             f"run sudo jupyter-setup again)")
+    ssh.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(ssh, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    existing = authorized.read_text().splitlines() if authorized.exists() else []
+    new = [key for key in keys if key not in existing]
+    write_atomically(authorized, "".join(f"{line}\n" for line in [*existing, *new]).encode(),
+                     0o600, owner)
+    return len(new)
+
+
+def set_wifi(system: System, ssid: str, key: str | None) -> str:
+    """Whichever network manager the image has: Armbian's netplan, else NetworkManager."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", ssid)
+    if system.path("usr/sbin/netplan").exists():
+        network: dict[str, Any] = {"access-points": {ssid: {"password": key} if key else {}},
+                                   "dhcp4": True, "dhcp6": True}
+        plan = {"network": {"version": 2, "wifis": {"wlan0": network}}}
+        system.write("etc/netplan/30-jupyter-wifi.yaml", json.dumps(plan, indent=2), 0o600)
+        if system.live:
+            subprocess.run(["netplan", "apply"], capture_output=True, timeout=120, check=False)
+        return f"Wi-Fi {ssid}: configured (netplan)"
+    if system.path("usr/sbin/NetworkManager").exists():
+        security = (f"\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={_keyfile(key)}\n" if key
+                    else "")
+        system.write(f"etc/NetworkManager/system-connections/{name}.nmconnection",
+                     f"[connection]\nid={_keyfile(ssid)}\ntype=wifi\nautoconnect=true\n\n"
+                     f"[wifi]\nmode=infrastructure\nssid={_keyfile(ssid)}\n{security}\n"
+                     f"[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n", 0o600)
+        if system.live:
+            subprocess.run(["nmcli", "connection", "reload"], capture_output=True, timeout=60,
+                           check=False)
+        return f"Wi-Fi {ssid}: configured (NetworkManager)"
+    return f"Wi-Fi {ssid}: NOT configured: this image has neither netplan nor NetworkManager"
+
+
+def _keyfile(value: str) -> str:
+    """A value as NetworkManager's keyfile (GKeyFile) reads it back unchanged."""
+    escaped = value.replace("\\", "\\\\")
+    if escaped.startswith(" "):
+        escaped = "\\s" + escaped[1:]
+    return escaped
+
+
+def start_jupyter(system: System, boot: bool) -> str:
+    if not system.live:
+        return "Jupyter: starts at the next boot (not started here: not a running card)"
+    # At boot jupyter.service is ordered after this wizard: queue the start, do not wait
+    # for it (that would wait for ourselves).
+    argv = (["systemctl", "start", "--no-block", "jupyter.service"] if boot
+            else ["systemctl", "restart", "jupyter.service"])
+    system.run(*argv)
+    return "Jupyter: starting (about a minute on this board)"
+
