@@ -21,7 +21,12 @@ import pexpect
 import pytest
 from conftest import leftover_resources
 
-from builder import firstboot
+from builder.errors import BuildError
+from builder.firstboot.answers import hash_login_password, parse_preseed
+from builder.firstboot.card import Settings
+from builder.flash.cli import check_request, finish_card, parser
+from builder.flash.device import inspect_target, opened
+from builder.flash.write import Mismatch, write_card
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 FLASH_IMAGE = [sys.executable, "-m", "builder.flash"]
@@ -226,7 +231,7 @@ def test_verify_reads_the_card_itself(image: Path, cards: Cards) -> None:
 
 
 def test_each_card_gets_its_own_preseed(tmp_path: Path, cards: Cards) -> None:
-    login_hash = firstboot.hash_login_password("image password")
+    login_hash = hash_login_password("image password")
     image = make_image(tmp_path, "preseeded", files={
         "boot/jupyter-firstboot.conf": (f"login_password_hash = {login_hash}\n"
                                         f"hostname = from-the-image\nssh_key = {KEY_A}\n"
@@ -244,7 +249,7 @@ def test_each_card_gets_its_own_preseed(tmp_path: Path, cards: Cards) -> None:
         assert proc.returncode == 0, proc.stderr
         text, info = preseed_on(device)
         assert re.search(r"Mode:\s+0600", info) and re.search(r"User:\s+0\s+Group:\s+0", info)
-        answers, problems = firstboot.parse_preseed(text, Path("/"), firstboot.Settings())
+        answers, problems = parse_preseed(text, Path("/"), Settings())
         assert problems == []
         assert answers.login_hash == login_hash            # the image's, kept
         assert answers.timezone == "Europe/Berlin"
@@ -443,8 +448,6 @@ def test_console_script_is_installed() -> None:
 def test_the_disk_of_the_running_system_is_refused() -> None:
     """Checked in-process, with the function that decides (it writes nothing), against the
     disk this machine's / is on: a refusal test that cannot harm the machine if it fails."""
-    from builder import flash as flash_module
-
     source = next((line.split(" - ")[1].split()[1]
                    for line in Path("/proc/self/mountinfo").read_text().splitlines()
                    if line.split()[4] == "/"), "")
@@ -453,8 +456,8 @@ def test_the_disk_of_the_running_system_is_refused() -> None:
     sysfs = Path(f"/sys/class/block/{Path(source).resolve().name}")
     disk = Path("/dev") / (sysfs.resolve().parent.name if (sysfs / "partition").exists()
                            else sysfs.name)
-    with pytest.raises(flash_module.BuildError, match=r"holds the running system \(/ is"):
-        flash_module.inspect_target(disk, force=True, writing=True)
+    with pytest.raises(BuildError, match=r"holds the running system \(/ is"):
+        inspect_target(disk, force=True, writing=True)
 
 
 def test_an_image_of_odd_size_is_written_whole(tmp_path: Path, cards: Cards) -> None:
@@ -551,20 +554,18 @@ def test_a_card_that_fails_verification_is_left_unable_to_boot(image: Path,
                                                                cards: Cards) -> None:
     """Between the write and the read-back (in-process, with flash-image's own steps), the
     medium loses a byte: the mismatch is reported, and the card's first MiB is zeroed again."""
-    from builder import flash as flash_module
-
     device, backing = cards.new()
-    args = flash_module.parser().parse_args([f"{image}.zst", str(device), "--force", "--yes"])
-    request = flash_module.check_request(args)
-    target = flash_module.inspect_target(device, force=True, writing=True)
-    with flash_module.opened(target, write=True) as card:
-        written = flash_module.write_card(request, card)
+    args = parser().parse_args([f"{image}.zst", str(device), "--force", "--yes"])
+    request = check_request(args)
+    target = inspect_target(device, force=True, writing=True)
+    with opened(target, write=True) as card:
+        written = write_card(request, card)
         assert head_of(backing) == image.read_bytes()[:MIB]
         with open(backing, "r+b") as f:
             f.seek(ROOT_OFFSET + 2 * MIB)
             f.write(b"\x00\xff")
-        with pytest.raises(flash_module.Mismatch, match="without a partition table"):
-            flash_module.finish_card(request, card, written)
+        with pytest.raises(Mismatch, match="without a partition table"):
+            finish_card(request, card, written)
     assert head_of(backing) == bytes(MIB)
 
 
@@ -584,16 +585,14 @@ def test_a_card_changed_after_it_was_checked_is_not_written(image: Path, tmp_pat
                                                             cards: Cards) -> None:
     """Another medium in the same slot (here: the loop device given another file) between
     the checks and the write: same device number, same size, another disk sequence."""
-    from builder import flash as flash_module
-
     device, _ = cards.new()
-    target = flash_module.inspect_target(device, force=True, writing=True)
+    target = inspect_target(device, force=True, writing=True)
     other = tmp_path / "other-card"
     other.write_bytes(b"another card" * (32 * MIB // 12) + bytes(32 * MIB % 12))
     subprocess.run(["losetup", "--detach", str(device)], check=True)
     subprocess.run(["losetup", str(device), str(other)], check=True)
-    with pytest.raises(flash_module.BuildError, match="not the disk it was when it was checked"), \
-            flash_module.opened(target, write=True):
+    with pytest.raises(BuildError, match="not the disk it was when it was checked"), \
+            opened(target, write=True):
         pass
     assert other.read_bytes()[:12] == b"another card"
 
@@ -602,10 +601,8 @@ def test_a_regular_file_in_dev_is_never_written() -> None:
     stray = Path("/dev/flash-image-test-stray")
     stray.write_bytes(b"x" * 1024)
     try:
-        from builder import flash as flash_module
-
-        with pytest.raises(flash_module.BuildError, match="regular file in /dev"):
-            flash_module.inspect_target(stray, force=True, writing=True)
+        with pytest.raises(BuildError, match="regular file in /dev"):
+            inspect_target(stray, force=True, writing=True)
     finally:
         stray.unlink()
 

@@ -1,0 +1,45 @@
+"""flash-image: an image made by build-image onto a card, checked and personal.
+
+The package's map:
+
+- cli: the command line and the steps in their order (check_request, confirm, finish_card).
+- bmap: the .bmap format (bmaptool's 1.0 to 2.x): the ranges in use and their checksums.
+- source: the image file: its .sha256, its raw size (raw_size, measure_raw_size) and its
+  raw bytes streamed through the decompressor.
+- device: the card: what DEVICE is and every reason not to write to it (inspect_target),
+  opening it exclusively and checked to be the one shown (opened), writes with bounded
+  writeback (Card).
+- write: the streaming writer (write_card) and the O_DIRECT verifier (verify_card).
+- personalise: this card's preseed lines, assembled and checked (check_preseed), and
+  written into its ext4 root with debugfs (personalise_card).
+
+The steps, in order; everything that can be refused is refused before the card is touched:
+
+1. check_request: the image, its .bmap, the per-card settings (the exact preseed lines, read
+   by the wizard's parser) and the programs needed.
+2. inspect_target: what DEVICE is, and every reason not to write to it (a partition, mounted,
+   the running system's disk, swap, in use, read-only, no medium, not removable).
+3. check_image_checksum, measure_raw_size and check_fits: the image against its .sha256, and
+   its size against the card's (a .zst without bmap is decompressed once to learn it).
+4. confirm: the card's model, size and partitions, and a typed "yes".
+5. opened: the card, exclusively, checked to be the one shown.
+6. write_card: the card's first MiB is zeroed and synced first, then the image is written
+   without its first MiB (only the bmap's ranges when there is one, each checked against the
+   bmap as it streams), synced, and the first MiB comes last. A card interrupted at any point
+   has no partition table and cannot boot as a half-written system.
+7. finish_card: verify_card reads what was written back from the card itself (O_DIRECT, not
+   the page cache) and compares it with the bmap's checksums or digests taken while writing;
+   personalise_card writes the preseed into the card's ext4 root with debugfs, merged with any
+   the image carries. If either fails, the first MiB is zeroed again.
+8. The kernel re-reads the card's partition table.
+
+The card is held with O_EXCL and a BSD lock throughout: systemd-udevd does not probe or re-read
+a disk that is locked (systemd's block device locking), so no automounter grabs a half-written
+card.
+"""
+
+# The console script flash-image is `builder.flash:main`, also in installs made before this
+# was a package.
+from builder.flash.cli import main
+
+__all__ = ["main"]
