@@ -1,0 +1,295 @@
+"""try-image --smoke's side of the serial console, with the guest played on a pseudo-terminal:
+logging in, reading the guest's own view after a failure, a wizard that crashed, the shutdown's
+last words and its limit. The whole scenario on real images is in test_appliance.py; a smoke
+that fails at its phase's limit is in test_tryimage.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from builder import qemu, smoke
+from builder.serial_console import SerialConsole
+
+pytestmark = pytest.mark.slow
+
+
+class PlayedConsole:
+    """A serial console whose guest is played by a thread on the other end of a pty (raw, as
+    a UART is): `guest(line)` writes with os.write(line.fd, ...) and reads typed lines with
+    line.read_line()."""
+
+    def __init__(self, guest: Callable[[PlayedConsole], None]) -> None:
+        import io
+        import threading
+        import tty
+
+        self.master, self.fd = os.openpty()
+        tty.setraw(self.fd)
+        self.player = threading.Thread(target=guest, args=(self,), daemon=True)
+        self.console = SerialConsole(self.master, io.BytesIO())
+
+    def read_line(self) -> bytes:
+        data = b""
+        while not data.endswith(b"\r"):
+            data += os.read(self.fd, 1)
+        return data[:-1]
+
+    def __enter__(self) -> SerialConsole:
+        self.player.start()
+        return self.console
+
+    def __exit__(self, *exc: object) -> None:
+        self.console.close()
+        self.player.join(timeout=5)
+        os.close(self.master)
+        os.close(self.fd)
+
+
+def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None:
+    """A getty on a pty, played by a thread: login flushes what was typed ahead, as seen on
+    QEMU's Orange Pi PC, and the shell reads only after its prompt. try-image must wait for the
+    prompt (or type the command again), not lose the command."""
+    import termios
+
+
+    lines: list[bytes] = []
+
+    def getty(line: PlayedConsole) -> None:
+        os.write(line.fd, b"\r\nsmoke-pc login: ")
+        lines.append(line.read_line())
+        os.write(line.fd, b"Password: ")
+        lines.append(line.read_line())
+        time.sleep(0.5)                       # PAM, motd: whatever came meanwhile is gone
+        termios.tcflush(line.fd, termios.TCIFLUSH)
+        os.write(line.fd, b"Linux smoke-pc\r\n\x1b[?2004hjupyter@smoke-pc:~$ ")
+        command = line.read_line()
+        lines.append(command)
+        if command == b"echo TRY-IMAGE-SHELL-$((6*7))":
+            os.write(line.fd, b"\r\nTRY-IMAGE-SHELL-42\r\njupyter@smoke-pc:~$ ")
+
+    with PlayedConsole(getty) as console:
+        creds = smoke.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        smoke.log_in_on_console(console, creds, 30)
+    assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("sudo") is None or shutil.which("ip") is None,
+                    reason="needs sudo and ip (apt-get install sudo iproute2)")
+@pytest.mark.parametrize("sudo_asks, password", [(False, "login-pw-123"),
+                                                 (True, "login-pw-123"),
+                                                 (True, "wrong-pw-456")],
+                         ids=["sudo", "sudo-asks-password", "sudo-refuses"])
+def test_guest_state_is_read_from_a_root_shell_on_the_console(tmp_path: Path, sudo_asks: bool,
+                                                               password: str) -> None:
+    """When Jupyter fails from outside, try-image logs in on the console and asks the guest.
+    Here the getty is played by a thread and the shell is a real bash on the pty, running the
+    real commands through the real sudo (as root, which sudo does not ask; in the other cases
+    behind a sudo that first asks for the password, as the guest's does, and asks again when
+    it is wrong)."""
+    import io
+    import termios
+    import threading
+    import tty
+
+
+    master, slave = os.openpty()
+    cooked = termios.tcgetattr(slave)
+    tty.setraw(slave)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if sudo_asks:
+        (bin_dir / "sudo").write_text(
+            '#!/bin/bash\n[ "$1" = -p ] || exit 9\nfor try in 1 2 3; do\n'
+            '  printf %s "${2//%p/jupyter}"; read -rs answer; echo\n'
+            '  [ "$answer" = login-pw-123 ] && { shift 2; exec /usr/bin/sudo "$@"; }\n'
+            '  echo "Sorry, try again."\ndone\nexit 1\n')
+        (bin_dir / "sudo").chmod(0o755)
+    typed: list[bytes] = []
+    shell: list[subprocess.Popen[bytes]] = []
+
+    def getty() -> None:
+        for prompt in (b"\r\nsmoke-pc login: ", b"Password: "):
+            os.write(slave, prompt)
+            line = b""
+            while not line.endswith(b"\r"):
+                line += os.read(slave, 1)
+            typed.append(line[:-1])
+        termios.tcsetattr(slave, termios.TCSANOW, cooked)     # a terminal, as after login
+        env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path),
+               "TERM": "dumb", "PS1": "jupyter@smoke-pc:~$ "}
+        shell.append(subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=slave,
+                                      stdout=slave, stderr=slave, env=env,
+                                      start_new_session=True))
+
+    player = threading.Thread(target=getty, daemon=True)
+    player.start()
+    log = io.BytesIO()
+    console = SerialConsole(master, log)
+    try:
+        creds = smoke.Credentials("jupyter", password, "jupyter-pw-123", None)
+        started = time.monotonic()
+        state = smoke.collect_guest_state(console, creds, 60)
+        took = time.monotonic() - started
+    finally:
+        console.close()
+        player.join(timeout=5)
+        for proc in shell:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+    assert typed == [b"jupyter", password.encode()]
+    if password != "login-pw-123":
+        # Said at once, not after the whole time allowed.
+        assert state == "(not available: sudo refused the login password)" and took < 30
+        assert b"wrong-pw-456" not in log.getvalue()
+        return
+    # The real `ip -brief address` ran: the loopback interface with its address, and the
+    # text stops before the end marker (no marker, no prompt in it).
+    assert re.search(r"^lo\s+UNKNOWN\s+127\.0\.0\.1/8", state, re.M), state
+    assert "STATE-" not in state and "jupyter@smoke-pc" not in state, state
+    assert "login-pw-123" not in state and b"login-pw-123" not in log.getvalue()
+
+
+def test_guest_state_says_why_it_is_missing(tmp_path: Path) -> None:
+    """A console where nobody logs in: one line saying so, not an exception that would hide
+    the failure it was meant to explain."""
+    import io
+    import tty
+
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.write(slave, b"Welcome\r\n")
+    console = SerialConsole(master, io.BytesIO())
+    try:
+        creds = smoke.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+        state = smoke.collect_guest_state(console, creds, 2)
+    finally:
+        console.close()
+        os.close(master)
+        os.close(slave)
+    assert state.startswith("(not available: ") and "login" in state, state
+
+
+def test_a_crashed_wizard_fails_the_smoke_at_once(tmp_path: Path) -> None:
+    """Recorded on QEMU's Orange Pi PC: the wizard's unit on ttyS0 failed (python3 killed by
+    SIGSEGV) and the getty came up instead. The smoke stops there instead of waiting out the
+    phase's limit for a banner that cannot come."""
+    import io
+    import threading
+    import tty
+    from types import SimpleNamespace
+
+
+    recording = (REPO / "tests/data/boot-orangepi-pc-wizard-crashed.log").read_bytes()
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    player = threading.Thread(target=os.write, args=(slave, recording), daemon=True)
+    player.start()
+    console = SerialConsole(master, io.BytesIO())
+    trial = SimpleNamespace(machine=qemu.Machine("orangepi-pc", "qemu-system-arm", "ttyS0",
+                                                 1024))
+    try:
+        started = time.monotonic()
+        got = console.expect({"banner": r"=== Jupyter workstation setup",
+                              "crashed": smoke._wizard_failed(trial)},  # type: ignore[arg-type]
+                             60, "userspace")
+        assert got.name == "crashed" and time.monotonic() - started < 10
+    finally:
+        console.close()
+        player.join(timeout=5)
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("last_words, ends", [
+    # A Debian base (the kernel's default log level): systemd-shutdown's own line.
+    (b"[  930.99] systemd-shutdown[1]: Powering off.\r\n", True),
+    # The kernel's, shown at any log level (Armbian's verbosity=1 hides the line above), on a
+    # machine that can power off and on one that cannot.
+    (b"[ 1018.20] reboot: Power down\r\n", True),
+    (b"[ 1018.20] reboot: Power off not available: System halted instead\r\n", True),
+    # systemd's last status line is not the end: the disk is unmounted after it.
+    (b"[  OK  ] Reached target poweroff.target - System Power Off.\r\n", False),
+], ids=["systemd-shutdown", "power-down", "halted-instead", "not-yet"])
+def test_shutdown_ends_at_the_guests_last_words(last_words: bytes, ends: bool) -> None:
+    """`sudo poweroff` typed on a pty played by a thread, which answers with sudo's prompt and
+    then the shutdown's last lines: try-image sees the end in any of the guest's last words,
+    and fails at the limit when they never come."""
+
+    typed: list[bytes] = []
+
+    def guest(line: PlayedConsole) -> None:
+        typed.append(line.read_line())
+        os.write(line.fd, b"TRY-IMAGE-SUDO-jupyter:")
+        typed.append(line.read_line())
+        os.write(line.fd, b"\r\n[  OK  ] Stopped jupyter.service\r\n" + last_words)
+
+    creds = smoke.Credentials("jupyter", "login-pw-123", "jupyter-pw-123", None)
+
+    class Running:          # QEMU, still running when the guest stops talking
+        def poll(self) -> None:
+            return None
+
+        def wait(self, timeout: float) -> None:
+            return None
+
+    started = time.monotonic()
+    with PlayedConsole(guest) as console:
+        if ends:
+            smoke.shut_down(console, Running(), creds, 20)
+        else:
+            with pytest.raises(smoke.SmokeFailure,
+                               match=r"no 'halted' on the serial console in 3 s"):
+                smoke.shut_down(console, Running(), creds, 3)
+    assert typed == [b"sudo -p 'TRY-IMAGE-SUDO-%p:' poweroff", b"login-pw-123"]
+    assert time.monotonic() - started < (10 if ends else 15)
+
+
+def test_shutdown_limit_grows_with_a_slow_boot() -> None:
+    """A guest that took long to boot takes long to stop: the shutdown's limit is 1.5 times
+    its boot (U-Boot to the wizard) when that is longer than the phase's limit, unless
+    --timeout set the shutdown's."""
+    from types import SimpleNamespace
+
+
+    def limit(phases: dict[str, float], given: frozenset[str] = frozenset()) -> float:
+        trial = SimpleNamespace(timeouts={"shutdown": 600.0}, timeouts_given=given)
+        report = smoke.Report(image="x", phases=phases)
+        return smoke.shutdown_limit(trial, report)  # type: ignore[arg-type]
+
+    assert limit({"u-boot": 17, "kernel": 40, "userspace": 106, "wizard": 60}) == 600
+    assert limit({"u-boot": 20, "kernel": 120, "userspace": 660, "cell": 900}) == 1200
+    assert limit({"kernel": 120, "userspace": 660}, frozenset({"shutdown"})) == 600
+
+
+def test_the_smoke_knows_nothing_of_the_command() -> None:
+    """Everything the smoke needs comes in its Trial: importing it loads neither try-image's
+    command nor the preseed reader the command checks a request with."""
+    code = "import json, sys, builder.smoke; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                                           capture_output=True, text=True).stdout))
+    assert "builder.smoke" in loaded
+    assert loaded & {"builder.tryimage", "builder.preseed"} == set()
+
+
+def test_a_failure_shows_the_serial_log_of_the_last_boot(tmp_path: Path) -> None:
+    """The tail printed after a failure is that of the boot started last: none before the
+    first boot, the second boot's once it has started."""
+    assert smoke.last_serial_log(tmp_path) is None
+    for name in ("serial-boot1.log", "serial-boot2.log"):
+        (tmp_path / name).write_bytes(b"")
+        assert smoke.last_serial_log(tmp_path) == tmp_path / name
