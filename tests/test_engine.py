@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -132,7 +133,16 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     names = {p["name"] for p in manifest["packages"]}
     assert {"dpkg", "apt", "libc6"} <= names
     assert manifest["board"]["id"] == "orangepi5" and manifest["config"]["jupyter"]["port"]
-    assert set(manifest["steps"]) >= {"grow-image", "customize-image", "write-outputs"}
+    # The dry run's plan is the whole truth: every step that ran, in order (the manifest is
+    # written before the last two), and the scripts with the overlays among them.
+    plan = build(base, tmp_path / "plan", "--customize", scripts, "--overlay", overlay,
+                 "--dry-run").stdout
+    planned = re.findall(r"^ +\d+\. (\S+)", plan, re.M)
+    assert list(manifest["steps"]) == planned[:-2]
+    assert planned[-2:] == ["write-manifest", "publish-outputs"]
+    listed = re.search(r"customize-image.*\n((?: {9}\S+\n)+)", plan)
+    assert listed and listed.group(1).split() == ["overlays/", "50-arch.chroot.sh",
+                                                  "60-host.host"]
     assert "[50-arch.chroot.sh] rc=101" in files["build.log"].read_text()
 
     raw = raw_image(files["img.zst"], tmp_path / "result.img")
