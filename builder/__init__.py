@@ -1,10 +1,25 @@
 """Build a Jupyter scientific workstation image from an Armbian image for Orange Pi boards.
 
-The pipeline, one module per stage (see builder/pipeline.py for the order):
-  config.py   settings: defaults.yaml, --config files, --set overrides, validated up front
-  boards.py   the Orange Pi board catalog (boards.yaml)
-  armbian.py  which Armbian image to start from (Armbian's index)
-  fetch.py    where the base image is downloaded, verified, decompressed and cached
+Three commands, each importing its own modules and the shared floor only:
+
+build-image (cli.py), its steps in order in pipeline.py:
+  config.py, defaults.yaml   settings: defaults, --config files, --set, validated up front
+  boards.py, boards.yaml     the Orange Pi board catalog
+  preflight.py               everything checked before the first download; the dry run's plan
+  armbian.py, download.py    which Armbian image to start from (Armbian's index), HTTP
+  fetch.py, verify.py,       where the base image is downloaded, verified, decompressed and
+  cache.py, debian.py        cached; a Debian base made with debootstrap
+  image.py, ext4.py          partition table, root partition, grow and shrink; dumpe2fs
+  mount.py, ledger.py        loop devices and mounts; the record that undoes a killed build
+  chroot.py, customize.py    where scripts run (qemu-user chroot) and overlays are laid in
+  stages.py, wheels.py       the step cache; wheels chosen on the host for the image
+  output.py                  the compressed image, checksum, bmap, manifest
+  firstboot/                 what the card runs at first boot (shipped as one zipapp)
+try-image (tryimage.py): qemu.py; the smoke in smoke.py with serial_console.py,
+  jupyter_client.py, browser.py
+flash-image: flash/ (its __init__ is the map)
+The floor: entry.py (errors, signals, exit codes), errors.py, log.py, run.py (host programs),
+  files.py (sha256, locks), compression.py, preseed.py (a --preseed file, checked)
 """
 
 __version__ = "0.1.0"
