@@ -135,8 +135,16 @@ class Session:
                     raise JupyterError(f"the cell did not finish in {timeout:.0f} s")
                 ws.settimeout(min(left, 60))
                 try:
-                    raw = ws.recv()
+                    # Control frames too: Jupyter pings every 30 s, and websocket-client answers
+                    # a ping and waits on inside recv(), so a silent kernel would never let the
+                    # limit above be checked.
+                    opcode, raw = ws.recv_data(control_frame=True)
                 except websocket.WebSocketTimeoutException:
+                    continue
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise JupyterError("Jupyter closed the kernel's websocket before the cell "
+                                       "finished")
+                if opcode != websocket.ABNF.OPCODE_TEXT:
                     continue
                 msg = json.loads(raw)
                 if msg.get("parent_header", {}).get("msg_id") != msg_id:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +73,26 @@ def test_stack_answers_are_checked() -> None:
         jupyter.check_stack_output(good.replace('"area": 7.0', '"area": 6.0'))
     with pytest.raises(jupyter.JupyterError, match="printed no result"):
         jupyter.check_stack_output("Traceback ...")
+
+
+def test_a_silent_kernel_meets_the_cells_limit_while_jupyter_pings(tmp_path: Path) -> None:
+    """Jupyter pings its websockets (every 30 s by default, every 0.3 s here) and the client
+    library answers pings inside its own receive loop: a kernel that says nothing must still
+    end at the cell's limit, not when it finally speaks."""
+    config = tmp_path / "pings.py"
+    config.write_text("c.ServerApp.tornado_settings = {'ws_ping_interval': 300}\n")
+    (tmp_path / "server").mkdir()
+    with local_jupyter(tmp_path / "server", "server", "pinged",
+                       f"--config={config}") as (url, _):
+        session = jupyter.Session(url)
+        try:
+            session.http.headers["Authorization"] = "token pinged"
+            kernel = session.start_kernel()
+            assert session.execute(kernel, "print('up')", 120).stdout == "up\n"
+            started = time.monotonic()
+            with pytest.raises(jupyter.JupyterError, match="did not finish in 3 s"):
+                session.execute(kernel, "import time\ntime.sleep(30)", 3)
+            assert time.monotonic() - started < 10
+            session.stop_kernel(kernel)
+        finally:
+            session.close()
