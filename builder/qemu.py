@@ -47,6 +47,12 @@ PRESEED_PATH = "/boot/jupyter-firstboot.conf"
 # userspace 4.5 times slower than on an idle host, the network never up. One core, as virt
 # has, is what a small host can emulate well.
 ONE_CPU_ARGUMENT = "maxcpus=1"
+# The device tree of the board QEMU's orangepi-pc emulates, booted in place of the image's own
+# (the Orange Pi PC Plus's, say). QEMU has only the H3's first MMC controller: a tree that
+# enables the others (the PC Plus's eMMC and Wi-Fi) leaves kernel workers blocked for good in
+# their probes (mmc_rescan, sdio_reset; "blocked for more than 600 seconds" on the console)
+# and, in a CI run, a guest whose Jupyter kernel never answered.
+EMULATED_DTB = "sun8i-h3-orangepi-pc.dtb"
 EXTLINUX_PATH = "/boot/extlinux/extlinux.conf"
 ARMBIAN_ENV_PATH = "/boot/armbianEnv.txt"
 FIRSTBOOT_UNIT = "/etc/systemd/system/jupyter-firstboot@.service"
@@ -314,6 +320,27 @@ def _set_env(lines: list[str], key: str, value: str) -> None:
         lines.append(f"{key}={value}")
 
 
+DTB_WHY = "the board QEMU emulates: controllers it lacks would hang the kernel's probes"
+
+
+def _emulated_fdt_line(fs: Ext4, text: str) -> tuple[str, str]:
+    """extlinux.conf's `fdt DIR/NAME.dtb` lines pointed at EMULATED_DTB in the same directory,
+    where the image has it; the text, and what was done for the report ("" if nothing)."""
+    changed = False
+
+    def swap(m: re.Match[str]) -> str:
+        nonlocal changed
+        directory = m.group(2).rsplit("/", 1)[0]
+        if m.group(2).endswith("/" + EMULATED_DTB) or not fs.exists(
+                f"{directory}/{EMULATED_DTB}"):
+            return m.group(0)
+        changed = True
+        return f"{m.group(1)}{directory}/{EMULATED_DTB}{m.group(3)}"
+
+    text = re.sub(r"^([ \t]*fdt[ \t]+)(\S+?)([ \t]*\r?)$", swap, text, flags=re.M | re.I)
+    return text, f", fdt {EMULATED_DTB} ({DTB_WHY})" if changed else ""
+
+
 def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
     """`maxcpus=1` added to the kernel arguments the image's own boot configuration gives
     U-Boot: extlinux.conf's append lines (Debian bases), else armbianEnv.txt's extraargs, which
@@ -329,8 +356,9 @@ def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
                               extlinux.decode(errors="surrogateescape"),
                               flags=re.M | re.I)
         if count:
+            text, dtb = _emulated_fdt_line(fs, text)
             fs.write(EXTLINUX_PATH, text.encode(errors="surrogateescape"), 0o644, work)
-            return f"{EXTLINUX_PATH}: {ONE_CPU_ARGUMENT} (one emulated core of four)"
+            return f"{EXTLINUX_PATH}: {ONE_CPU_ARGUMENT} (one emulated core of four){dtb}"
     env = fs.read(ARMBIAN_ENV_PATH)
     if env is not None:
         text = env.decode(errors="surrogateescape")
@@ -347,11 +375,16 @@ def _boot_for_emulation(fs: Ext4, work: Path) -> str | None:
             lines.append(f"extraargs={ONE_CPU_ARGUMENT}")
         for key, value in ARMBIAN_ENV_SETTINGS.items():
             _set_env(lines, key, value)
+        # Armbian's boot.scr loads ${prefix}dtb/${fdtfile}, which armbianEnv.txt may set.
+        dtb = ""
+        if fs.exists(f"/boot/dtb/{EMULATED_DTB}"):
+            _set_env(lines, "fdtfile", EMULATED_DTB)
+            dtb = f", fdtfile={EMULATED_DTB} ({DTB_WHY})"
         fs.write(ARMBIAN_ENV_PATH, ("\n".join(lines) + "\n").encode(errors="surrogateescape"),
                  0o644, work)
         return (f"{ARMBIAN_ENV_PATH}: extraargs {ONE_CPU_ARGUMENT} (one emulated core of four), "
                 f"console=serial and verbosity=7 (the boot's and the shutdown's messages on "
-                f"the serial line)")
+                f"the serial line){dtb}")
     log.warn("neither extlinux.conf with an append line nor armbianEnv.txt: the guest keeps "
              "four emulated cores, which is slow on a host with few cores")
     return None

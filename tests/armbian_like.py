@@ -184,7 +184,10 @@ def _make_boot(root: Path, dtb: str) -> None:
     (boot / "uInitrd").symlink_to(f"uInitrd-{version}")
     dtbs = boot / f"dtb-{version}"
     dtbs.mkdir()
-    shutil.copy(root / f"usr/lib/linux-image-{version}" / dtb, dtbs / Path(dtb).name)
+    # Armbian ships every device tree of the family, the board's named by fdtfile.
+    for tree in (root / f"usr/lib/linux-image-{version}").glob("sun8i-h*.dtb"):
+        shutil.copy(tree, dtbs / tree.name)
+    assert (dtbs / Path(dtb).name).is_file(), dtb
     (boot / "dtb").symlink_to(f"dtb-{version}")
     shutil.rmtree(boot / "extlinux")
     uuid = (root / "etc/fstab").read_text().split()[0].removeprefix("UUID=")

@@ -403,7 +403,21 @@ def test_trial_disk_changes(tmp_path: Path) -> None:
     ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2"},
      ("/boot/armbianEnv.txt",
       b"rootdev=UUID=2\nextraargs=maxcpus=1\nconsole=serial\nverbosity=7\n")),
-], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none"])
+    # The device tree of the board QEMU emulates (the Orange Pi PC), where the image has it:
+    # the PC Plus's enables MMC controllers QEMU lacks, whose probes hang.
+    ({"boot/extlinux/extlinux.conf": b"label l\n  append root=UUID=1\n"
+      b"  fdt /usr/lib/linux-image-6.12/sun8i-h3-orangepi-pc-plus.dtb\r\n",
+      "usr/lib/linux-image-6.12/sun8i-h3-orangepi-pc.dtb": b"pc"},
+     ("/boot/extlinux/extlinux.conf",
+      b"label l\n  append root=UUID=1 maxcpus=1\n"
+      b"  fdt /usr/lib/linux-image-6.12/sun8i-h3-orangepi-pc.dtb\r\n")),
+    ({"boot/boot.scr": b"script", "boot/armbianEnv.txt": b"rootdev=UUID=2\n",
+      "boot/dtb/sun8i-h3-orangepi-pc.dtb": b"pc"},
+     ("/boot/armbianEnv.txt",
+      b"rootdev=UUID=2\nextraargs=maxcpus=1\nconsole=serial\nverbosity=7\n"
+      b"fdtfile=sun8i-h3-orangepi-pc.dtb\n")),
+], ids=["extlinux", "armbianEnv-extraargs", "armbianEnv-none", "extlinux-fdt",
+        "armbianEnv-fdtfile"])
 def test_orangepi_pc_trial_disk_boots_one_core_on_the_serial_console(
         tmp_path: Path, boot: dict[str, bytes], expected: tuple[str, bytes]) -> None:
     """QEMU's orangepi-pc always has four vCPUs; the trial disk's kernel starts one (a CI run
@@ -417,6 +431,8 @@ def test_orangepi_pc_trial_disk_boots_one_core_on_the_serial_console(
     path, content = expected
     assert fs.read(path) == content
     assert any(c.startswith(f"{path}: ") and "maxcpus=1" in c for c in changes), changes
+    # The report says when the device tree was swapped, and only then.
+    assert any(qemu.EMULATED_DTB in c for c in changes) == (b"orangepi-pc.dtb" in content)
     assert "Mode:  0644" in subprocess.run(["debugfs", "-R", f"stat {path}", fs.spec],
                                            capture_output=True, text=True).stdout
     # Every other file of the boot configuration is left as the image has it.
