@@ -9,12 +9,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder import __version__, log
+from builder import log
 from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
 from builder.config import Config, load_config
 from builder.download import Http
-from builder.entry import run_reporting
+from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError
 from builder.ledger import clean_stale
 from builder.mount import is_root
@@ -104,9 +104,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-prune", action="store_true",
                      help="remove every entry of the step cache (kept images of earlier "
                           "builds' stages) and exit; downloads and base images stay")
-    run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    run.add_argument("--debug", action="store_true", help="show commands and tracebacks")
-    run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_common_options(run)
     return p
 
 

@@ -4,12 +4,14 @@ Small on purpose: each command imports this and its own modules, nothing of the 
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from builder import __version__
 from builder.errors import BuildError, Interrupted
 
 EXIT_ERROR = 1
@@ -42,6 +44,13 @@ def shielded() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def add_common_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """-q, --debug and --version, the same on every command."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="show commands and tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
 
 def run_reporting(program: str, body: Callable[[], int], *, debug: bool,

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import __version__, log, qemu, smoke
+from builder import log, qemu, smoke
 from builder.boards import Board, load_catalog
 from builder.compression import built_image_suffix, image_suffix
-from builder.entry import run_reporting
+from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
 from builder.image import copy_sparse, read_table
@@ -70,9 +70,7 @@ def parser() -> argparse.ArgumentParser:
                    help="where the temporary trial disk goes (default $TMPDIR or /var/tmp)")
     p.add_argument("--keep-disk", type=Path, metavar="PATH",
                    help="keep the trial disk, as the guest left it, at PATH")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show commands and tracebacks")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_common_options(p)
     return p
 
 

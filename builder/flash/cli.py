@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import __version__, log
+from builder import log
 from builder.compression import COMPRESSIONS, built_image_suffix
-from builder.entry import run_reporting
+from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError, Interrupted
 from builder.flash.bmap import bmap_beside, read_bmap
 from builder.flash.device import Card, Target, check_fits, inspect_target, opened
@@ -70,9 +70,7 @@ def parser() -> argparse.ArgumentParser:
     card.add_argument("--wifi", metavar="SSID",
                       help="join this Wi-Fi network; its key is asked for (or read from "
                            "stdin when it is not a terminal; empty: an open network)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    p.add_argument("--debug", action="store_true", help="show commands and tracebacks")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_common_options(p)
     return p
 
 
