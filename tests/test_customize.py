@@ -197,3 +197,13 @@ def test_host_scripts_declare_every_builder_module_they_run() -> None:
         assert undeclared == set(), found.name
         checked += 1
     assert checked >= 2
+
+
+def test_an_undeclared_host_script_depends_on_every_module_and_subpackage() -> None:
+    """Without a `code` line a host script's stage key covers all of builder/: the
+    subpackages (first boot, flash) as DIR/, not only the top-level modules."""
+    from builder import stages
+    names = stages.all_code()
+    assert {"firstboot/", "flash/", "pipeline.py", "files.py"} <= set(names)
+    assert not [n for n in names if not (n.endswith(".py") or n.endswith("/"))]
+    assert "__pycache__/" not in names and names == sorted(names)
