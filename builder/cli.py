@@ -12,7 +12,7 @@ from pathlib import Path
 from builder import log
 from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
-from builder.config import Config, load_config
+from builder.config import BASE_VERIFY_LEVELS, Config, load_config
 from builder.download import Http
 from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError
@@ -26,12 +26,13 @@ FLAG_KEYS = {
     "board": "board",
     "base": "base.source",
     "base_sha256": "base.sha256",
+    "base_verify": "base.verify",
     "release": "base.release",
     "branch": "base.branch",
     "variant": "base.variant",
     "armbian_index": "base.armbian_index",
     "armbian_mirror": "base.armbian_mirror",
-    "gpg_keyring": "base.gpg_keyring",
+    "gpg_keyring": "base.gpg_keyring",      # repeatable: the whole list
     "cache_dir": "cache.dir",
     "output": "output.dir",
     "apt_proxy": "apt.proxy",
@@ -67,8 +68,12 @@ def parser() -> argparse.ArgumentParser:
     base.add_argument("--armbian-index", metavar="URL|PATH", help="another Armbian index JSON")
     base.add_argument("--armbian-mirror", metavar="URL",
                       help="download dl.armbian.com files from this mirror instead")
-    base.add_argument("--gpg-keyring", metavar="FILE",
-                      help="keyring with Armbian's key: the image's signature must verify")
+    base.add_argument("--base-verify", choices=BASE_VERIFY_LEVELS,
+                      help="what the base image must pass: a good signature (default), only "
+                           "a sha256 (the publisher's .sha or --base-sha256), or none")
+    base.add_argument("--gpg-keyring", metavar="FILE", action="append",
+                      help="trust this keyring's keys too, besides Armbian's shipped key "
+                           "(repeatable)")
     base.add_argument("--cache-dir", metavar="DIR",
                       help=f"downloads and base images (default {default_cache_dir()})")
     base.add_argument("--offline", action="store_true",

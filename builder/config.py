@@ -30,6 +30,10 @@ from builder.errors import BuildError
 
 DEFAULTS_NAME = "defaults.yaml"
 
+# How far a downloaded or local base image must be vouched for (base.verify), strongest first:
+# a good OpenPGP signature, a known sha256, nothing (fetch.py applies them).
+BASE_VERIFY_LEVELS = ("signature", "sha256", "none")
+
 Check = Callable[[Any], Any]
 
 
@@ -42,6 +46,9 @@ class Rule:
 
     check: Check
     expect: str | None = None
+    # For a list setting that used to hold one value: a single string (or null) is taken as
+    # a list of one (or none), so settings files written for the old form keep working.
+    one_or_list: bool = False
 
 
 # Sizes are written "3GiB", "512MiB" or as a number of bytes and kept as bytes.
@@ -181,6 +188,15 @@ class BadItem(ValueError):
     """One element of a list is wrong: the message names the element, not the whole list."""
 
 
+def _local_paths(value: tuple[str, ...]) -> tuple[str, ...]:
+    for path in value:
+        try:
+            _local_path(path)
+        except ValueError as exc:
+            raise BadItem(f"{path!r} {exc}") from None
+    return value
+
+
 def _package_names(value: tuple[str, ...]) -> tuple[str, ...]:
     for name in value:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+\-\[\],<>=!~ ]*", name):
@@ -212,7 +228,8 @@ class BaseConfig:
     armbian_index: Annotated[str, Rule(_url_or_path)]
     armbian_mirror: Annotated[str | None, Rule(_http_url)]
     debian_mirror: Annotated[str, Rule(_http_url)]
-    gpg_keyring: Annotated[str | None, Rule(_local_path)]
+    verify: Annotated[str, Rule(_choice(*BASE_VERIFY_LEVELS))]
+    gpg_keyring: Annotated[tuple[str, ...], Rule(_local_paths, one_or_list=True)]
 
 
 @dataclass(frozen=True)
@@ -337,6 +354,14 @@ _COMPRESSION_LEVELS = {"xz": (0, 9), "zstd": (1, 19), "gzip": (1, 9), "none": (0
 
 def _check_across_keys(config: Config, origin: Callable[[str], str]) -> None:
     """Rules that involve more than one key."""
+    base = config.base
+    if (base.verify == "sha256" and base.source not in ("armbian", "debian")
+            and not base.sha256):
+        # Armbian publishes a .sha beside each image; a file of your own has none.
+        raise BuildError(
+            f"{origin('base.verify')}base.verify: 'sha256' needs the digest of {base.source}: "
+            f"pass --base-sha256 HEX (base.sha256), or keep --base-verify signature with its "
+            f".asc beside it")
     low, high = _COMPRESSION_LEVELS[config.image.compression]
     level = config.image.compression_level
     # With no compression the level means nothing: `--compress none` alone must work.
@@ -525,6 +550,8 @@ def _convert(value: Any, hint: Any, path: str, rule: Rule | None, layers: _Layer
         return _build(hint, value, f"{path}.", layers)
     where = f"{layers.origin(path)}{path}"
     args = typing.get_args(hint)
+    if rule is not None and rule.one_or_list:
+        value = [] if value is None else [value] if isinstance(value, str) else value
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None:
             return None

@@ -541,8 +541,8 @@ def write_manifest(ctx: Context, work: Workspace, out: output.Outputs, source: f
         "builder": {"name": "orangepi-jupyter", "version": __version__},
         "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "board": customize.template_context(ctx.config, ctx.board)["board"],
-        "base": {"label": source.label, "url": source.location,
-                 "sha256": base.sha256, "signature": base.signature},
+        # What the build started from and how it was verified (base.verify, signer, sha256).
+        "base": fetch.manifest_record(source, base),
         "config": ctx.config.to_dict(),
         "packages": packages,
         # The steps up to the outputs: this one and publishing come after.

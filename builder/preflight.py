@@ -1,8 +1,9 @@
 """Before the first download: everything a build can check, the base image it starts from,
 and the plan a dry run prints.
 
-check_host       host tools, keyring, root, emulation, the scripts and templates (each
-                 rendered once), the preseed, free space, wheels for packages.pip
+check_host       how the base will be verified (base.verify: plain http, gpg, the keys),
+                 host tools, root, emulation, the scripts and templates (each rendered
+                 once), the preseed, free space, wheels for packages.pip
 resolve_base     which file the build starts from: Armbian's index, --base debian, a path
                  or URL
 print_plan       what a build would do, from facts only (the index and the checksum are
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder import armbian, compression, customize, debian, fetch, log, output, wheels
+from builder import armbian, compression, customize, debian, fetch, log, output, verify, wheels
 from builder.cache import CachedImage
 from builder.chroot import QEMU, Emulation, binfmt_status, choose_emulation, static_qemu
 from builder.config import Config
@@ -39,22 +40,15 @@ class Checked:
     scripts: tuple[customize.Script, ...]
     overlay_dirs: tuple[Path, ...]
     rendered: Mapping[Path, str]
-    trust: fetch.Trust | None
+    trust: fetch.Trust
     emulation: Emulation | None
 
 
 def check_host(ctx: Context) -> Checked:
     cfg = ctx.config
     base = cfg.base
-    trust = None
     emulation = None
-    if base.gpg_keyring:
-        keyring = Path(base.gpg_keyring).expanduser().absolute()
-        if not keyring.is_file():
-            raise BuildError(f"GPG keyring {keyring} not found: check --gpg-keyring "
-                             f"(export Armbian's key with gpg --export KEYID > FILE)")
-        require_programs("gpg", "gpgv")
-        trust = fetch.Trust.load(keyring)
+    trust = check_verification(ctx)
     if base.source == "debian":
         debian.supported(ctx.board, base.release)
         if not ctx.options.dry_run:
@@ -109,6 +103,44 @@ def check_host(ctx: Context) -> Checked:
         wheels.check_requested(cfg.packages.pip, cfg.base.release, ctx.board.arch,
                                ctx.cache.root / "host" / "wheels", ctx.options.offline)
     return replace(checked, emulation=emulation or _emulation(ctx))
+
+
+# What a lowered base.verify leaves unchecked, said on every build.
+LOWERED = {
+    "sha256": "base.verify is sha256: the base image's OpenPGP signature is not checked, only "
+              "its sha256; nothing proves who made the image",
+    "none": "base.verify is none: the base image need carry neither a good signature nor a "
+            "known sha256 (a digest given or published is still compared); nothing proves "
+            "what the image is",
+}
+
+
+def check_verification(ctx: Context) -> fetch.Trust:
+    """How the base will be vouched for (base.verify), checked as far as it can be before the
+    first download: plain http where the level does not allow it, gpg and gpgv, every
+    keyring (readable, holding a key)."""
+    base = ctx.config.base
+    level = base.verify
+    if base.source == "debian":
+        # Built here, not downloaded: debootstrap checks Debian's archive against Debian's
+        # own keys (debian.py); base.verify is about images made elsewhere.
+        return fetch.Trust(level)
+    user_sha256 = bool(base.sha256)
+    if base.source == "armbian":
+        fetch.check_transport(base.armbian_index, "the Armbian index (--armbian-index)", level,
+                              user_sha256)
+        if base.armbian_mirror:
+            fetch.check_transport(base.armbian_mirror, "the Armbian mirror (--armbian-mirror)",
+                                  level, user_sha256)
+    else:
+        fetch.check_transport(base.source, "the base image at", level, user_sha256)
+    if level != "signature":
+        log.warn(LOWERED[level])
+        if base.gpg_keyring:
+            log.info(f"--gpg-keyring is not used: base.verify is {level}")
+        return fetch.Trust(level)
+    require_programs("gpg", "gpgv")
+    return fetch.Trust(level, verify.Keys.load([user_dir(k) for k in base.gpg_keyring]))
 
 
 def _emulation(ctx: Context) -> Emulation:
@@ -176,18 +208,24 @@ def resolve_base(ctx: Context) -> fetch.BaseSource:
             suffix=".img", sha256=None, sha256_url=None, signature_url=None, size=None,
             label=debian.label(ctx.board, base.release), kind="debian")
     if base.source != "armbian":
-        return fetch.source_from_location(base.source, base.sha256)
+        source = fetch.source_from_location(base.source, base.sha256)
+        fetch.check_source(source, base.verify)
+        return source
     # A dry run reads the cache if there is one but changes nothing in it.
     if not ctx.options.dry_run:
         ctx.cache.prepare()
-    assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=ctx.cache,
-                                offline=ctx.options.offline, remember=not ctx.options.dry_run)
+    with fetch.refusing_plain_http_redirects(ctx.http, base.verify, bool(base.sha256)):
+        assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=ctx.cache,
+                                    offline=ctx.options.offline,
+                                    remember=not ctx.options.dry_run)
     image = armbian.find_image(assets, board=ctx.board.id, release=base.release,
                                branch=base.branch, variant=base.variant,
                                mirror=base.armbian_mirror)
     source = fetch.source_from_armbian(image)
     if base.sha256:
         source = fetch.BaseSource(**{**source.__dict__, "sha256": base.sha256})
+    # The index names where the image, its .sha and .asc are: checked before any of them is.
+    fetch.check_source(source, base.verify)
     log.info(f"base image: {image.label}")
     return source
 
@@ -216,6 +254,23 @@ def _plan_sha256(ctx: Context,
     return None, "computed on use; nothing to check it against (pass --base-sha256)", None
 
 
+def _plan_verification(trust: fetch.Trust, source: fetch.BaseSource) -> tuple[str, str]:
+    """The plan's `verify` and `signature` rows: the level and what it will check."""
+    if source.kind == "debian":
+        return ("base.verify does not apply: built here by debootstrap from Debian's archive",
+                "not applicable")
+    keys = trust.signer_keys()
+    if keys is not None:
+        return ("signature: a good OpenPGP signature by a trusted key is required; the "
+                "sha256 is compared too when known",
+                f"{source.signature_url}, checked against {keys.describe()}")
+    if trust.level == "sha256":
+        return ("sha256 (lowered): only the sha256 is compared; the signature is not checked",
+                "not checked (base.verify is sha256)")
+    return ("none (lowered): nothing is required; a digest given or published is still "
+            "compared", "not checked (base.verify is none)")
+
+
 def _cache_status(ctx: Context, source: fetch.BaseSource, entry: CachedImage | None) -> str:
     if source.used_in_place:
         return "not used: the local raw image is read in place"
@@ -235,10 +290,7 @@ def print_plan(ctx: Context, checked: Checked, source: fetch.BaseSource,
     scripts and where the overlays go among them."""
     board = ctx.board
     sha256, sha_note, entry = _plan_sha256(ctx, source)
-    if checked.trust is not None:
-        signature = f"checked against {checked.trust.keyring} ({source.signature_url})"
-    else:
-        signature = "not checked (pass --gpg-keyring FILE to check it)"
+    level, signature = _plan_verification(checked.trust, source)
     rows = [
         ("board", f"{board.id}: {board.name}, {board.soc}, {board.arch}, family {board.family}, "
                   f"{board.support} support"),
@@ -247,6 +299,7 @@ def print_plan(ctx: Context, checked: Checked, source: fetch.BaseSource,
         ("from", source.location),
         ("size", log.human_size(source.size) if source.size else "unknown"),
         ("sha256", f"{sha256 or 'unknown'} ({sha_note})"),
+        ("verify", level),
         ("signature", signature),
         ("cache", _cache_status(ctx, source, entry)),
     ]

@@ -114,6 +114,13 @@ class FakeArmbian:
     def index_path(self) -> Path:
         return self.root / "armbian-images.json"
 
+    @property
+    def args(self) -> list[str]:
+        """What a build needs to take images from here at the default base.verify
+        (signature): the index, and the test's key added to Armbian's shipped one."""
+        assert self.gpg is not None
+        return ["--armbian-index", self.index_url, *self.gpg.args]
+
     def publish(self, board: str, version: str = "26.5.1", distro: str = "trixie",
                 branch: str = "current", variant: str = "minimal", *, seed: int = 1,
                 repository: str = "archive", application: str = "",
@@ -189,6 +196,17 @@ class Gpg:
         self.armored_keyring = home.parent / "armbian-test.asc"
         self.armored_keyring.write_bytes(self._gpg("--export", "--armor"))
 
+    @property
+    def args(self) -> list[str]:
+        """Trust this key too (besides Armbian's, shipped with the builder)."""
+        return ["--gpg-keyring", str(self.armored_keyring)]
+
+    @property
+    def fingerprint(self) -> str:
+        listed = self._gpg("--with-colons", "--list-keys").decode()
+        return next(line.split(":")[9] for line in listed.splitlines()
+                    if line.startswith("fpr:"))
+
     def _gpg(self, *args: str) -> bytes:
         return subprocess.run(["gpg", "--batch", "--passphrase", "", *args], env=self.env,
                               check=True, capture_output=True).stdout
@@ -253,6 +271,11 @@ def require_nobody_can_run() -> None:
     if probe.returncode != 0:
         pytest.skip(f"the checkout or its Python is not readable by user nobody: "
                     f"{probe.stderr.decode(errors='replace').strip()[-200:]}")
+
+
+# The image engine's tests build on images made here (make_base_image), which nobody signs:
+# they lower the base's check, which test_fetch.py tests on its own.
+UNSIGNED_BASE = ("--base-verify", "none")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

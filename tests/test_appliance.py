@@ -31,6 +31,7 @@ from conftest import (
     BUILD_IMAGE,
     REPO,
     TRY_IMAGE,
+    UNSIGNED_BASE,
     BaseImage,
     FakeArmbian,
     Gpg,
@@ -861,7 +862,8 @@ def apt_build(base: BaseImage, scripts: Path, tmp_path: Path,
     return run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir", tmp_path / "c",
                    "--output", tmp_path / "out", "--compress", "zstd", "--set",
                    "customize.builtin=false", "--customize", scripts, "--set",
-                   f"packages.apt={packages}", "--set", "image.headroom=512MiB", timeout=1200)
+                   f"packages.apt={packages}", "--set", "image.headroom=512MiB",
+                   *UNSIGNED_BASE, timeout=1200)
 
 
 def test_an_unreachable_source_is_a_warning(apt_step: tuple[BaseImage, Path],

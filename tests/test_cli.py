@@ -31,8 +31,8 @@ from conftest import (
 def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
     pub = armbian.publish("orangepi5")
     armbian.publish("orangepi5", version="26.2.1", seed=5)  # older: must not be chosen
-    result = run_cli("--board", "orangepi", "--dry-run", "--armbian-index", armbian.index_url,
-                     "--cache-dir", cache_dir)
+    result = run_cli("--board", "orangepi", "--dry-run", *armbian.args, "--cache-dir",
+                     cache_dir)
     assert result.returncode == 0, result.stderr
     combined = (result.stderr + result.stdout).splitlines()
     assert combined[0] == "board 'orangepi' is an alias for orangepi5 (Orange Pi 5)"
@@ -44,6 +44,10 @@ def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
     assert f"{armbian.mirror.url}{pub.path}" in plan
     assert f"sha256      {pub.sha256} (from {armbian.mirror.url}{pub.path}.sha)" in plan
     assert "not cached: will download" in plan
+    assert "verify      signature: a good OpenPGP signature by a trusted key is required" in plan
+    assert (f"signature   {armbian.mirror.url}{pub.path}.asc, checked against Armbian's key "
+            f"8CFA83D13EB2181EEF5843E41EB30FAF236099FE and {armbian.gpg.armored_keyring}"
+            in plan)
     assert "1. check-host" in plan and "3. fetch-base-image" in plan
     # Only the index and the checksum were read; the image itself was not downloaded.
     assert armbian.mirror.hits(pub.path) == []
@@ -54,8 +58,7 @@ def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
 
 def test_dry_run_after_a_fetch_says_cached(armbian: FakeArmbian, cache_dir: Path) -> None:
     pub = armbian.publish("orangepi5")
-    args = ("--board", "orangepi5", "--armbian-index", armbian.index_url, "--cache-dir",
-            cache_dir)
+    args = ("--board", "orangepi5", *armbian.args, "--cache-dir", cache_dir)
     assert run_cli(*args, "--fetch-only").returncode == 0
     result = run_cli(*args, "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -77,7 +80,12 @@ def test_dry_run_and_fetch_only_work_without_root(armbian: FakeArmbian,
     require_nobody_can_run()
     pub = armbian.publish("orangepi5")
     cache = world_readable_tmp / "cache"
-    args = ("--board", "orangepi", "--armbian-index", armbian.index_url, "--cache-dir", cache)
+    # The test's key where nobody can read it.
+    key = world_readable_tmp / "test-key.asc"
+    key.write_bytes(armbian.gpg.armored_keyring.read_bytes())
+    key.chmod(0o644)
+    args = ("--board", "orangepi", "--armbian-index", armbian.index_url, "--gpg-keyring", key,
+            "--cache-dir", cache)
     plan = run_cli(*args, "--dry-run", user=NOBODY)
     assert plan.returncode == 0, plan.stderr
     assert pub.sha256 in plan.stdout
@@ -98,8 +106,7 @@ def test_no_image_for_the_filters(armbian: FakeArmbian) -> None:
 
 def test_dry_run_changes_nothing_in_the_cache(armbian: FakeArmbian, cache_dir: Path) -> None:
     pub = armbian.publish("orangepi5")
-    args = ("--board", "orangepi5", "--armbian-index", armbian.index_url, "--cache-dir",
-            cache_dir)
+    args = ("--board", "orangepi5", *armbian.args, "--cache-dir", cache_dir)
     assert run_cli(*args, "--fetch-only").returncode == 0
     image = cache_dir / "images" / f"{pub.sha256}.img"
     with open(image, "r+b") as f:
@@ -115,7 +122,7 @@ def test_relative_cache_dir_prints_an_absolute_path(armbian: FakeArmbian,
                                                     tmp_path: Path) -> None:
     pub = armbian.publish("orangepi5")
     result = subprocess.run([*BUILD_IMAGE, "--board", "orangepi5", "--fetch-only",
-                             "--armbian-index", armbian.index_url, "--cache-dir", "rel-cache"],
+                             *armbian.args, "--cache-dir", "rel-cache"],
                             cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -126,9 +133,12 @@ def test_relative_cache_dir_prints_an_absolute_path(armbian: FakeArmbian,
 def test_url_with_a_query_string(armbian: FakeArmbian, cache_dir: Path) -> None:
     pub = armbian.publish("orangepi5")
     result = run_cli("--board", "orangepi5", "--fetch-only", "--cache-dir", cache_dir, "--base",
-                     f"{armbian.mirror.url}{pub.path}?download=1", "--base-sha256", pub.sha256)
+                     f"{armbian.mirror.url}{pub.path}?download=1", "--base-sha256", pub.sha256,
+                     *armbian.gpg.args)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.splitlines()[-1]).read_bytes() == pub.raw
+    # The signature of x.img.xz?download=1 is x.img.xz.asc?download=1.
+    assert [r.status for r in armbian.mirror.hits(pub.path + ".asc")] == [200]
 
 
 def test_debian_base_for_a_board_without_debian_uboot() -> None:
@@ -194,7 +204,7 @@ def test_sigterm_is_a_clean_stop(armbian: FakeArmbian, cache_dir: Path) -> None:
     pub = armbian.publish("orangepi5")
     armbian.mirror.throttle(pub.path, 128 * 1024)
     proc = subprocess.Popen([*BUILD_IMAGE, "--board", "orangepi5", "--fetch-only",
-                             "--armbian-index", armbian.index_url, "--cache-dir", str(cache_dir)],
+                             *armbian.args, "--cache-dir", str(cache_dir)],
                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -232,8 +242,7 @@ def test_progress_bars_on_a_terminal_and_plain_lines_in_a_log(armbian: FakeArmbi
                                                               cache_dir: Path,
                                                               tmp_path: Path) -> None:
     armbian.publish("orangepi5")
-    args = ("--board", "orangepi5", "--fetch-only", "--armbian-index", armbian.index_url,
-            "--cache-dir", cache_dir)
+    args = ("--board", "orangepi5", "--fetch-only", *armbian.args, "--cache-dir", cache_dir)
     screen = run_in_terminal(*args)
     assert "downloading Armbian_26.5.1" in screen and "100%|" in screen
     assert "decompressing Armbian_26.5.1" in screen

@@ -66,6 +66,10 @@ BAD_OVERRIDES = [
     ("firstboot.preseed=http://x/p.conf", "--set firstboot.preseed: 'http://x/p.conf' is not a "
                                           "local file path"),
     ("download.retries=-1", "--set download.retries: -1 must be 0 or more"),
+    ("base.verify=gpg", "--set base.verify: 'gpg' is not one of signature, sha256, none"),
+    ("base.gpg_keyring=[/k.gpg, 'https://x/k.gpg']",
+     "--set base.gpg_keyring: 'https://x/k.gpg' is not a local file path"),
+    ("base.gpg_keyring=3", "--set base.gpg_keyring: 3 is not a list of strings"),
     ("download.retries=many", "--set download.retries: 'many' is not a whole number of retries"),
     ("nothing=1", "--set nothing: unknown key (known: board, base, packages"),
     ("jupyter", "--set 'jupyter': expected KEY.PATH=VALUE"),
@@ -96,12 +100,33 @@ GOOD_OVERRIDES = [
      lambda c: c.base.armbian_mirror == "http://mirror.local/armbian"),
     ("download.timeout=2.5", lambda c: c.download.timeout == 2.5),
     ("cache.dir=/var/cache/x", lambda c: c.cache.dir == "/var/cache/x"),
+    ("base.verify=none", lambda c: c.base.verify == "none"),
+    # One keyring, as settings files wrote it before it became a list, or none.
+    ("base.gpg_keyring=/etc/armbian.gpg", lambda c: c.base.gpg_keyring == ("/etc/armbian.gpg",)),
+    ("base.gpg_keyring=null", lambda c: c.base.gpg_keyring == ()),
+    ("base.gpg_keyring=[a.gpg, b.asc]", lambda c: c.base.gpg_keyring == ("a.gpg", "b.asc")),
 ]
 
 
 @pytest.mark.parametrize(("override", "check"), GOOD_OVERRIDES)
 def test_good_override(override: str, check) -> None:  # type: ignore[no-untyped-def]
     assert check(load_config(overrides=[override]))
+
+
+def test_base_is_verified_by_signature_by_default() -> None:
+    config = load_config()
+    assert config.base.verify == "signature" and config.base.gpg_keyring == ()
+    assert config.to_dict()["base"]["gpg_keyring"] == []
+
+
+def test_sha256_level_needs_a_digest_for_a_file_of_your_own(tmp_path: Path) -> None:
+    flags = {"base.source": "/srv/my.img.xz", "base.verify": "sha256"}
+    with pytest.raises(BuildError, match=r"^command line: base.verify: 'sha256' needs the "
+                                         r"digest of /srv/my.img.xz: pass --base-sha256 HEX"):
+        load_config(flags=flags)
+    assert load_config(flags={**flags, "base.sha256": "a" * 64}).base.verify == "sha256"
+    # Armbian publishes a .sha beside each image.
+    assert load_config(flags={"base.verify": "sha256"}).base.verify == "sha256"
 
 
 def test_config_file_merges_key_by_key(tmp_path: Path) -> None:

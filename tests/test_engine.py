@@ -18,6 +18,7 @@ from conftest import (
     ARMBIAN_CNF_HOOK,
     BUILD_IMAGE,
     REPO,
+    UNSIGNED_BASE,
     BaseImage,
     cli_env,
     debugfs,
@@ -31,9 +32,10 @@ from conftest import (
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# The engine alone: the appliance's own scripts are tested in test_appliance.py.
+# The engine alone: the appliance's own scripts are tested in test_appliance.py, the base's
+# verification in test_fetch.py.
 FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
-        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false")
+        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false", *UNSIGNED_BASE)
 
 
 @pytest.fixture
@@ -133,6 +135,12 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     names = {p["name"] for p in manifest["packages"]}
     assert {"dpkg", "apt", "libc6"} <= names
     assert manifest["board"]["id"] == "orangepi5" and manifest["config"]["jupyter"]["port"]
+    # The lowered check is said, and recorded.
+    assert "warning: base.verify is none" in result.stderr
+    assert manifest["base"]["verified"] == {
+        "level": "none", "source": str(base.path), "sha256": None,
+        "sha256_from": "not computed", "sha256_url": None, "signer": None,
+        "signer_name": None, "signature_url": None, "from_cache": False}
     # The dry run's plan is the whole truth: every step that ran, in order (the manifest is
     # written before the last two), and the scripts with the overlays among them.
     plan = build(base, tmp_path / "plan", "--customize", scripts, "--overlay", overlay,

@@ -552,7 +552,14 @@ def test_check_option_reports_the_problems(tmp_path: Path, wizard_program: Path)
 @pytest.mark.slow
 def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path,
                                          wizard_program: Path) -> None:
-    from conftest import debugfs, leftover_resources, make_base_image, root_partition, run_cli
+    from conftest import (
+        UNSIGNED_BASE,
+        debugfs,
+        leftover_resources,
+        make_base_image,
+        root_partition,
+        run_cli,
+    )
     base = make_base_image(debian_rootfs, tmp_path)
     scripts = tmp_path / "scripts"
     scripts.mkdir()
@@ -561,7 +568,7 @@ def test_armbian_first_login_is_replaced(debian_rootfs: Path, tmp_path: Path,
     result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
                      tmp_path / "cache", "--output", tmp_path / "out", "--compress", "none",
                      "--set", "image.headroom=256MiB", "--set", "customize.builtin=false",
-                     "--customize", scripts, timeout=600)
+                     "--customize", scripts, *UNSIGNED_BASE, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert leftover_resources(tmp_path) == []
     for line in ("removed /root/.not_logged_in_yet",

@@ -70,6 +70,9 @@ def test_the_wheel_carries_every_script_and_overlay_with_its_mode(wheel: Path) -
                  if name.startswith(f"builder/{top}/")}
         assert found == expected, top
     assert "builder/boards.yaml" in carried and "builder/defaults.yaml" in carried
+    assert "builder/keys/armbian-2025.asc" in carried, "Armbian's key, trusted by default"
+    # Host scripts reach image paths through it: it must stay executable.
+    assert carried.get("builder/hostbin/image-path") == 0o111
 
 
 def test_the_installed_tools_come_from_the_venv(venv: Path, tmp_path: Path) -> None:
