@@ -8,6 +8,11 @@ U-Boot for the board, and an extlinux.conf that U-Boot's distro boot reads.
 Debian builds U-Boot for a few Orange Pi boards only (u-boot-sunxi); BOARDS lists them.
 Building takes minutes under emulation (debootstrap, the kernel, its initramfs), so the result
 is cached, keyed by everything that went into it.
+
+Trust: the mirror is plain http, so what it serves counts only as far as Debian's archive key
+vouches for it. debootstrap checks the release's Release file against the key (and every
+package against the Release file), and refuses to go on without the keyring; the image's apt
+checks the same key (Signed-By) for everything installed after.
 """
 
 from __future__ import annotations
@@ -30,9 +35,13 @@ from builder.chroot import Chroot, Emulation, choose_emulation, chroot_session
 from builder.errors import BuildError
 from builder.ledger import Ledger
 from builder.mount import work_path
-from builder.run import host_env, run, stream
+from builder.run import host_env, require_programs, run, stream
 
 RELEASES = ("trixie",)
+# The keys Debian signs its releases with (debian-archive-keyring), for every release in
+# RELEASES: trixie's Release file carries signatures by keys that bookworm's package
+# (2023.3+deb12u2) already holds, so a bookworm host checks it too.
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Raised whenever the recipe below changes what it produces: the cache key includes it.
 RECIPE = 2
 ROOT_LABEL = "debian_root"
@@ -109,6 +118,17 @@ def supported(board: Board, release: str) -> DebianBoard:
     return BOARDS[board.id]
 
 
+def check_host() -> None:
+    """What building a Debian base needs on the host to check what the mirror serves: called
+    before anything is downloaded (preflight's host checks, and build_base)."""
+    if not KEYRING.is_file():
+        raise BuildError(f"{KEYRING} not found: --base debian trusts the mirror only as far "
+                         f"as Debian's archive keys in it vouch for what it serves; install it "
+                         f"with: apt-get install debian-archive-keyring (or sudo ci/setup-host)")
+    # debootstrap checks the Release file's signature with gpgv, and so does _untrusted.
+    require_programs("debootstrap", "gpgv")
+
+
 def cache_key(board: Board, release: str, mirror: str) -> str:
     recipe = {"recipe": RECIPE, "board": board.id, "arch": board.arch, "release": release,
               "debian": BOARDS[board.id].__dict__, "packages": PACKAGES, "mirror": mirror,
@@ -124,6 +144,7 @@ def build_base(board: Board, release: str, mirror: str, cache: Cache,
                ledger: Ledger, emulation: Emulation | None = None) -> CachedImage:
     """The cached Debian base for `board`, built first if there is none. The CPU model
     emulated does not change what is built, so it is not part of the key."""
+    check_host()
     key = cache_key(board, release, mirror)
     cache.prepare()
     with cache.lock(key, f"the Debian base for {board.id}"):
@@ -160,8 +181,7 @@ def build_base(board: Board, release: str, mirror: str, cache: Cache,
 def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path,
                emulation: Emulation) -> None:
     log.info(f"debootstrap {release} {board.arch} from {mirror} (a few minutes under qemu)")
-    argv = ["debootstrap", f"--arch={board.arch}", "--variant=minbase",
-            f"--include={','.join(PACKAGES[:5])}", release, str(rootfs), mirror]
+    argv = debootstrap_argv(board, release, mirror, rootfs)
     # Asked to stop with SIGTERM, not killed, on an interruption: debootstrap's exit trap
     # unmounts the proc and sys it mounted in the target.
     try:
@@ -170,8 +190,60 @@ def _bootstrap(board: Board, release: str, mirror: str, rootfs: Path,
         stream(argv, env=host_env(emulation.env), prefix="debootstrap",
                what=f"debootstrap of {release} {board.arch}", stop=signal.SIGTERM)
     except BuildError as exc:
+        # debootstrap exits 1 whatever went wrong, and its message goes by with its other
+        # output: the Release file it refused is still in the target, judged here again.
+        problem = _untrusted(rootfs / "var/lib/apt/lists", release)
+        if problem:
+            reason, fix = problem
+            raise BuildError(f"the Release file of {release} on {mirror} is not signed by "
+                             f"Debian's archive key ({reason}): {fix}") from None
         raise BuildError(f"{exc}: check the mirror {mirror} (base.debian_mirror) and the "
                          f"network") from None
+
+
+def debootstrap_argv(board: Board, release: str, mirror: str, rootfs: Path) -> list[str]:
+    # --keyring names the keys instead of leaving them to debootstrap's script for the
+    # release, and --force-check-gpg makes checking them a must: by default, a script that
+    # names no keyring, or one the host lacks, gets a warning ("Cannot check Release
+    # signature"), after which debootstrap takes whatever the mirror serves.
+    return ["debootstrap", f"--arch={board.arch}", "--variant=minbase",
+            f"--keyring={KEYRING}", "--force-check-gpg",
+            f"--include={','.join(PACKAGES[:5])}", release, str(rootfs), mirror]
+
+
+def _untrusted(lists: Path, release: str) -> tuple[str, str] | None:
+    """Why the Release file debootstrap fetched into `lists` does not carry Debian's
+    signature, and the fix; None if it does, or if debootstrap stopped before fetching it.
+    Judged as debootstrap judges it: gpgv against KEYRING, good if any signature is valid."""
+    unsigned = ("the mirror serves it without a signature", "use a Debian mirror "
+                "(base.debian_mirror)")
+    found = sorted(lists.glob(f"*_dists_{release}_Release")) if lists.is_dir() else []
+    if not found:
+        inline = sorted(lists.glob(f"*_dists_{release}_InRelease")) if lists.is_dir() else []
+        # An InRelease that is no signed message leaves debootstrap no Release to split off.
+        if inline and b"-----BEGIN PGP SIGNED MESSAGE-----" not in inline[0].read_bytes():
+            return unsigned
+        return None
+    release_file = found[0]
+    signature = release_file.with_name(release_file.name + ".gpg")
+    if not signature.is_file():
+        return unsigned
+    status = run(["gpgv", "--status-fd", "1", "--keyring", KEYRING, "--ignore-time-conflict",
+                  signature, release_file], capture=True, check=False).stdout
+    words = [line.split()[1:3] for line in status.decode(errors="replace").splitlines()
+             if line.startswith("[GNUPG:] ") and len(line.split()) >= 3]
+    if any(keyword == "VALIDSIG" for keyword, _ in words):
+        return None
+    if any(keyword == "BADSIG" for keyword, _ in words):
+        return ("its signature does not match it: it was changed after Debian signed it, on "
+                "the mirror or on the way", "use another mirror (base.debian_mirror)")
+    keys = [key for keyword, key in words if keyword == "NO_PUBKEY"]
+    if keys:
+        return (f"it is signed by key {keys[0]}, which {KEYRING} does not hold",
+                f"use a Debian mirror (base.debian_mirror), or update the host's keyring "
+                f"if it predates {release}: apt-get install debian-archive-keyring")
+    return (f"gpgv could not check it against {KEYRING}",
+            "reinstall them: apt-get install --reinstall gpgv debian-archive-keyring")
 
 
 def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_uuid: str,
@@ -189,9 +261,7 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
     # The release alone: its point releases carry the stable updates. {release}-updates is
     # small and changes daily, and mirrors were seen serving it half-synced for hours, which
     # fails every apt-get update; a customize script can add it where the mirror is sound.
-    (etc / "apt/sources.list.d/debian.sources").write_text(
-        f"Types: deb\nURIs: {mirror}\nSuites: {release}\n"
-        f"Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    (etc / "apt/sources.list.d/debian.sources").write_text(sources(mirror, release))
     # Before the kernel: an initramfs with only the modules that reach the root filesystem
     # takes seconds to make under emulation instead of minutes, and still boots (MODULES=most
     # has been seen to leave out the MMC driver altogether).
@@ -245,6 +315,13 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
     machine_id = etc / "machine-id"
     machine_id.write_text("")
     return uboot
+
+
+def sources(mirror: str, release: str) -> str:
+    """The image's apt source: the mirror, trusted for what Debian's archive keys signed (the
+    image's own debian-archive-keyring), as debootstrap trusted it; never `Trusted: yes`."""
+    return (f"Types: deb\nURIs: {mirror}\nSuites: {release}\nComponents: main\n"
+            f"Signed-By: {KEYRING}\n")
 
 
 def _apt_update(session: Chroot, attempts: int = 4) -> None:

@@ -55,8 +55,10 @@ def check_host(ctx: Context) -> Checked:
             if not is_root():
                 raise BuildError("--base debian needs root (debootstrap, chroot, mounts): "
                                  "run it with sudo, or use --dry-run")
-            require_programs("debootstrap", "mkfs.ext4", "dpkg-deb", "sfdisk", "mount",
-                             "chroot")
+            # Debian's archive keyring (the mirror is trusted only as far as it vouches),
+            # debootstrap and gpgv: before the wheels' resolution reaches PyPI.
+            debian.check_host()
+            require_programs("mkfs.ext4", "dpkg-deb", "sfdisk", "mount", "chroot")
             emulation = _emulation(ctx)
     else:
         suffix = (".img.xz" if base.source == "armbian"

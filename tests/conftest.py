@@ -345,8 +345,11 @@ def debian_rootfs() -> Path:
             tmp = TEST_CACHE / f".{key}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             # The CPU model the builder uses: debootstrap's second stage in a fraction of
-            # the time qemu's default takes.
-            subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase", "trixie",
+            # the time qemu's default takes. The Release file checked as the builder
+            # checks its Debian bases' (debian.debootstrap_argv).
+            subprocess.run(["debootstrap", "--arch=arm64", "--variant=minbase",
+                            "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
+                            "--force-check-gpg", "trixie",
                             str(tmp), DEBIAN_MIRROR], check=True, capture_output=True,
                            timeout=1500, env={**os.environ, "QEMU_CPU": "cortex-a53"})
             shutil.rmtree(target, ignore_errors=True)
