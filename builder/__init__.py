@@ -7,11 +7,14 @@ build-image (cli.py), its steps in order in pipeline.py:
   boards.py, boards.yaml     the Orange Pi board catalog
   preflight.py               everything checked before the first download; the dry run's plan
   armbian.py, download.py    which Armbian image to start from (Armbian's index), HTTP
-  fetch.py, verify.py,       where the base image is downloaded, verified, decompressed and
-  cache.py, debian.py        cached; a Debian base made with debootstrap
+  fetch.py, verify.py,       where the base image is downloaded, verified (keys/: Armbian's
+  cache.py, debian.py        signing key), decompressed and cached; a Debian base made with
+                             debootstrap
   image.py, ext4.py          partition table, root partition, grow and shrink; dumpe2fs
   mount.py, ledger.py        loop devices and mounts; the record that undoes a killed build
-  chroot.py, customize.py    where scripts run (qemu-user chroot) and overlays are laid in
+  chroot.py, customize.py    where scripts run (qemu-user chroot, namespaces of their own)
+                             and overlays are laid in
+  inside.py, hostbin/        every path inside the image resolved inside it (image-path)
   stages.py, wheels.py       the step cache; wheels chosen on the host for the image
   output.py                  the compressed image, checksum, bmap, manifest
   firstboot/                 what the card runs at first boot (shipped as one zipapp)

@@ -1,14 +1,19 @@
 """Running programs inside the image: a chroot under qemu-user-static, kept hygienic.
 
-While a chroot session is open:
-  - proc, sysfs, /dev, /dev/pts are mounted, and tmpfs on /run and /tmp;
+Every program runs in namespaces of its own (`contained`): its own PID namespace and /proc,
+so nothing of the host's process tree is visible or reachable, and its own mount, IPC and
+UTS namespaces. While a chroot session is open:
+  - sysfs (read-only), /dev, /dev/pts are mounted, and tmpfs on /run and /tmp;
   - /usr/sbin/policy-rc.d answers 101, so package scripts start no services;
   - /etc/resolv.conf is a real file with the host's resolvers (Armbian ships a symlink into
     /run/systemd, which dangles in a chroot);
-  - an apt proxy, when configured, is set in /etc/apt/apt.conf.d;
+  - apt refuses unsigned repositories whatever the image's apt.conf.d says, and an apt
+    proxy, when configured, is set in /etc/apt/apt.conf.d;
   - the host's apt archive cache is bind-mounted on /var/cache/apt/archives, so a rebuild
     downloads no .deb twice.
 On the way out every one of these is put back exactly as it was (a symlink stays a symlink).
+Every path under the root is resolved inside the image (builder/inside.py): the image's own
+symlinks never lead a write to the host.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from builder import log
 from builder.errors import BuildError
 from builder.files import locked
+from builder.inside import entry_in_root, in_root, remove_entry, write_file
 from builder.ledger import Ledger
 from builder.mount import kill_processes_under, mounted
 from builder.run import run, stream
@@ -74,35 +80,6 @@ def binfmt_status(arch: str) -> Binfmt:
         return Binfmt(False, interpreter,
                       f"the binfmt entry {entry} lacks the F flag (flags: {flags or 'none'})")
     return Binfmt(True, interpreter, "")
-
-
-def in_root(root: Path, path: str) -> Path:
-    """The host path of `path` inside the image, following symlinks the way the image itself
-    would: an absolute link (Debian's /var/run -> /run) points into the image, never at the
-    host. Refuses a path that would leave the root."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    current = root
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            current = current.parent if current != root else root
-            continue
-        candidate = current / part
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise BuildError(f"{path}: too many levels of symbolic links in the image")
-            link = os.readlink(candidate)
-            parts = [p for p in link.split("/") if p and p != "."] + parts
-            if link.startswith("/"):
-                current = root
-            continue
-        current = candidate
-    resolved = os.path.normpath(current)
-    if not (resolved == str(root) or resolved.startswith(str(root).rstrip("/") + "/")):
-        raise BuildError(f"{path} leads outside the image")
-    return Path(resolved)
 
 
 def static_qemu(arch: str) -> Path | None:
@@ -195,6 +172,21 @@ def choose_emulation(arch: str, setting: str = CPU_AUTO) -> Emulation:
                               f"on {name}")
 
 
+def contained(root: Path, argv: Sequence[str]) -> list[str]:
+    """argv run in the image with namespaces of its own, so its programs cannot reach the
+    host's processes: a PID namespace with the image's own /proc (a maintainer script's
+    `kill -9 -1` or a walk of /proc/1/root finds only its own run), a mount namespace (what
+    it mounts vanishes with it; the session's mounts are shared with it), IPC and UTS (its
+    `hostname` stays its own). The program is the namespace's first process: when it exits,
+    the kernel ends everything it left running, and when the builder dies, --kill-child
+    ends it too.
+
+    Root inside is still root (mknod, raw devices): this contains accidents and careless
+    scripts, not a hostile image. Signatures are what keep those out."""
+    return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--ipc", "--uts",
+            f"--mount-proc={in_root(root, 'proc')}", "chroot", str(root), *argv]
+
+
 @dataclass
 class Chroot:
     root: Path
@@ -202,17 +194,18 @@ class Chroot:
     env: dict[str, str]
 
     def path(self, inside: str) -> Path:
-        return self.root / inside.lstrip("/")
+        """The host path of `inside`, resolved as the image resolves it."""
+        return in_root(self.root, inside)
 
     def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
             prefix: str | None = None, what: str | None = None) -> None:
         """Run argv inside the image with a clean environment, streaming its output."""
-        stream(["chroot", str(self.root), *argv], env={**self.env, **(env or {})},
+        stream(contained(self.root, argv), env={**self.env, **(env or {})},
                prefix=prefix, what=what or " ".join(argv), preexec=_limit_open_files)
 
     def runs(self, argv: Sequence[str], env: Mapping[str, str]) -> bool:
         """Whether argv exits 0 in the image with env added, its output not shown."""
-        proc = run(["chroot", str(self.root), *argv], env={**self.env, **env}, capture=True,
+        proc = run(contained(self.root, argv), env={**self.env, **env}, capture=True,
                    check=False)
         return proc.returncode == 0
 
@@ -234,17 +227,18 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def _replaced_file(path: Path, content: bytes, mode: int,
+def _replaced_file(root: Path, inside: str, content: bytes, mode: int,
                    keep_changes: bool = False) -> Iterator[None]:
-    """`path` holds `content` for a while; then exactly what was there before comes back:
+    """`inside` holds `content` for a while; then exactly what was there before comes back:
     the same file, the same symlink, or nothing. With `keep_changes`, a symlink that a
-    package put there meanwhile (systemd-resolved's resolv.conf) is left as it is."""
+    package put there meanwhile (systemd-resolved's resolv.conf) is left as it is. Its
+    directory is resolved in the image; a symlink at `inside` itself is replaced, never
+    written through."""
+    path = entry_in_root(root, inside)
     saved: tuple[str, bytes | str, int] | None = None
-    if path.parent.is_symlink():
-        raise BuildError(f"{path.parent} is a symbolic link: refusing to write through it")
     if path.is_symlink():
         saved = ("link", os.readlink(path), 0)
-    elif path.exists():
+    elif path.is_file():
         st = path.stat()
         saved = ("file", path.read_bytes(), stat.S_IMODE(st.st_mode))
     created: list[Path] = []   # directories made for it, deepest last, to remove again
@@ -253,10 +247,7 @@ def _replaced_file(path: Path, content: bytes, mode: int,
         created.insert(0, parent)
         parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink() or path.exists():
-        path.unlink()
-    path.write_bytes(content)
-    path.chmod(mode)
+    write_file(path, content, mode)
     try:
         yield
     finally:
@@ -269,8 +260,7 @@ def _replaced_file(path: Path, content: bytes, mode: int,
 
 def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
              created: list[Path]) -> None:
-    if path.is_symlink() or path.exists():
-        path.unlink()
+    remove_entry(path)
     for directory in reversed(created):
         with contextlib.suppress(OSError):   # not empty: something else lives there now
             directory.rmdir()
@@ -280,8 +270,7 @@ def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
             os.symlink(data, path)
         else:
             assert isinstance(data, bytes)
-            path.write_bytes(data)
-            path.chmod(old_mode)
+            write_file(path, data, old_mode)
 
 
 # apt configuration for the build only. The hooks apt runs after `apt-get update` rebuild
@@ -292,6 +281,16 @@ def _restore(path: Path, saved: tuple[str, bytes | str, int] | None,
 QUICK_APT_CONF = "etc/apt/apt.conf.d/99zz-build-image-hooks"
 QUICK_APT = b"""// build-image: during the build only, gone from the finished image.
 #clear APT::Update::Post-Invoke-Success;
+"""
+# apt's defaults refuse unsigned and weakly signed repositories; an image's own apt.conf.d
+# could turn that off. This file sorts after every numbered one, so during the build its
+# settings win. (A sources line marked [trusted=yes] is the image's explicit choice.)
+SIGNED_APT_CONF = "etc/apt/apt.conf.d/zz-build-image-signed"
+SIGNED_APT = b"""// build-image: during the build only, gone from the finished image.
+Acquire::AllowInsecureRepositories "false";
+Acquire::AllowWeakRepositories "false";
+Acquire::AllowDowngradeToInsecureRepositories "false";
+APT::Get::AllowUnauthenticated "false";
 """
 # While this file exists, man-db's dpkg trigger rebuilds the whole manual database after each
 # dpkg run (debconf man-db/auto-update); the session rebuilds it once at its end instead.
@@ -324,7 +323,7 @@ def _quick_apt(root: Path, run_in_image: Callable[[list[str]], None]) -> Iterato
     """apt and dpkg without the work the board redoes, or that can wait for the end."""
     status = in_root(root, "var/lib/dpkg/status")
     before = status.stat().st_mtime_ns if status.exists() else None
-    with _replaced_file(root / QUICK_APT_CONF, QUICK_APT, 0o644), \
+    with _replaced_file(root, QUICK_APT_CONF, QUICK_APT, 0o644), \
             _set_aside(in_root(root, MAN_DB_AUTO_UPDATE)) as man_db_aside:
         yield
         # Once, as the trigger would have after the session's last dpkg run, so `man -k` on
@@ -399,10 +398,11 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
             qemu = static_qemu(arch)
             if qemu is None or binfmt.interpreter is None:
                 raise BuildError(f"cannot run {arch} programs: {binfmt.problem}")
-            copy = root / binfmt.interpreter.lstrip("/")
-            stack.enter_context(_replaced_file(copy, qemu.read_bytes(), 0o755))
+            stack.enter_context(_replaced_file(root, binfmt.interpreter, qemu.read_bytes(),
+                                               0o755))
+        # No proc here: each program gets its own, of its PID namespace (`contained`).
+        in_root(root, "proc").mkdir(exist_ok=True)
         for source, target, fstype, options in (
-            ("proc", "proc", "proc", ("nosuid", "nodev", "noexec")),
             ("sysfs", "sys", "sysfs", ("nosuid", "nodev", "noexec", "ro")),
             ("tmpfs", "dev", "tmpfs", ("mode=755", "nosuid", "size=16m")),
             ("devpts", "dev/pts", "devpts", ("gid=5", "mode=620", "ptmxmode=666")),
@@ -413,16 +413,17 @@ def chroot_session(ledger: Ledger, root: Path, arch: str, *, apt_cache: Path | N
             stack.enter_context(mounted(ledger, source, in_root(root, target), fstype=fstype,
                                         options=options))
             if target == "dev":
-                populate_dev(root / "dev")
-        stack.enter_context(_replaced_file(root / "usr/sbin/policy-rc.d",
+                populate_dev(in_root(root, "dev"))
+        stack.enter_context(_replaced_file(root, "usr/sbin/policy-rc.d",
                                            b"#!/bin/sh\n# build-image: no services now\nexit 101\n",
                                            0o755))
-        stack.enter_context(_replaced_file(root / "etc/resolv.conf", host_resolv_conf(), 0o644,
+        stack.enter_context(_replaced_file(root, "etc/resolv.conf", host_resolv_conf(), 0o644,
                                            keep_changes=True))
+        stack.enter_context(_replaced_file(root, SIGNED_APT_CONF, SIGNED_APT, 0o644))
         if apt_proxy:
             # http only: an apt cache such as apt-cacher-ng refuses to tunnel HTTPS.
             conf = f'Acquire::http::Proxy "{apt_proxy}";\n'
-            stack.enter_context(_replaced_file(root / PROXY_CONF, conf.encode(), 0o644))
+            stack.enter_context(_replaced_file(root, PROXY_CONF, conf.encode(), 0o644))
         if apt_cache is not None:
             apt_cache.mkdir(parents=True, exist_ok=True)
             (apt_cache / "partial").mkdir(exist_ok=True)

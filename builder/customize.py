@@ -23,7 +23,8 @@ executable, is an error before the build starts. Every script gets this environm
                    under <key>. Scripts hand files to each other in its parent, the work
                    directory /tmp/build-image: a directory of the build's workspace, mounted
                    there in every session, kept with each stage in the step cache.
-    IMAGE_ROOT     the mounted root filesystem   (.host scripts only)
+    IMAGE_ROOT     the mounted root filesystem   (.host scripts only; paths in it through
+                   `image-path PATH`, on their PATH: see builder/inside.py)
     IMAGE_CACHE    a directory of the build cache for downloads (.host scripts only)
     IMAGE_OFFLINE  1 with --offline: use the cache, no network (.host scripts only)
     IMAGE_BUILDER_PYTHON  the Python running the builder, with pip (.host scripts only)
@@ -56,9 +57,10 @@ import jinja2
 
 from builder import log
 from builder.boards import Board
-from builder.chroot import Chroot, in_root
+from builder.chroot import Chroot
 from builder.config import Config
 from builder.errors import BuildError
+from builder.inside import entry_in_root, in_root, remove_entry, write_file
 from builder.run import stream
 from builder.stages import BUILDER_DIR
 
@@ -336,18 +338,19 @@ def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str
                 continue
             # Resolved the way the image sees it: through Debian's /var/run -> /run into the
             # image's /run, never the host's.
-            target = in_root(root, str(relative.parent)) / relative.name
+            target = entry_in_root(root, relative.as_posix())
             if source.is_symlink():
-                if target.is_symlink() or target.exists():
-                    target.unlink()
+                remove_entry(target)
                 os.symlink(os.readlink(source), target)
                 os.lchown(target, 0, 0)
             elif source.is_dir():
-                # A directory the image already has (/etc, /tmp) keeps its own mode.
-                if not target.exists():
-                    target.mkdir()
-                    os.chown(target, 0, 0)
-                    target.chmod(stat.S_IMODE(source.stat().st_mode))
+                # A directory the image already has (/etc, /tmp) keeps its own mode; where
+                # the image has a link (/var/run), the directory it leads to in the image.
+                directory_in_image = in_root(root, relative.as_posix())
+                if not directory_in_image.exists():
+                    directory_in_image.mkdir()
+                    os.chown(directory_in_image, 0, 0)
+                    directory_in_image.chmod(stat.S_IMODE(source.stat().st_mode))
             else:
                 mode = stat.S_IMODE(source.stat().st_mode)
                 if source.suffix == ".j2":
@@ -355,11 +358,6 @@ def apply_overlays(dirs: Sequence[Path], root: Path, rendered: Mapping[Path, str
                     data = rendered[source].encode()
                 else:
                     data = source.read_bytes()
-                if target.is_symlink():
-                    target.unlink()
-                target.write_bytes(data)
-                # chown first: it clears setuid and setgid bits, which chmod then sets.
-                os.chown(target, 0, 0)
-                target.chmod(mode)
+                write_file(target, data, mode)
                 count += 1
     return count

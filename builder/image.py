@@ -17,6 +17,7 @@ from pathlib import Path
 from builder import log
 from builder.errors import BuildError
 from builder.ext4 import superblock
+from builder.inside import remove_entry
 from builder.ledger import Ledger
 from builder.mount import loop_device, probe
 from builder.run import run
@@ -154,8 +155,11 @@ def clear_free_space(mountpoint: Path) -> None:
              f"writing zeros over the free space instead")
     filler = mountpoint / ".build-image-zeros"
     zeros = bytes(1 << 20)
+    # The image could hold a link by that name: never written through, to the host.
+    remove_entry(filler)
     try:
-        with open(filler, "wb") as f:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as f:
             while True:
                 f.write(zeros)
     except OSError as exc:

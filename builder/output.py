@@ -23,6 +23,7 @@ from builder.cache import key_of
 from builder.entry import shielded
 from builder.errors import BuildError
 from builder.files import locked, sha256_of
+from builder.inside import in_root
 from builder.ledger import STATE_DIR, Ledger
 from builder.mount import work_path
 from builder.run import run, spawn
@@ -157,7 +158,7 @@ def write_bmap(raw: Path, out: Outputs) -> None:
 
 def installed_packages(root: Path) -> list[dict[str, str]]:
     """The image's dpkg database, read with the host's dpkg-query (no emulation needed)."""
-    admin = root / "var/lib/dpkg"
+    admin = in_root(root, "var/lib/dpkg")
     if not admin.is_dir():
         return []
     proc = run(["dpkg-query", f"--admindir={admin}", "--show",

@@ -37,10 +37,11 @@ from typing import Any
 from builder import __version__, customize, debian, fetch, image, log, output, stages
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
-from builder.chroot import Chroot, chroot_session, in_root
+from builder.chroot import Chroot, chroot_session
 from builder.config import Config
 from builder.download import Http
 from builder.files import locked, sha256_of
+from builder.inside import in_root
 from builder.ledger import Ledger
 from builder.mount import loop_device, mounted, mounts_under, remove_path, work_path
 from builder.preflight import (
@@ -450,6 +451,9 @@ def _session(ctx: Context, checked: Checked, work: Workspace,
         yield chroot
 
 
+HOST_SCRIPT_TOOLS = stages.BUILDER_DIR / "hostbin"
+
+
 def _host_env(ctx: Context) -> dict[str, str]:
     """What a host script sees: what every host program does (run.host_env) and IMAGE_*."""
     env = host_env()
@@ -457,6 +461,8 @@ def _host_env(ctx: Context) -> dict[str, str]:
     cache.mkdir(parents=True, exist_ok=True)
     env.update(IMAGE_CACHE=str(cache), IMAGE_OFFLINE="1" if ctx.options.offline else "0",
                IMAGE_BUILDER_PYTHON=sys.executable)
+    # image-path, for paths inside the image resolved as the image resolves them.
+    env["PATH"] = f"{HOST_SCRIPT_TOOLS}:{env.get('PATH', os.defpath)}"
     return env
 
 

@@ -58,7 +58,7 @@ def check_host(ctx: Context) -> Checked:
             # Debian's archive keyring (the mirror is trusted only as far as it vouches),
             # debootstrap and gpgv: before the wheels' resolution reaches PyPI.
             debian.check_host()
-            require_programs("mkfs.ext4", "dpkg-deb", "sfdisk", "mount", "chroot")
+            require_programs("mkfs.ext4", "dpkg-deb", "sfdisk", "mount", "chroot", "unshare")
             emulation = _emulation(ctx)
     else:
         suffix = (".img.xz" if base.source == "armbian"
@@ -86,7 +86,8 @@ def check_host(ctx: Context) -> Checked:
         raise BuildError("building an image needs root (loop devices, mounts, chroot): run it "
                          "with sudo, or use --dry-run / --fetch-only, which do not")
     require_programs("losetup", "sfdisk", "blkid", "blockdev", "e2fsck", "resize2fs",
-                     "dumpe2fs", "debugfs", "mount", "umount", "chroot", "fstrim", "sync",
+                     "dumpe2fs", "debugfs", "mount", "umount", "chroot", "unshare", "fstrim",
+                     "sync",
                      "bmaptool",
                      "dpkg-query", *(output.COMPRESSORS[cfg.image.compression][1][:1]))
     if ctx.board.arch not in QEMU:

@@ -38,6 +38,7 @@ HOST_PACKAGES: dict[str, str] = {
     "sfdisk": "fdisk",
     "blkid": "util-linux",
     "fstrim": "util-linux",
+    "unshare": "util-linux",
     "blockdev": "util-linux",
     "e2fsck": "e2fsprogs",
     "resize2fs": "e2fsprogs",

@@ -46,7 +46,7 @@ from conftest import (
 from mirror import Mirror
 
 from builder.cache import Cache
-from builder.chroot import Chroot, chroot_session
+from builder.chroot import Chroot, chroot_session, contained
 from builder.ext4 import find_root_fs
 from builder.image import find_root, read_table
 from builder.ledger import Ledger
@@ -90,7 +90,7 @@ class Image:
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
         if user:
             argv = ("runuser", "-u", user, "--", *argv)
-        result = subprocess.run(["chroot", str(self.root), *argv], env=self.chroot.env,
+        result = subprocess.run(contained(self.root, argv), env=self.chroot.env,
                                 capture_output=True, text=True, timeout=timeout)
         if check:
             assert result.returncode == 0, (argv, result.stdout, result.stderr)
@@ -707,9 +707,10 @@ def first_boot(image: Image) -> None:
     plain passwords on arm64 (hashed by the image's own jupyter_server and libcrypt)."""
     if image.appliance.arch == "armhf":
         result = subprocess.run(
-            ["chroot", str(image.root), "python3", "/usr/lib/orangepi-jupyter/firstboot.pyz",
-             "--boot", "--console", "ttyS0"], stdin=subprocess.DEVNULL, env=image.chroot.env,
-            capture_output=True, text=True, timeout=600)
+            contained(image.root, ["python3", "/usr/lib/orangepi-jupyter/firstboot.pyz",
+                                   "--boot", "--console", "ttyS0"]),
+            stdin=subprocess.DEVNULL, env=image.chroot.env, capture_output=True, text=True,
+            timeout=600)
     else:
         preseed = image.root / "root/setup.conf"
         preseed.write_text(f"login_password = {LOGIN}\njupyter_password = {JUPYTER}\n"
@@ -743,9 +744,9 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
     log = image.appliance.raw.parent / "jupyter.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
-            ["chroot", str(image.root), "runuser", "-u", "jupyter", "--",
-             f"{VENV}/bin/jupyter", "lab", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={port}"],
+            contained(image.root, ["runuser", "-u", "jupyter", "--", f"{VENV}/bin/jupyter",
+                                   "lab", "--ServerApp.ip=127.0.0.1",
+                                   f"--ServerApp.port={port}"]),
             env=image.chroot.env, stdout=output, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -777,12 +778,10 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
             assert specs["default"] == "scientific" and set(specs["kernelspecs"]) == \
                 {"scientific"}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        # unshare, which started it, ignores SIGTERM while it waits: killed, it takes the
+        # server's whole PID namespace with it (--kill-child).
+        server.kill()
+        server.wait()
 
 
 # Booted: try-image --smoke on the compressed output, as a user would try it (started by the

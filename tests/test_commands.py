@@ -138,9 +138,13 @@ def test_a_chroot_session_mounts_exactly_these_and_unmounts_in_reverse(
         assert (root / "usr/sbin/policy-rc.d").read_text().endswith("exit 101\n")
         assert (root / chroot.PROXY_CONF).read_text() == \
             'Acquire::http::Proxy "http://127.0.0.1:3142";\n'
+        assert b"AllowUnauthenticated \"false\"" in (root / chroot.SIGNED_APT_CONF).read_bytes()
+        # Every program in the image: namespaces of its own, its own /proc.
+        assert chroot.contained(root, ["dpkg", "-l"]) == [
+            "unshare", "--mount", "--pid", "--fork", "--kill-child", "--ipc", "--uts",
+            f"--mount-proc={root}/proc", "chroot", str(root), "dpkg", "-l"]
     r = str(root)
     assert mounts == [
-        ["mount", "-t", "proc", "-o", "nosuid,nodev,noexec", "proc", f"{r}/proc"],
         ["mount", "-t", "sysfs", "-o", "nosuid,nodev,noexec,ro", "sysfs", f"{r}/sys"],
         ["mount", "-t", "tmpfs", "-o", "mode=755,nosuid,size=16m", "tmpfs", f"{r}/dev"],
         ["mount", "-t", "devpts", "-o", "gid=5,mode=620,ptmxmode=666", "devpts",
@@ -157,3 +161,4 @@ def test_a_chroot_session_mounts_exactly_these_and_unmounts_in_reverse(
     # What the session put in place is gone again.
     assert not (root / "usr/sbin/policy-rc.d").exists()
     assert not (root / chroot.PROXY_CONF).exists()
+    assert not (root / chroot.SIGNED_APT_CONF).exists()

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from builder.boards import load_catalog
-from builder.chroot import in_root
 from builder.config import load_config
 from builder.customize import (
     config_env,
@@ -18,6 +17,7 @@ from builder.customize import (
     template_context,
 )
 from builder.errors import BuildError
+from builder.inside import in_root
 
 
 def script(directory: Path, name: str, body: str = "#!/bin/sh\n", mode: int = 0o755) -> Path:

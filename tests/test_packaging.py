@@ -111,6 +111,10 @@ def test_the_installed_tool_builds_an_image(venv: Path, tmp_path: Path) -> None:
     script = scripts / "50-mark.chroot"
     script.write_text("#!/bin/sh\nset -e\necho \"built for $IMAGE_BOARD\" > /etc/mark\n")
     script.chmod(0o755)
+    # image-path from the wheel: the path of a file in the image, found by a host script.
+    host = scripts / "60-host.host"
+    host.write_text("#!/bin/sh\nset -e\necho from-host > \"$(image-path /etc/host-mark)\"\n")
+    host.chmod(0o755)
     (overlay / "etc").mkdir(parents=True)
     (overlay / "etc/from-overlay").write_text("laid in\n")
     result = subprocess.run(
@@ -124,4 +128,5 @@ def test_the_installed_tool_builds_an_image(venv: Path, tmp_path: Path) -> None:
     root = root_partition(image, 4 << 20)
     assert debugfs(root, "cat /etc/mark").stdout == f"built for {BOARD}\n"
     assert debugfs(root, "cat /etc/from-overlay").stdout == "laid in\n"
+    assert debugfs(root, "cat /etc/host-mark").stdout == "from-host\n"
     assert leftover_resources(tmp_path) == []

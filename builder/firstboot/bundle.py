@@ -45,6 +45,8 @@ def build(target: Path) -> None:
             bundle.writestr(info, source.read_bytes())
     archive.seek(0)
     partial = target.with_name(f".{target.name}.tmp")
+    # Written into an image: a link by that name there must be replaced, not followed.
+    partial.unlink(missing_ok=True)
     zipapp.create_archive(archive, partial, interpreter=INTERPRETER)
     partial.chmod(0o755)
     os.replace(partial, target)
