@@ -16,7 +16,7 @@ build-image (cli.py), its steps in order in pipeline.py:
                              and overlays are laid in
   inside.py, hostbin/        every path inside the image resolved inside it (image-path)
   stages.py, wheels.py       the step cache; wheels chosen on the host for the image
-  output.py                  the compressed image, checksum, bmap, manifest
+  output.py, sbom.py         the compressed image, checksum, bmap, manifest, CycloneDX SBOM
   firstboot/                 what the card runs at first boot (shipped as one zipapp)
 try-image (tryimage.py): qemu.py; the smoke in smoke.py with serial_console.py,
   jupyter_client.py, browser.py

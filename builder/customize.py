@@ -253,8 +253,8 @@ def run_script(script: Script, chroot: Chroot, config: Config, board: Board,
 
 
 # Names the build's own outputs have: a script cannot replace them.
-RESERVED_OUTPUTS = ("img", "manifest.json", "build.log")
-RESERVED_SECTIONS = ("builder", "built", "board", "base", "config", "packages", "steps",
+RESERVED_OUTPUTS = ("img", "manifest.json", "sbom.cdx.json", "build.log")
+RESERVED_SECTIONS = ("builder", "built", "board", "base", "config", "packages", "sbom", "steps",
                      "scripts", "stages")
 
 

@@ -1,4 +1,5 @@
-"""Where the output is written: the compressed image, its sha256, bmap, manifest and log.
+"""Where the output is written: the compressed image, its sha256, bmap, manifest, software bill
+of materials and log.
 
 Every file is written under a hidden temporary name in the output directory and renamed only
 at the very end, all together: a build that fails or is interrupted leaves nothing that looks
@@ -34,6 +35,9 @@ COMPRESSORS: dict[str, tuple[str, list[str]]] = {
     "gzip": (".gz", ["gzip", "--stdout"]),
     "none": ("", []),
 }
+# The software bill of materials: ".cdx.json" is the name CycloneDX's specification recognises
+# for its JSON documents; ".sbom" before it says what it is to whoever does not know that.
+SBOM_SUFFIX = ".sbom.cdx.json"
 
 
 @dataclass
@@ -104,7 +108,7 @@ def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Ite
             raise BuildError(f"another build is writing {name} in {directory} right now: "
                              f"wait for it, or use another --output") from None
         for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
-                       ".manifest.json", ".build.log"):
+                       ".manifest.json", SBOM_SUFFIX, ".build.log"):
             stack.enter_context(work_path(ledger, result.temporary(suffix)))
         result.cleanup = lambda path: stack.enter_context(work_path(ledger, path))
         yield result
@@ -174,3 +178,10 @@ def installed_packages(root: Path) -> list[dict[str, str]]:
 
 def write_manifest(out: Outputs, manifest: dict[str, Any]) -> None:
     out.temporary(".manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def write_sbom(out: Outputs, document: str) -> str:
+    """The SBOM (builder/sbom.py makes it) beside the image; returns the name it is published
+    under, for the manifest."""
+    out.temporary(SBOM_SUFFIX).write_text(document)
+    return out.final(SBOM_SUFFIX).name

@@ -11,7 +11,7 @@
     finalize-image      build-only state out, the package list read, free space cleared
     shrink-image        unmounted; filesystem, partition and file shrunk     (image.py)
     write-outputs       compressed image, .sha256, .bmap                     (output.py)
-    write-manifest      the manifest and the files scripts handed over
+    write-manifest      the SBOM (sbom.py), the manifest and the files scripts handed over
     publish-outputs     every output renamed into place at once
 
 Each resource lives in a `with` block around exactly the steps that use it: the outputs'
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, customize, debian, fetch, image, log, output, stages
+from builder import __version__, customize, debian, fetch, image, log, output, sbom, stages
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import Chroot, chroot_session
@@ -101,7 +101,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("finalize-image", "remove build-only state, list the packages, clear free space"),
     ("shrink-image", "unmount; shrink the filesystem, the partition and the file"),
     ("write-outputs", "compress, sha256, bmap"),
-    ("write-manifest", "the manifest, the files scripts handed over, the build log"),
+    ("write-manifest", "the SBOM, the manifest, the files scripts handed over, the build log"),
     ("publish-outputs", "move every output into place at once"),
 )
 _STEP_NAMES = [name for name, _ in STEPS]
@@ -167,13 +167,13 @@ def build_image(ctx: Context, checked: Checked, source: fetch.BaseSource,
                 with step(ctx, "customize-image"):
                     customize_image(ctx, checked, work, root)
                 with step(ctx, "finalize-image"):
-                    packages = finalize_image(root)
+                    packages, inventory = finalize_image(ctx, root)
             with step(ctx, "shrink-image"):
                 shrink_image(ctx, work, partition)
             with step(ctx, "write-outputs"):
                 write_outputs(ctx, work, out)
             with step(ctx, "write-manifest"):
-                write_manifest(ctx, work, out, source, base, packages)
+                write_manifest(ctx, work, out, source, base, packages, inventory)
             log.info(f"image written: {out.final(out.image_suffix)}")
         with step(ctx, "publish-outputs"):
             published = out.publish()
@@ -494,9 +494,11 @@ BUILD_ONLY = (
 )
 
 
-def finalize_image(root: RootMount) -> list[dict[str, str]]:
-    """Build-only state out, the package list read, free space zeroed and synced; returns
-    the packages (read here, while the root is mounted anyway)."""
+def finalize_image(ctx: Context, root: RootMount
+                   ) -> tuple[list[dict[str, str]], sbom.Inventory]:
+    """Build-only state out, the package list and the SBOM's inventory read, free space
+    zeroed and synced (read here, while the root is mounted anyway; shrinking changes no
+    file)."""
     path = root.path
     for pattern in BUILD_ONLY:
         for found in _image_glob(path, pattern):
@@ -505,12 +507,13 @@ def finalize_image(root: RootMount) -> list[dict[str, str]]:
     if machine_id.exists():
         # Empty, not absent: systemd then makes a new one at first boot.
         machine_id.write_text("")
+    inventory = sbom.read_inventory(path, ctx.config.venv.path)
     packages = output.installed_packages(path)
     # Freed blocks go back to the sparse file as holes: zeros that compress to nothing, and
     # nothing deleted during the build can be read back from the image.
     image.clear_free_space(path)
     image.sync_fs(path)
-    return packages
+    return packages, inventory
 
 
 def _image_glob(root: Path, pattern: str) -> list[Path]:
@@ -537,23 +540,49 @@ def write_outputs(ctx: Context, work: Workspace, out: output.Outputs) -> None:
 
 
 def write_manifest(ctx: Context, work: Workspace, out: output.Outputs, source: fetch.BaseSource,
-                   base: CachedImage, packages: list[dict[str, str]]) -> None:
-    """The files scripts handed over (published as <image>.<name>) and the manifest, with
-    their manifest/<key>.json sections."""
+                   base: CachedImage, packages: list[dict[str, str]],
+                   inventory: sbom.Inventory) -> None:
+    """The files scripts handed over (published as <image>.<name>), the software bill of
+    materials, and the manifest, with their manifest/<key>.json sections."""
     files, sections = customize.read_outputs(work.work / "output")
     for name, path in files.items():
         shutil.copyfile(path, out.add(f".{name}"))
+    built = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    sbom_file = write_sbom(ctx, out, source, base, inventory, built)
     output.write_manifest(out, {**sections, **{
         "builder": {"name": "orangepi-jupyter", "version": __version__},
-        "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "built": built.isoformat(timespec="seconds"),
         "board": customize.template_context(ctx.config, ctx.board)["board"],
         # What the build started from and how it was verified (base.verify, signer, sha256).
         "base": fetch.manifest_record(source, base),
         "config": ctx.config.to_dict(),
         "packages": packages,
+        "sbom": sbom_file,
         # The steps up to the outputs: this one and publishing come after.
         "steps": {name: round(seconds, 1) for name, seconds in ctx.timings.items()},
         "scripts": {name: round(seconds, 1) for name, seconds in ctx.script_timings.items()},
         # Each stage kept in or restored from the step cache, in order, with its key.
         "stages": ctx.stages,
     }})
+
+
+def write_sbom(ctx: Context, out: output.Outputs, source: fetch.BaseSource, base: CachedImage,
+               inventory: sbom.Inventory, built: datetime.datetime) -> str:
+    """The software bill of materials of what finalize-image found in the image; returns the
+    SBOM's file name."""
+    cfg, board = ctx.config, ctx.board
+    name = f"{cfg.output.product}-{board.id}-{cfg.base.release}"
+    product = sbom.Product(
+        # build_image names the image <name>-<date>: the date is its version.
+        name=name, version=out.name.removeprefix(f"{name}-"),
+        description=f"Jupyter appliance for the {board.name} ({board.id}, {board.arch})",
+        built=built, builder_version=__version__,
+        properties={"board": board.id, "arch": board.arch, "release": cfg.base.release})
+    ancestor = sbom.Ancestor(
+        name=source.filename, description=source.label,
+        version=source.armbian.version if source.armbian else None,
+        url=source.location if source.is_remote else None,
+        # A Debian base is made here: its cache key is a digest of the recipe, not of a file.
+        sha256=base.sha256 if source.kind == "file" else None)
+    return output.write_sbom(out, sbom.to_json(sbom.bill_of_materials(inventory, product,
+                                                                     ancestor)))

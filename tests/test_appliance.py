@@ -43,7 +43,10 @@ from conftest import (
     progress,
     run_cli,
 )
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 from mirror import Mirror
+from packageurl import PackageURL
 
 from builder.cache import Cache
 from builder.chroot import Chroot, chroot_session, contained
@@ -466,6 +469,68 @@ def test_outputs_name_what_the_venv_holds(appliance: Appliance) -> None:
             assert entry["script"] == stage["after"]
     else:
         assert kept == []
+
+
+def test_sbom_validates_and_lists_what_the_image_holds(appliance: Appliance, builds: Builds,
+                                                       image: Image) -> None:
+    """The published SBOM passes CycloneDX's strict schema and lists every package at the
+    version the image really has: dpkg's, read by the host's dpkg-query from the image's
+    database, and the venv's, read by the image's own Python. Its subject is the image, and
+    the base image it was built from that subject's ancestor."""
+    assert "sbom.cdx.json" in appliance.outputs
+    sbom_file = appliance.outputs["sbom.cdx.json"]
+    manifest = json.loads(appliance.outputs["manifest.json"].read_text())
+    assert manifest["sbom"] == sbom_file.name
+    text = sbom_file.read_text()
+    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    assert error is None, str(error)
+    bom = json.loads(text)
+    release, arch = manifest["config"]["base"]["release"], appliance.arch
+
+    listed: dict[tuple[str, str, str], str] = {}
+    for component in bom["components"]:
+        purl = PackageURL.from_string(component["purl"])
+        assert component["version"] == purl.version, component
+        qualifiers = purl.qualifiers if isinstance(purl.qualifiers, dict) else {}
+        if purl.type == "deb":
+            # Both images are Debian's underneath (the Armbian-like one keeps ID=debian).
+            assert (purl.namespace, qualifiers.get("distro")) == ("debian", release), purl
+        listed[(purl.type, purl.name, qualifiers.get("arch", ""))] = str(purl.version)
+    shown = subprocess.run(
+        ["dpkg-query", f"--admindir={image.root}/var/lib/dpkg", "--show", "--showformat="
+         "${db:Status-Abbrev}\t${Package}\t${Architecture}\t${Version}\n"],
+        capture_output=True, text=True, check=True).stdout
+    debs = {("deb", name, deb_arch): version for status, name, deb_arch, version in
+            (line.split("\t") for line in shown.splitlines()) if status[1:2] == "i"}
+    code = ("import importlib.metadata, json, sysconfig\n"
+            "site = sysconfig.get_paths()['purelib']\n"
+            "print(json.dumps({d.metadata['Name']: d.version\n"
+            "                  for d in importlib.metadata.distributions(path=[site])}))\n")
+    in_venv = json.loads(image.run(f"{VENV}/bin/python", "-c", code).stdout)
+    venv = {("pypi", re.sub(r"[-_.]+", "-", name).lower(), ""): version
+            for name, version in in_venv.items()}
+    assert listed[("deb", "python3", arch)] == debs[("deb", "python3", arch)]
+    # numpy is Debian's (test_stack_imports_from_the_venv), JupyterLab the venv's.
+    assert listed[("deb", "python3-numpy", arch)] == debs[("deb", "python3-numpy", arch)]
+    assert ("pypi", "numpy", "") not in listed
+    assert listed[("pypi", "jupyterlab", "")] == venv[("pypi", "jupyterlab", "")]
+    assert listed == {**debs, **venv}
+
+    subject = bom["metadata"]["component"]
+    assert subject["name"] == f"orangepi-jupyter-{appliance.board}-{release}"
+    assert sbom_file.name == f"{subject['name']}-{subject['version']}.sbom.cdx.json"
+    assert bom["metadata"]["timestamp"] == manifest["built"]
+    (base,) = subject["pedigree"]["ancestors"]
+    if arch == "armhf":
+        assert base["hashes"] == [{"alg": "SHA-256", "content": builds.armbian_sha}]
+        assert base["version"] == "26.5.1"
+        (distribution,) = base["externalReferences"]
+        assert distribution["type"] == "distribution"
+        assert distribution["url"].endswith(f"/{base['name']}")
+    else:
+        # Made here by debootstrap: no published file, so no file hash nor URL.
+        assert base["description"].startswith(f"Debian {release} for ")
+        assert "hashes" not in base and "externalReferences" not in base
 
 
 def test_base_is_kept_where_it_must_be(appliance: Appliance, image: Image) -> None:

@@ -22,7 +22,7 @@ from builder import cli, tryimage
 from builder.boards import load_catalog
 from builder.cache import APP, Cache
 from builder.errors import BuildError
-from builder.output import COMPRESSORS, Outputs
+from builder.output import COMPRESSORS, SBOM_SUFFIX, Outputs
 from builder.qemu import machine_for
 
 WORKFLOW = REPO / "ci" / "github" / "build-image.yml"
@@ -226,7 +226,7 @@ def test_image_artifact_holds_the_image_its_sha256_bmap_and_manifest(
     patterns = step["with"]["path"].split()
     out = Outputs(Path("out"), "orangepi-jupyter-orangepi5-trixie-20261126", compression)
     wanted = [out.final(s) for s in (out.image_suffix, out.image_suffix + ".sha256",
-                                     ".img.bmap", ".manifest.json")]
+                                     ".img.bmap", ".manifest.json", SBOM_SUFFIX)]
     for path in wanted:
         assert any(fnmatch.fnmatch(str(path), p) for p in patterns), f"{path} not uploaded"
     assert not any(fnmatch.fnmatch(str(out.final(".build.log")), p) for p in patterns)

@@ -126,11 +126,12 @@ def test_build_on_an_armbian_like_image(base: BaseImage, tmp_path: Path,
     assert not Path("/run/overlay-test").exists()
 
     files = outputs(tmp_path)
-    assert set(files) == {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json", "build.log"}
+    assert set(files) == {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json",
+                          "sbom.cdx.json", "build.log"}
     stem = files["img.zst"].name.removesuffix(".img.zst")
     assert stem.startswith("orangepi-jupyter-orangepi5-trixie-")
     assert result.stdout.split() == sorted(result.stdout.split(), key=lambda p: (
-        p.endswith(".sha256"), p.endswith(".img.zst"))) and len(result.stdout.split()) == 5
+        p.endswith(".sha256"), p.endswith(".img.zst"))) and len(result.stdout.split()) == 6
     subprocess.run(["sha256sum", "-c", files["img.zst.sha256"].name], cwd=tmp_path / "out",
                    check=True, capture_output=True)
     manifest = json.loads(files["manifest.json"].read_text())
@@ -293,7 +294,7 @@ def test_cache_path_with_a_space(base: BaseImage, tmp_path: Path, checked: None)
     result = run_cli("--board", "orangepi5", "--base", base.path, "--cache-dir",
                      tmp_path / "my builds", "--output", tmp_path / "out", *FAST, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert len(outputs(tmp_path)) == 5
+    assert len(outputs(tmp_path)) == 6     # image, .sha256, .bmap, manifest, SBOM, log
 
 
 def test_keep_workspace(base: BaseImage, tmp_path: Path, checked: None) -> None:

@@ -15,7 +15,8 @@ from conftest import REPO
 
 BUILD_ONLY = {"builder.pipeline", "builder.cli", "builder.config", "builder.customize",
               "builder.stages", "builder.fetch", "builder.download", "builder.armbian",
-              "builder.wheels", "builder.debian", "builder.chroot", "builder.output", "jinja2"}
+              "builder.wheels", "builder.debian", "builder.chroot", "builder.output",
+              "builder.sbom", "cyclonedx", "jinja2"}
 # flash-image's house: `import builder.flash` (its console script's entry point) loads all of it.
 FLASH = {"builder.flash", "builder.flash.bmap", "builder.flash.cli", "builder.flash.device",
          "builder.flash.personalise", "builder.flash.source", "builder.flash.write"}
