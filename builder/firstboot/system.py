@@ -42,13 +42,20 @@ KILL_AFTER = "ORANGEPI_JUPYTER_KILL_AFTER"
 # The system being set up: files under a root, and the live system when root is "/".
 
 
-def _in_chroot() -> bool:
-    """A chroot (the build, a test) shares the host's hostname and init: never touch them."""
+def _booted_here() -> bool:
+    """Whether this is a running system of its own, booted by systemd: never a chroot (the
+    build, a test), whose hostname and init are the host's, or the build's PID namespace,
+    where the first process is a script's and shares our root.
+
+    systemd's own test (sd_booted) is /run/systemd/system; a chroot's /run is the build's
+    empty tmpfs or the host's, so init's root must be ours too."""
+    if not os.path.isdir("/run/systemd/system"):
+        return False
     try:
         init, here = os.stat("/proc/1/root/."), os.stat("/")
     except OSError:
-        return True
-    return (init.st_dev, init.st_ino) != (here.st_dev, here.st_ino)
+        return False
+    return (init.st_dev, init.st_ino) == (here.st_dev, here.st_ino)
 
 
 @dataclass
@@ -66,7 +73,7 @@ class System:
              jupyter_python: str | None = None) -> System:
         settings = Settings.load(settings_path or root / SETTINGS)
         python = jupyter_python or str(root / settings.venv.lstrip("/") / "bin/python")
-        live = root.resolve() == Path("/") and not _in_chroot()
+        live = root.resolve() == Path("/") and _booted_here()
         return cls(root, settings, python, live)
 
     def path(self, relative: str) -> Path:
