@@ -33,7 +33,7 @@ from builder.files import locked
 from builder.inside import entry_in_root, in_root, remove_entry, write_file
 from builder.ledger import Ledger
 from builder.mount import kill_processes_under, mounted
-from builder.run import run, stream
+from builder.run import die_with_parent, run, stream
 
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -178,8 +178,10 @@ def contained(root: Path, argv: Sequence[str]) -> list[str]:
     `kill -9 -1` or a walk of /proc/1/root finds only its own run), a mount namespace (what
     it mounts vanishes with it; the session's mounts are shared with it), IPC and UTS (its
     `hostname` stays its own). The program is the namespace's first process: when it exits,
-    the kernel ends everything it left running, and when the builder dies, --kill-child
-    ends it too.
+    the kernel ends everything it left running. unshare dies with the builder (Chroot.run),
+    and --kill-child then ends the program, so a killed build leaves nothing running.
+    Being /proc/1 itself, the program makes Debian's `ischroot` answer "not a chroot"; what
+    tells a running system from the build is /run/systemd/system (our /run is empty).
 
     Root inside is still root (mknod, raw devices): this contains accidents and careless
     scripts, not a hostile image. Signatures are what keep those out."""
@@ -200,8 +202,14 @@ class Chroot:
     def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
             prefix: str | None = None, what: str | None = None) -> None:
         """Run argv inside the image with a clean environment, streaming its output."""
+        dies_with_builder = die_with_parent()
+
+        def prepare() -> None:
+            _limit_open_files()
+            dies_with_builder()
+
         stream(contained(self.root, argv), env={**self.env, **(env or {})},
-               prefix=prefix, what=what or " ".join(argv), preexec=_limit_open_files)
+               prefix=prefix, what=what or " ".join(argv), preexec=prepare)
 
     def runs(self, argv: Sequence[str], env: Mapping[str, str]) -> bool:
         """Whether argv exits 0 in the image with env added, its output not shown."""

@@ -276,6 +276,11 @@ def require_nobody_can_run() -> None:
 # The image engine's tests build on images made here (make_base_image), which nobody signs:
 # they lower the base's check, which test_fetch.py tests on its own.
 UNSIGNED_BASE = ("--base-verify", "none")
+# The engine alone, quickly: no appliance scripts (test_appliance.py has them), a fast
+# compression, little headroom, a base nobody signed.
+ENGINE_ONLY = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
+               "--set", "image.headroom=512MiB", "--set", "customize.builtin=false",
+               *UNSIGNED_BASE)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

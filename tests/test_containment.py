@@ -10,14 +10,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    BUILD_IMAGE,
+    ENGINE_ONLY,
+    REPO,
+    cli_env,
     debugfs,
     leftover_resources,
     make_base_image,
@@ -27,8 +33,7 @@ from conftest import (
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
-        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false")
+FAST = ENGINE_ONLY
 HOSTILE_LINKS = ("dev", "tmp", "usr/sbin", "usr/lib", "boot", "etc/fstab")
 
 
@@ -38,10 +43,8 @@ def sha256(path: Path) -> str:
 
 def build(base: Path, tmp_path: Path, *extra: str | os.PathLike[str]
           ) -> subprocess.CompletedProcess[str]:
-    return run_cli("--board", "orangepi5", "--base", base, "--base-verify", "sha256",
-                   "--base-sha256", sha256(base),
-                   "--cache-dir", tmp_path / "cache", "--output", tmp_path / "out", *FAST,
-                   *extra, timeout=900)
+    return run_cli("--board", "orangepi5", "--base", base, "--cache-dir", tmp_path / "cache",
+                   "--output", tmp_path / "out", *FAST, *extra, timeout=900)
 
 
 def scripts(directory: Path, **texts: str) -> Path:
@@ -77,6 +80,7 @@ if [ -e /proc/{bystander.pid} ] && grep -q sleep /proc/{bystander.pid}/comm; the
 fi
 echo contained-by-build-image > /proc/sys/kernel/hostname
 echo "hostname $(cat /proc/sys/kernel/hostname)"
+echo "sysfs $(grep ' /sys sysfs ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1)"
 """,
            "20_daemon.chroot": "#!/bin/sh\nsetsid sleep 600 &\necho daemon started\n",
            "30_after.chroot": """#!/bin/sh
@@ -109,12 +113,65 @@ echo "survived kill -1"
     assert "SEES THE HOST" not in out
     assert "[10-look.chroot] hostname contained-by-build-image" in out
     assert Path("/proc/sys/kernel/hostname").read_text().strip() == host_name
+    assert "[10-look.chroot] sysfs ro" in out
     assert "[20-daemon.chroot] daemon started" in out
     assert "[30-after.chroot] sleeping daemons left: 0" in out
     assert "REFUSED" not in out
     assert "[40-kill-all.chroot] victim gone" in out
     assert "[40-kill-all.chroot] survived kill -1" in out
     assert bystander.poll() is None, "kill -1 in the image reached a host process"
+    assert leftover_resources(tmp_path) == []
+
+
+def rooted_under(path: Path) -> list[int]:
+    """Processes whose root directory is `path` or below it: programs running in an image."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                root = os.readlink(entry / "root")
+            except OSError:
+                continue
+            if root.startswith(str(path) + "/"):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_build_leaves_no_program_of_the_image_running(
+        debian_rootfs: Path, tmp_path: Path) -> None:
+    """SIGKILL gives the builder no chance to clean up: the program it ran in the image must
+    still end at once (unshare dies with it, and takes the PID namespace along)."""
+    base = make_base_image(debian_rootfs, tmp_path).path
+    custom = scripts(tmp_path / "custom", **{
+        "10_slow.chroot": "#!/bin/sh\necho started\nsetsid sleep 600 &\nsleep 600\n"})
+    log = tmp_path / "build.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [*BUILD_IMAGE, "--board", "orangepi5", "--base", str(base), "--cache-dir",
+             str(tmp_path / "cache"), "--output", str(tmp_path / "out"), *FAST,
+             "--customize", str(custom)],
+            cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while "[10-slow.chroot] started" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the script did not start in 600 s"
+            time.sleep(0.2)
+        assert rooted_under(tmp_path), "the script runs in the image"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 10
+        while rooted_under(tmp_path):
+            assert time.monotonic() < deadline, f"still running: {rooted_under(tmp_path)}"
+            time.sleep(0.1)
+    finally:
+        # The mounts and the loop device are the next build's (or --cleanup's) to undo; so
+        # are the programs, should they have outlived the builder.
+        cleanup = run_cli("--cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
     assert leftover_resources(tmp_path) == []
 
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import (
     ARMBIAN_CNF_HOOK,
     BUILD_IMAGE,
+    ENGINE_ONLY,
     REPO,
-    UNSIGNED_BASE,
     BaseImage,
     cli_env,
     debugfs,
@@ -32,10 +32,7 @@ from conftest import (
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-# The engine alone: the appliance's own scripts are tested in test_appliance.py, the base's
-# verification in test_fetch.py.
-FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
-        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false", *UNSIGNED_BASE)
+FAST = ENGINE_ONLY
 
 
 @pytest.fixture

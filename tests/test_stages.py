@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     BUILD_IMAGE,
+    ENGINE_ONLY,
     REPO,
-    UNSIGNED_BASE,
     BaseImage,
     cli_env,
     debugfs,
@@ -31,8 +31,7 @@ from conftest import (
 
 from builder import stages
 
-FAST = ("--set", "image.compression=zstd", "--set", "image.compression_level=3",
-        "--set", "image.headroom=512MiB", "--set", "customize.builtin=false", *UNSIGNED_BASE)
+FAST = ENGINE_ONLY
 
 # Four scripts around the overlays: 10 keeps a stage and reads jupyter.port; 20 (host) hands
 # a file over in the work directory; 30 reads it and jupyter.user, and keeps a stage; 60, after
