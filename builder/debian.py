@@ -33,6 +33,7 @@ from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import Chroot, Emulation, choose_emulation, chroot_session
 from builder.errors import BuildError
+from builder.inside import entry_in_root, in_root, remove_entry, write_file
 from builder.ledger import Ledger
 from builder.mount import work_path
 from builder.run import host_env, require_programs, run, stream
@@ -250,39 +251,45 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
                     ledger: Ledger, cache: Cache, emulation: Emulation) -> bytes:
     """Kernel, initramfs, boot configuration, network; returns U-Boot's binary."""
     debian = BOARDS[board.id]
-    etc = rootfs / "etc"
+
+    def at(inside: str) -> Path:
+        # Debian's packages made this tree, but the builder still resolves every path in it
+        # as the image does (builder/inside.py): nothing it writes follows a link out.
+        return in_root(rootfs, inside)
+
+    def write(inside: str, text: str, mode: int = 0o644) -> None:
+        path = entry_in_root(rootfs, inside)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, text.encode(), mode)
+
     apt_cache = cache.root / "apt" / f"{release}-{board.arch}"
     apt_cache.mkdir(parents=True, exist_ok=True)
     # debootstrap leaves its packages in the image: into the host's apt cache with them,
     # where the next build finds them, instead of shipping them in every image.
-    for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
+    for deb in at("var/cache/apt/archives").glob("*.deb"):
         shutil.move(deb, apt_cache / deb.name)
-    (etc / "apt/sources.list").unlink(missing_ok=True)
+    remove_entry(entry_in_root(rootfs, "etc/apt/sources.list"))
     # The release alone: its point releases carry the stable updates. {release}-updates is
     # small and changes daily, and mirrors were seen serving it half-synced for hours, which
     # fails every apt-get update; a customize script can add it where the mirror is sound.
-    (etc / "apt/sources.list.d/debian.sources").write_text(sources(mirror, release))
+    write("etc/apt/sources.list.d/debian.sources", sources(mirror, release))
     # Before the kernel: an initramfs with only the modules that reach the root filesystem
     # takes seconds to make under emulation instead of minutes, and still boots (MODULES=most
     # has been seen to leave out the MMC driver altogether).
-    conf = etc / "initramfs-tools/initramfs.conf"
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    text = conf.read_text() if conf.exists() else ""
-    conf.write_text("\n".join(line for line in text.splitlines()
-                              if not line.startswith("MODULES=")) + "\nMODULES=list\n")
-    (etc / "initramfs-tools/modules").write_text("\n".join(debian.modules) + "\n")
-    (etc / "hostname").write_text("orangepi\n")
-    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\torangepi\n"
-                               "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
-    (etc / "fstab").write_text(f"UUID={root_uuid}\t/\text4\tdefaults,noatime\t0\t1\n")
-    network = etc / "systemd/network/20-wired.network"
-    network.parent.mkdir(parents=True, exist_ok=True)
-    network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
-    grow = rootfs / "usr/local/sbin/grow-root-filesystem"
-    grow.parent.mkdir(parents=True, exist_ok=True)
-    grow.write_text(GROW_SCRIPT)
-    grow.chmod(0o755)
-    (etc / "systemd/system/grow-root-filesystem.service").write_text(GROW_UNIT)
+    conf = at("etc/initramfs-tools/initramfs.conf")
+    text = conf.read_text() if conf.is_file() else ""
+    write("etc/initramfs-tools/initramfs.conf",
+          "\n".join(line for line in text.splitlines()
+                    if not line.startswith("MODULES=")) + "\nMODULES=list\n")
+    write("etc/initramfs-tools/modules", "\n".join(debian.modules) + "\n")
+    write("etc/hostname", "orangepi\n")
+    write("etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\torangepi\n"
+                       "::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+    write("etc/fstab", f"UUID={root_uuid}\t/\text4\tdefaults,noatime\t0\t1\n")
+    write("etc/systemd/network/20-wired.network",
+          "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    write("usr/local/sbin/grow-root-filesystem", GROW_SCRIPT, 0o755)
+    write("etc/systemd/system/grow-root-filesystem.service", GROW_UNIT)
     with chroot_session(ledger, rootfs, board.arch, apt_cache=apt_cache, apt_proxy=None,
                         env={}, emulation=emulation) as session:
         _apt_update(session)
@@ -293,27 +300,24 @@ def _install_system(board: Board, release: str, mirror: str, rootfs: Path, root_
                     prefix="systemctl", what="enable systemd-networkd")
         session.run(["sh", "-c", "cd /tmp && apt-get download -q u-boot-sunxi"],
                     prefix="apt", what="download u-boot-sunxi")
-        debs = list((rootfs / "tmp").glob("u-boot-sunxi_*.deb"))
+        debs = list(at("tmp").glob("u-boot-sunxi_*.deb"))
         if not debs:
             raise BuildError("u-boot-sunxi was not downloaded")
         uboot = _extract_uboot(debs[0], debian.uboot)
-    versions = sorted(p.name.removeprefix("vmlinuz-") for p in (rootfs / "boot").glob("vmlinuz-*"))
+    versions = sorted(p.name.removeprefix("vmlinuz-") for p in at("boot").glob("vmlinuz-*"))
     if not versions:
         raise BuildError(f"{debian.kernel} installed no kernel in /boot")
     version = versions[-1]
     dtb = f"/usr/lib/linux-image-{version}/{debian.dtb}"
-    if not (rootfs / dtb.lstrip("/")).exists():
+    if not at(dtb).exists():
         raise BuildError(f"the kernel {version} has no device tree {debian.dtb}")
-    extlinux = rootfs / "boot/extlinux/extlinux.conf"
-    extlinux.parent.mkdir(parents=True, exist_ok=True)
     console = f"{board.console.device},{board.console.baud}"
-    extlinux.write_text(
-        "# U-Boot's distro boot reads this file. Written by build-image --base debian.\n"
-        "default debian\ntimeout 1\n\nlabel debian\n"
-        f"  kernel /boot/vmlinuz-{version}\n  initrd /boot/initrd.img-{version}\n"
-        f"  fdt {dtb}\n  append root=UUID={root_uuid} rootwait rw console={console}\n")
-    machine_id = etc / "machine-id"
-    machine_id.write_text("")
+    write("boot/extlinux/extlinux.conf",
+          "# U-Boot's distro boot reads this file. Written by build-image --base debian.\n"
+          "default debian\ntimeout 1\n\nlabel debian\n"
+          f"  kernel /boot/vmlinuz-{version}\n  initrd /boot/initrd.img-{version}\n"
+          f"  fdt {dtb}\n  append root=UUID={root_uuid} rootwait rw console={console}\n")
+    write("etc/machine-id", "", 0o444)
     return uboot
 
 
