@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -694,7 +694,8 @@ def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
     assert names <= {".", ".."}, names
     found = subprocess.run(
         ["find", str(root), "-xdev", "-path", f"{root}/usr/share/python-wheels", "-prune",
-         "-o", "(", "-name", "jupyter_cookie_secret", "-o", "-name", "jpserver-*", "-o",
+         "-o", "(", "-name", "jupyter_cookie_secret", "-o", "-name", "cookie_secret", "-o",
+         "-name", "jpserver-*", "-o",
          "-name", "*.whl", "-o", "-name", ".bash_history", "-o", "-name", ".python_history",
          "-o", "-path", "*/jupyter/runtime", "-o", "-name", "build-image", ")", "-print"],
         capture_output=True, text=True, check=True).stdout.split()
@@ -791,6 +792,8 @@ def first_boot(image: Image) -> None:
     assert image.run("stat", "-c", "%U %a", "/var/lib/jupyter/credentials.json").stdout.split() \
         == ["jupyter", "600"]
     assert json.loads(credentials.read_text())["token"] == TOKEN
+    assert image.run("stat", "-c", "%U %a", "/var/lib/jupyter/cookie_secret").stdout.split() \
+        == ["jupyter", "600"], "the cookie secret is the card's own, made with the credentials"
     check = image.run("python3", "-c",
                       "import sys; sys.path.insert(0, '/usr/lib/orangepi-jupyter/firstboot.pyz');"
                       " from builder.firstboot.answers import _crypt; h = open('/etc/shadow')"
@@ -801,35 +804,57 @@ def first_boot(image: Image) -> None:
     assert (image.root / "etc/hostname").read_text() == f"{hostname}\n"
 
 
-def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image) -> None:
-    """The wizard's credentials, then jupyter.service's command on loopback: a stranger is
-    refused, the password and the token get in, the default kernel is the stack's."""
-    first_boot(image)
+def unit_environment(image: Image) -> dict[str, str]:
+    """The Environment= settings of the image's jupyter.service: what systemd gives it."""
+    unit = (image.root / "etc/systemd/system/jupyter.service").read_text()
+    return dict(line.removeprefix("Environment=").split("=", 1)
+                for line in unit.splitlines() if line.startswith("Environment="))
+
+
+@contextmanager
+def jupyter_server(image: Image, name: str) -> Iterator[str]:
+    """jupyter.service's command and environment on loopback, until it answers; its URL."""
     port = free_port()
-    log = image.appliance.raw.parent / "jupyter.log"
+    log = image.appliance.raw.parent / f"{name}.log"
     with open(log, "w") as output:
         server = subprocess.Popen(
             contained(image.root, ["runuser", "-u", "jupyter", "--", f"{VENV}/bin/jupyter",
                                    "lab", "--ServerApp.ip=127.0.0.1",
                                    f"--ServerApp.port={port}"]),
-            env=image.chroot.env, stdout=output, stderr=subprocess.STDOUT)
+            env={**image.chroot.env, **unit_environment(image)}, stdout=output,
+            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300     # Jupyter's start under emulation is slow
         while True:
             assert server.poll() is None, log.read_text()
             try:
-                stranger = requests.get(f"{base}/api/status", timeout=30)
+                requests.get(f"{base}/api/status", timeout=30)
                 break
             except requests.RequestException:
                 assert time.monotonic() < deadline, "Jupyter did not start in 300 s"
                 time.sleep(2)
-        assert stranger.status_code == 403
-        assert requests.get(f"{base}/api/status", timeout=30,
-                            headers={"Authorization": f"token {TOKEN}"}).status_code == 200
-        assert requests.get(f"{base}/api/status", timeout=30,
-                            headers={"Authorization": "token wrong"}).status_code == 403
-        with requests.Session() as browser:
+        yield base
+    finally:
+        # unshare, which started it, ignores SIGTERM while it waits: killed, it takes the
+        # server's whole PID namespace with it (--kill-child).
+        server.kill()
+        server.wait()
+
+
+def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image) -> None:
+    """The wizard's credentials, then jupyter.service's command on loopback: a stranger is
+    refused, the password and the token get in, the default kernel is the stack's. A new
+    token (jupyter-setup --rotate-token) signs out the browser signed in with the password,
+    and the old token no longer gets in."""
+    first_boot(image)
+    with requests.Session() as browser:
+        with jupyter_server(image, "jupyter") as base:
+            assert requests.get(f"{base}/api/status", timeout=30).status_code == 403
+            assert requests.get(f"{base}/api/status", timeout=30,
+                                headers={"Authorization": f"token {TOKEN}"}).status_code == 200
+            assert requests.get(f"{base}/api/status", timeout=30,
+                                headers={"Authorization": "token wrong"}).status_code == 403
             browser.get(f"{base}/login", timeout=30)
             xsrf = browser.cookies.get("_xsrf")
             wrong = browser.post(f"{base}/login", data={"password": LOGIN, "_xsrf": xsrf},
@@ -842,11 +867,44 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
             specs = browser.get(f"{base}/api/kernelspecs", timeout=60).json()
             assert specs["default"] == "scientific" and set(specs["kernelspecs"]) == \
                 {"scientific"}
+        rotated = image.run("jupyter-setup", "--rotate-token")
+        assert "signed out (new cookie secret)" in rotated.stdout, rotated.stdout
+        token = json.loads((image.root / "var/lib/jupyter/credentials.json").read_text())["token"]
+        assert token != TOKEN
+        with jupyter_server(image, "jupyter-rotated") as base:
+            # The same cookies, sent to the same address: the old session is over.
+            assert browser.get(f"{base}/api/status", timeout=30).status_code == 403
+            assert requests.get(f"{base}/api/status", timeout=30,
+                                headers={"Authorization": f"token {TOKEN}"}).status_code == 403
+            assert requests.get(f"{base}/api/status", timeout=30,
+                                headers={"Authorization": f"token {token}"}).status_code == 200
+
+
+def test_damaged_credentials_stop_jupyter_with_the_reason(image: Image) -> None:
+    """Fail closed: jupyter.service's environment makes a settings file that raises (here a
+    half-written credentials file) stop Jupyter, with the reason in what the journal gets,
+    instead of a server started on its defaults."""
+    assert unit_environment(image).get("TRAITLETS_APPLICATION_RAISE_CONFIG_FILE_ERROR") == "1"
+    credentials = image.root / "var/lib/jupyter/credentials.json"
+    # Written in place: the owner and mode stay those the first boot gave it.
+    saved = credentials.read_bytes() if credentials.exists() else None
+    credentials.parent.mkdir(parents=True, exist_ok=True)
+    credentials.write_text('{"hashed_password": "argon2:$argon2id$v=19$m=10240,t=10,p=8$')
+    try:
+        result = subprocess.run(
+            contained(image.root, ["runuser", "-u", "jupyter", "--", f"{VENV}/bin/jupyter",
+                                   "lab", "--ServerApp.ip=127.0.0.1",
+                                   f"--ServerApp.port={free_port()}"]),
+            env={**image.chroot.env, **unit_environment(image)}, capture_output=True,
+            text=True, timeout=300)
     finally:
-        # unshare, which started it, ignores SIGTERM while it waits: killed, it takes the
-        # server's whole PID namespace with it (--kill-child).
-        server.kill()
-        server.wait()
+        if saved is None:
+            credentials.unlink()
+        else:
+            credentials.write_bytes(saved)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "jupyter_server_config.py" in output and "JSONDecodeError" in output, output[-3000:]
 
 
 # Booted: try-image --smoke on the compressed output, as a user would try it (started by the

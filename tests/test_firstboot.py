@@ -27,7 +27,15 @@ from conftest import REPO
 
 from builder.firstboot import bundle
 from builder.firstboot.answers import _crypt, hash_login_password
-from builder.firstboot.card import CREDENTIALS, ISSUE, PRESEED, SETTINGS, STAMP, Settings
+from builder.firstboot.card import (
+    COOKIE_SECRET,
+    CREDENTIALS,
+    ISSUE,
+    PRESEED,
+    SETTINGS,
+    STAMP,
+    Settings,
+)
 from builder.firstboot.console import Console
 from builder.firstboot.result import addresses
 from builder.firstboot.system import KILL_AFTER, STEP_NAMES, System, set_wifi
@@ -75,6 +83,11 @@ class Card:
 
     def credentials(self) -> dict[str, str]:
         return dict(json.loads((self.root / CREDENTIALS).read_text()))
+
+    def cookie_secret(self) -> bytes:
+        path = self.root / COOKIE_SECRET
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        return path.read_bytes()
 
     def untouched(self) -> None:
         """Nothing of setup happened: no credentials, no stamp, passwords still locked."""
@@ -481,14 +494,18 @@ def test_unattended_token_mode_shows_a_token_locally(card: Card) -> None:
 def test_rerun_rotates_the_token_and_keeps_the_passwords(card: Card) -> None:
     card.preseed(f"login_password = '{LOGIN}'\njupyter_password = {JUPYTER}\n")
     finished(card.boot())
-    before = card.credentials()
+    before, secret = card.credentials(), card.cookie_secret()
+    assert len(base64.b64decode(secret)) == 32
     child = card.wizard("--rotate-token")
+    child.expect_exact("signed out (new cookie secret)")
     child.expect(r"Token: (\S+)")
     token = child.match.group(1)
     finished(child)
     after = card.credentials()
     assert token == after["token"] != before["token"]
     assert after["hashed_password"] == before["hashed_password"]
+    # Sessions opened with the old token end: Jupyter signs cookies with this secret.
+    assert card.cookie_secret() != secret
     assert card.login_accepts(LOGIN)
 
 
@@ -496,7 +513,7 @@ def test_rerun_rotates_the_token_and_keeps_the_passwords(card: Card) -> None:
 def test_rerun_changes_only_what_is_answered(card: Card) -> None:
     card.preseed(f"login_password = '{LOGIN}'\njupyter_password = {JUPYTER}\n")
     finished(card.boot())
-    before = card.credentials()
+    before, secret = card.credentials(), card.cookie_secret()
     child = card.wizard()
     child.expect_exact("Login password for jupyter (Enter keeps the current one): ")
     child.sendline("")
@@ -514,6 +531,7 @@ def test_rerun_changes_only_what_is_answered(card: Card) -> None:
     after = card.credentials()
     assert after["token"] == before["token"]
     assert verifies(after["hashed_password"], "a new jupyter password")
+    assert card.cookie_secret() != secret, "a new password signs everyone out too"
     assert card.login_accepts(LOGIN)
 
 

@@ -14,10 +14,16 @@ SETTINGS = "etc/orangepi-jupyter/firstboot.json"
 PRESEED = "boot/jupyter-firstboot.conf"
 STAMP = "var/lib/orangepi-jupyter/firstboot-done"
 CREDENTIALS = "var/lib/jupyter/credentials.json"
+# What Jupyter signs its login cookies with (ServerApp.cookie_secret_file): a new one signs
+# everyone out, so it is made anew with every new password or token.
+COOKIE_SECRET = "var/lib/jupyter/cookie_secret"
 RUN_DIR = "run/jupyter-firstboot"
 # Unattended setup's token and one-time login password, shown before the consoles'
 # login prompts (agetty reads /etc/issue.d) until jupyter-setup runs again.
 ISSUE = "etc/issue.d/jupyter-setup.issue"
+# Once the user has an SSH key, passwords no longer open SSH (firstboot.ssh_passwords). sshd
+# takes the first value it reads and reads sshd_config.d/ first, in order: 05 comes early.
+SSH_KEYS_ONLY = "etc/ssh/sshd_config.d/05-orangepi-jupyter-keys-only.conf"
 
 
 class SetupError(Exception):

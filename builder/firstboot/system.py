@@ -8,6 +8,7 @@ actions (hostname, systemctl) happen only on the running card, never in a chroot
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 from builder.firstboot.answers import Answers, hash_jupyter_password, hash_login_password
 from builder.firstboot.card import (
+    COOKIE_SECRET,
     CREDENTIALS,
     ISSUE,
     PRESEED,
@@ -218,8 +220,17 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
     credentials: dict[str, str] = {"hashed_password": str(jupyter_hash)}
     if token:
         credentials["token"] = token
+    # Jupyter's login cookie is signed with the cookie secret and the password hash only: a
+    # new token alone would leave every session opened with the old one signed in. A new
+    # secret (what Jupyter itself would make: 32 random bytes, base64) ends them all.
+    renewed = credentials != old or not system.path(COOKIE_SECRET).exists()
+    if renewed:
+        system.write(COOKIE_SECRET, base64.encodebytes(secrets.token_bytes(32)).decode(),
+                     0o600, (uid, gid))
     system.write(CREDENTIALS, json.dumps(credentials, indent=1), 0o600, (uid, gid))
     say("Jupyter password and token: saved")
+    if renewed and not first_boot:
+        say("Jupyter: every browser signed in before is signed out (new cookie secret)")
     # Made up on the card with nobody there: readable by root only (agetty shows it before
     # the login prompt on the board's own consoles), gone when jupyter-setup runs again.
     if temporary_login and answers.login_password:
