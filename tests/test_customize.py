@@ -104,6 +104,55 @@ def test_builtin_scripts_and_templates_pass_their_own_checks() -> None:
     assert any("BOARD=orangepi5" in text for text in rendered.values())
 
 
+def rendered_jupyter(*overrides: str) -> tuple[str, str]:
+    """jupyter.service and Jupyter's settings as the builder renders them."""
+    repo = Path(__file__).resolve().parent.parent
+    board, _ = load_catalog().lookup("orangepi5")
+    rendered = render_templates([repo / "overlays"],
+                                template_context(load_config(overrides=overrides), board))
+    found = {path.name: text for path, text in rendered.items()}
+    return found["jupyter.service.j2"], found["jupyter_server_config.py.j2"]
+
+
+def test_jupyter_shares_the_boards_memory_and_culls_idle_kernels() -> None:
+    unit, settings = rendered_jupyter()
+    assert "\nMemoryHigh=70%\nMemoryMax=85%\n" in unit
+    assert "\nEnvironment=TRAITLETS_APPLICATION_RAISE_CONFIG_FILE_ERROR=1\n" in unit
+    assert "c.MappingKernelManager.cull_idle_timeout = 3600\n" in settings
+    assert "c.MappingKernelManager.cull_interval = 300\n" in settings
+    assert 'c.ServerApp.cookie_secret_file = COOKIE_SECRET\n' in settings
+    compile(settings, "jupyter_server_config.py", "exec")
+    unit, settings = rendered_jupyter("jupyter.cull_idle_minutes=2.5", "jupyter.memory_max="
+                                      "infinity")
+    assert "\nMemoryMax=infinity\n" in unit
+    assert "cull_idle_timeout = 150\n" in settings and "cull_interval = 150\n" in settings
+    unit, settings = rendered_jupyter("jupyter.cull_idle_minutes=0")
+    assert "cull_idle_timeout" not in settings
+    compile(settings, "jupyter_server_config.py", "exec")
+
+
+def test_every_jupyter_setting_is_one_jupyter_knows() -> None:
+    """A misspelt setting would only be warned about in the journal and then ignored: each
+    one the rendered file sets is a configurable trait of the real jupyter_server's class."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_server.auth.identity import IdentityProvider, PasswordIdentityProvider
+    from jupyter_server.serverapp import ServerApp
+    from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
+    from traitlets.config import Config
+
+    classes = {cls.__name__: cls for cls in (ServerApp, IdentityProvider,
+                                             PasswordIdentityProvider, MappingKernelManager,
+                                             KernelSpecManager)}
+    _, settings = rendered_jupyter()
+    config = Config()
+    exec(compile(settings, "jupyter_server_config.py", "exec"), {"get_config": lambda: config})
+    assert config.MappingKernelManager.cull_idle_timeout == 3600
+    for section, values in config.items():
+        traits = classes[section].class_traits(config=True)
+        for name in values:
+            assert name in traits, f"{section}.{name} is not a setting of {section}"
+
+
 def test_the_package_finds_the_top_level_directories() -> None:
     """In a checkout the package reaches customize.d/ and overlays/ through its links; a wheel
     copies what they hold, and a link inside them would arrive as a plain file (systemd would
