@@ -285,6 +285,7 @@ class FirstbootConfig:
     unattended: Annotated[str, Rule(_choice("wait", "token"))]
     unattended_after: Annotated[float, Rule(_positive, "a number of seconds")]
     preseed: Annotated[str | None, Rule(_local_path)]
+    ssh_passwords: Annotated[str, Rule(_choice("off_with_key", "keep"))]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from builder.firstboot.card import (
     ISSUE,
     PRESEED,
     SETTINGS,
+    SSH_KEYS_ONLY,
     STAMP,
     Settings,
 )
@@ -391,6 +392,10 @@ def test_complete_preseed_applies_headless_and_is_removed(card: Card) -> None:
     info = authorized.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == UID
     assert stat.S_IMODE(authorized.parent.stat().st_mode) == 0o700
+    # With a key, passwords no longer open SSH (sshd takes the first value: 05 is early).
+    assert "SSH: keys only from now on" in output
+    assert (card.root / SSH_KEYS_ONLY).read_text().splitlines()[1:] == [
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no"]
     plan = card.root / "etc/netplan/30-jupyter-wifi.yaml"
     assert stat.S_IMODE(plan.stat().st_mode) == 0o600
     wifi = json.loads(plan.read_text())["network"]["wifis"]["wlan0"]
@@ -458,6 +463,16 @@ def test_power_loss_between_steps_leaves_nothing_half_set(card: Card, step: str)
     keys = (card.root / "home/jupyter/.ssh/authorized_keys").read_text().splitlines()
     assert len(keys) == 1, "a key applied twice is kept once"
     assert not [p for p in card.root.rglob(".*.tmp")], "no temporary file is left"
+
+
+@pytest.mark.root
+def test_ssh_passwords_can_be_kept_with_a_key(card: Card) -> None:
+    card.settings(ssh_passwords="keep")
+    card.preseed(f"login_password = '{LOGIN}'\njupyter_password = '{JUPYTER}'\n"
+                 f"ssh_key = {ssh_public_key()}\n")
+    output = finished(card.boot())
+    assert "SSH keys for jupyter: 1 added" in output
+    assert "keys only" not in output and not (card.root / SSH_KEYS_ONLY).exists()
 
 
 @pytest.mark.root

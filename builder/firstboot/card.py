@@ -46,6 +46,7 @@ class Settings:
     answer_timeout: float = 300.0         # seconds a question waits before the session ends
     unattended: str = "wait"              # wait | token
     unattended_after: float = 900.0       # seconds with nobody at a console (token mode)
+    ssh_passwords: str = "off_with_key"   # off_with_key | keep: SSH password logins
 
     @classmethod
     def load(cls, path: Path) -> Settings:

@@ -28,6 +28,7 @@ from builder.firstboot.card import (
     ISSUE,
     PRESEED,
     SETTINGS,
+    SSH_KEYS_ONLY,
     STAMP,
     Settings,
     SetupError,
@@ -213,6 +214,8 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
     if answers.ssh_keys:
         added = add_ssh_keys(system, answers.ssh_keys, (uid, gid), home)
         say(f"SSH keys for {user}: {added} added")
+        if s.ssh_passwords == "off_with_key":
+            say(ssh_keys_only(system))
     step_done("ssh-key")
     if answers.wifi_ssid:
         say(set_wifi(system, answers.wifi_ssid, answers.wifi_key))
@@ -314,6 +317,21 @@ def add_ssh_keys(system: System, keys: Sequence[str], owner: tuple[int, int],
     write_atomically(authorized, "".join(f"{line}\n" for line in [*existing, *new]).encode(),
                      0o600, owner)
     return len(new)
+
+
+def ssh_keys_only(system: System) -> str:
+    """With a key to log in with, a password guessed or seen over a shoulder no longer opens
+    SSH: password and keyboard-interactive logins off (root never logs in over SSH anyway)."""
+    system.write(SSH_KEYS_ONLY, "# orangepi-jupyter: the user has an SSH key, so SSH takes "
+                                "keys only (firstboot.ssh_passwords).\n"
+                                "PasswordAuthentication no\nKbdInteractiveAuthentication no\n",
+                 0o644)
+    if system.live:
+        # At first boot before the SSH server starts, later while it runs: either way the
+        # next login sees it.
+        subprocess.run(["systemctl", "try-reload-or-restart", "ssh.service"],
+                       capture_output=True, timeout=60, check=False)
+    return "SSH: keys only from now on, passwords no longer log in over SSH"
 
 
 def set_wifi(system: System, ssid: str, key: str | None) -> str:
