@@ -67,6 +67,10 @@ VENV = "/opt/jupyter"
 LOGIN = "login pässword; 'quoted' $HOME"
 JUPYTER = "jupyter pässword \"$(true)\""
 TOKEN = "appliance-test-token-0123456789"
+# The systemd units overlays/ (and --base debian) add to an image.
+OUR_UNITS = {path.name.removesuffix(".j2")
+             for path in (REPO / "overlays/etc/systemd/system").glob("*.service*")} | \
+    {"grow-root-filesystem.service"}
 STACK = ("numpy", "scipy", "pandas", "matplotlib", "sympy", "xlrd", "requests", "PIL", "geopy",
          "shapely", "pyproj", "geopandas", "osmnx")
 
@@ -737,6 +741,33 @@ def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
         {"device": "ttyS0", "baud": 115200}
     help_text = image.run("jupyter-setup", "--help").stdout
     assert "--rotate-token" in help_text
+
+
+def test_the_units_the_image_adds_are_scored(image: Image) -> None:
+    """systemd-analyze security of every unit the image adds (the host's systemd, offline on
+    the image's root), printed for whoever reads the log; the first-boot wizard's hardening
+    in effect."""
+    root = image.root
+    units = sorted(path.name for path in (root / "etc/systemd/system").iterdir()
+                   if path.suffix == ".service" and not path.is_symlink()
+                   and path.name in OUR_UNITS)
+    assert units, "the image adds its units"
+    scores = {}
+    for unit in units:
+        name = unit.replace("@.service", "@ttyS0.service")
+        result = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                                 f"--root={root}", "--no-pager", name],
+                                capture_output=True, text=True, timeout=120)
+        found = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", result.stdout)
+        assert found, (name, result.stdout[-2000:], result.stderr[-2000:])
+        scores[name] = f"{found.group(1)} {found.group(2)}"
+        if name.startswith("jupyter-firstboot@"):
+            for setting in ("RestrictNamespaces=~user", "RestrictRealtime=",
+                            "LockPersonality=", "SystemCallArchitectures="):
+                assert re.search(rf"^✓ {re.escape(setting)}", result.stdout, re.MULTILINE), \
+                    setting
+    progress(f"systemd-analyze security ({image.appliance.arch}): " +
+             ", ".join(f"{unit} {score}" for unit, score in scores.items()))
 
 
 def test_no_way_in_before_first_boot(image: Image) -> None:
