@@ -213,9 +213,12 @@ def run_phases(trial: Trial, report: Report) -> None:
             raise
         started = time.monotonic()
         log_in_on_console(console, credentials, t["login"])
-        started = _phase(report, "login", started)
         report.passed("a login prompt on the serial console after setup; the login "
                       "password works there")
+        check_units(console, t["login"])
+        started = _phase(report, "login", started)
+        report.passed("no unit the image adds failed, and the card made its own SSH host "
+                      "keys")
         shut_down(console, proc, credentials, shutdown_limit(trial, report))
         _phase(report, "shutdown", started)
         report.passed("the guest shut down cleanly")
@@ -433,6 +436,34 @@ def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float
                                             "logging in") from None
         except ConsoleError as exc:
             raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
+
+
+# After setup, as the login user (no root needed): which services failed, and whether a card
+# with an SSH server has host keys of its own (the build removed the image's; a unit of the
+# image makes them at first boot). The markers are computed by the guest's shell, so the echo
+# of the typed line never matches them.
+UNITS_COMMAND = ("echo UNITS-BEGIN-$((3*7)); systemctl --no-pager --failed --no-legend --plain "
+                 "--type=service; if [ -x /usr/bin/ssh-keygen ]; then "
+                 "if [ -s /etc/ssh/ssh_host_ed25519_key.pub ]; then echo HOSTKEYS-$((40+2)); "
+                 "else echo HOSTKEYS-$((40+3)); fi; fi; echo UNITS-END-$((4*11))\r")
+# The units the image adds (overlays/, --base debian); others belong to the base image.
+OUR_UNITS = re.compile(r"^\s*((?:jupyter|jupyter-firstboot@\S+|regenerate-ssh-host-keys|"
+                       r"grow-root-filesystem)\.service)\b", re.MULTILINE)
+
+
+def check_units(console: SerialConsole, timeout: float) -> None:
+    """No unit the image adds failed, and an SSH server has this card's own host keys."""
+    _send(console, UNITS_COMMAND, "login")
+    got = _expect(console, {"units": r"UNITS-BEGIN-21\r?\n([\s\S]*?)UNITS-END-44"},
+                  min(timeout, 120), "login")
+    listing = got.groups[0]
+    failed = OUR_UNITS.findall(listing)
+    if failed:
+        raise SmokeFailure("login", f"failed after setup: {', '.join(failed)} (systemctl "
+                                    f"--failed on the guest; journalctl -u names why)")
+    if "HOSTKEYS-43" in listing:
+        raise SmokeFailure("login", "the SSH server has no host keys: "
+                                    "regenerate-ssh-host-keys.service did not make them")
 
 
 # sudo's own prompt (%p: the user), never the shell's echo of the command typed: a password

@@ -84,6 +84,37 @@ def test_console_login_waits_for_the_shell_before_typing(tmp_path: Path) -> None
     assert lines == [b"jupyter", b"login-pw-123", b"echo TRY-IMAGE-SHELL-$((6*7))"]
 
 
+@pytest.mark.parametrize("answer, problem", [
+    (b"  systemd-binfmt.service loaded failed failed Set Up Additional Binary Formats\r\n"
+     b"HOSTKEYS-42\r\n", None),
+    (b"jupyter.service loaded failed failed JupyterLab server\r\n"
+     b"regenerate-ssh-host-keys.service loaded failed failed Generate this card's SSH host "
+     b"keys\r\nHOSTKEYS-43\r\n",
+     "failed after setup: jupyter.service, regenerate-ssh-host-keys.service"),
+    (b"HOSTKEYS-43\r\n", "the SSH server has no host keys"),
+    (b"", None),   # no SSH server in the image: nothing to make keys for
+], ids=["base-unit-failed", "ours-failed", "no-host-keys", "no-ssh"])
+def test_after_setup_the_units_the_image_adds_are_checked(answer: bytes,
+                                                          problem: str | None) -> None:
+    """The guest's shell is played: it gets the real command line and answers as a guest
+    whose units failed (or not). A unit of the base image that failed is not ours to judge."""
+    typed: list[bytes] = []
+
+    def shell(line: PlayedConsole) -> None:
+        command = line.read_line()
+        typed.append(command)
+        os.write(line.fd, command + b"\r\nUNITS-BEGIN-21\r\n" + answer +
+                 b"UNITS-END-44\r\njupyter@smoke-pc:~$ ")
+
+    with PlayedConsole(shell) as console:
+        if problem is None:
+            smoke.check_units(console, 30)
+        else:
+            with pytest.raises(smoke.SmokeFailure, match=re.escape(problem)):
+                smoke.check_units(console, 30)
+    assert typed == [smoke.UNITS_COMMAND.rstrip("\r").encode()]
+
+
 @pytest.mark.root
 @pytest.mark.skipif(shutil.which("sudo") is None or shutil.which("ip") is None,
                     reason="needs sudo and ip (apt-get install sudo iproute2)")
