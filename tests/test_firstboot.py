@@ -213,6 +213,7 @@ def test_first_boot_sets_everything_and_shows_where_to_go(card: Card) -> None:
     info = (card.root / CREDENTIALS).stat()
     assert stat.S_IMODE(info.st_mode) == 0o600 and (info.st_uid, info.st_gid) == (UID, UID)
     assert card.login_accepts(LOGIN) and not card.login_accepts(JUPYTER)
+    assert "the Jupyter password is the login password" not in output
     assert card.shadow("jupyter").startswith("$y$")
     assert card.shadow("root") == "!*", "root is locked, Armbian's 1234 gone"
     assert (card.root / "etc/hostname").read_text() == "lab-board-7\n"
@@ -229,6 +230,20 @@ def test_first_boot_sets_everything_and_shows_where_to_go(card: Card) -> None:
     assert "sudo jupyter-setup" in output
     # Typed after the hidden password questions: echo came back on.
     assert "Lab-Board-7" in log
+
+
+@pytest.mark.root
+def test_one_password_for_both_is_allowed_but_said(card: Card) -> None:
+    child = card.boot()
+    child.expect("Press Enter to begin setup")
+    child.sendline("")
+    dialog(child, *PASSWORDS[:2], ("Jupyter password: ", LOGIN),
+           ("Jupyter password, again: ", LOGIN))
+    child.expect_exact("note: the Jupyter password is the login password: whoever learns one "
+                       "has both (sudo included)")
+    dialog(child, *DEFAULTS)
+    finished(child)
+    assert verifies(card.credentials()["hashed_password"], LOGIN)
 
 
 @pytest.mark.root

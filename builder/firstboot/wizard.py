@@ -77,6 +77,12 @@ class Wizard:
             got.login_password = self.ask_password(f"Login password for {s.user}", optional)
         if not got.has_jupyter():
             got.jupyter_password = self.ask_password("Jupyter password", optional)
+            if got.jupyter_password and got.jupyter_password == got.login_password:
+                # Allowed, but one password then opens both the board's shell (and sudo)
+                # and Jupyter's, which crosses the network on every login.
+                self.console.say("  note: the Jupyter password is the login password: whoever "
+                                 "learns one has both (sudo included); run sudo jupyter-setup "
+                                 "to change either")
         if not got.hostname:
             current = read_hostname(self.system)
             got.hostname = self.ask("Hostname", check_hostname, default=current)
