@@ -175,17 +175,6 @@ def _non_negative(value: int) -> int:
     return value
 
 
-def _memory_share(value: str) -> str:
-    """A share of the board's memory for systemd (MemoryHigh=, MemoryMax=): a percentage,
-    which systemd reckons from the memory of the board it runs on, or `infinity`."""
-    number = value.removesuffix("%")
-    if value == "infinity" or (value.endswith("%") and number.isdigit()
-                               and 1 <= int(number) <= 100):
-        return value
-    raise ValueError("is not a share of the board's memory: a percentage such as 80%, or "
-                     "infinity")
-
-
 def _choice(*allowed: str) -> Check:
     def check(value: str) -> str:
         if value not in allowed:
@@ -272,8 +261,6 @@ class JupyterConfig:
     port: Annotated[int, Rule(_port, "a port number (1-65535)")]
     base_url: Annotated[str, Rule(_base_url)]
     groups: Annotated[tuple[str, ...], Rule(_group_names)]
-    memory_high: Annotated[str, Rule(_memory_share)]
-    memory_max: Annotated[str, Rule(_memory_share)]
     cull_idle_minutes: Annotated[float, Rule(_non_negative_minutes, "a number of minutes")]
 
 
@@ -383,13 +370,6 @@ def _check_across_keys(config: Config, origin: Callable[[str], str]) -> None:
             f"{origin('base.verify')}base.verify: 'sha256' needs the digest of {base.source}: "
             f"pass --base-sha256 HEX (base.sha256), or keep --base-verify signature with its "
             f".asc beside it")
-    jupyter = config.jupyter
-    if "infinity" not in (jupyter.memory_high, jupyter.memory_max) and \
-            int(jupyter.memory_high[:-1]) > int(jupyter.memory_max[:-1]):
-        raise BuildError(
-            f"{origin('jupyter.memory_high')}jupyter.memory_high: {jupyter.memory_high} is "
-            f"above jupyter.memory_max ({jupyter.memory_max}): the server would be killed "
-            f"before it is ever slowed down; lower memory_high or raise memory_max")
     low, high = _COMPRESSION_LEVELS[config.image.compression]
     level = config.image.compression_level
     # With no compression the level means nothing: `--compress none` alone must work.

@@ -38,13 +38,6 @@ BAD_OVERRIDES = [
     ("jupyter.user=Bad User", "--set jupyter.user: 'Bad User' is not a valid user name"),
     ("jupyter.base_url=lab", "--set jupyter.base_url: 'lab' must start and end with /"),
     ("jupyter.ip=everywhere", "--set jupyter.ip: 'everywhere' is not an IP address"),
-    ("jupyter.memory_max=120%", "--set jupyter.memory_max: '120%' is not a share of the "
-                                "board's memory: a percentage such as 80%, or infinity"),
-    ("jupyter.memory_high=2G", "--set jupyter.memory_high: '2G' is not a share of the "
-                               "board's memory: a percentage such as 80%, or infinity"),
-    ("jupyter.memory_high=90%", "--set jupyter.memory_high: 90% is above jupyter.memory_max "
-                                "(85%): the server would be killed before it is ever slowed "
-                                "down; lower memory_high or raise memory_max"),
     ("jupyter.cull_idle_minutes=-5", "--set jupyter.cull_idle_minutes: -5 must be 0 (never) "
                                      "or more"),
     ("image.headroom=3GB", "--set image.headroom: '3GB' is not a size"),

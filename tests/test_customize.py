@@ -114,17 +114,14 @@ def rendered_jupyter(*overrides: str) -> tuple[str, str]:
     return found["jupyter.service.j2"], found["jupyter_server_config.py.j2"]
 
 
-def test_jupyter_shares_the_boards_memory_and_culls_idle_kernels() -> None:
+def test_jupyter_culls_idle_kernels_and_fails_closed() -> None:
     unit, settings = rendered_jupyter()
-    assert "\nMemoryHigh=70%\nMemoryMax=85%\n" in unit
     assert "\nEnvironment=TRAITLETS_APPLICATION_RAISE_CONFIG_FILE_ERROR=1\n" in unit
     assert "c.MappingKernelManager.cull_idle_timeout = 3600\n" in settings
     assert "c.MappingKernelManager.cull_interval = 300\n" in settings
     assert 'c.ServerApp.cookie_secret_file = COOKIE_SECRET\n' in settings
     compile(settings, "jupyter_server_config.py", "exec")
-    unit, settings = rendered_jupyter("jupyter.cull_idle_minutes=2.5", "jupyter.memory_max="
-                                      "infinity")
-    assert "\nMemoryMax=infinity\n" in unit
+    unit, settings = rendered_jupyter("jupyter.cull_idle_minutes=2.5")
     assert "cull_idle_timeout = 150\n" in settings and "cull_interval = 150\n" in settings
     unit, settings = rendered_jupyter("jupyter.cull_idle_minutes=0")
     assert "cull_idle_timeout" not in settings
