@@ -262,6 +262,7 @@ class JupyterConfig:
     base_url: Annotated[str, Rule(_base_url)]
     groups: Annotated[tuple[str, ...], Rule(_group_names)]
     cull_idle_minutes: Annotated[float, Rule(_non_negative_minutes, "a number of minutes")]
+    tls: bool
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from firstboot_card import card, wizard_program  # noqa: F401 - fixtures of every test
 from mirror import Mirror
 
 REPO = Path(__file__).resolve().parent.parent

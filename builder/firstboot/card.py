@@ -18,6 +18,21 @@ CREDENTIALS = "var/lib/jupyter/credentials.json"
 # everyone out, so it is made anew with every new password or token.
 COOKIE_SECRET = "var/lib/jupyter/cookie_secret"
 RUN_DIR = "run/jupyter-firstboot"
+# Jupyter's TLS certificate and key (tls.py): the card's own, made at first boot; or one the
+# user brought (flash-image --tls-cert/--tls-key puts it beside the preseed as
+# TLS_GIVEN_CERT/KEY, and first boot moves it here), marked by TLS_OWN so it is never
+# replaced by one the card makes.
+TLS_CERT = "var/lib/jupyter/tls/jupyter.crt"
+TLS_KEY = "var/lib/jupyter/tls/jupyter.key"
+TLS_OWN = "var/lib/jupyter/tls/given-by-user"
+TLS_GIVEN_CERT = "boot/jupyter-tls.crt"
+TLS_GIVEN_KEY = "boot/jupyter-tls.key"
+# systemd sets a clock that is behind this file's time forward to it at boot (boards without
+# a real-time clock); the build touches it, so it is also the earliest the date can be.
+CLOCK_EPOCH = "usr/lib/clock-epoch"
+# Where to open Jupyter and the certificate's fingerprint, before every console's login
+# prompt (not secret).
+URL_ISSUE = "etc/issue.d/jupyter-url.issue"
 # Unattended setup's token and one-time login password, shown before the consoles'
 # login prompts (agetty reads /etc/issue.d) until jupyter-setup runs again.
 ISSUE = "etc/issue.d/jupyter-setup.issue"
@@ -47,6 +62,7 @@ class Settings:
     unattended: str = "wait"              # wait | token
     unattended_after: float = 900.0       # seconds with nobody at a console (token mode)
     ssh_passwords: str = "off_with_key"   # off_with_key | keep: SSH password logins
+    tls: bool = True                      # Jupyter serves HTTPS with the card's certificate
 
     @classmethod
     def load(cls, path: Path) -> Settings:

@@ -13,7 +13,15 @@ from pathlib import Path
 from builder.firstboot.answers import parse_preseed
 from builder.firstboot.card import SetupError
 from builder.firstboot.console import Console, configure_line
-from builder.firstboot.session import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, boot, rerun, status
+from builder.firstboot.session import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    boot,
+    certificate_check,
+    rerun,
+    status,
+)
 from builder.firstboot.system import System
 
 
@@ -26,7 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="apply a preseed file (same keys as /boot/jupyter-firstboot.conf)")
     p.add_argument("--rotate-token", action="store_true",
                    help="make a new Jupyter token; the old one stops working")
-    p.add_argument("--status", action="store_true", help="show the URLs of Jupyter")
+    p.add_argument("--status", action="store_true",
+                   help="show the URLs of Jupyter and its certificate's fingerprint")
+    p.add_argument("--new-certificate", action="store_true",
+                   help="make a new TLS certificate for Jupyter now (after the board's "
+                        "address changed, say); browsers must accept the new one")
+    p.add_argument("--ensure-certificate", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--check", metavar="FILE", type=Path,
                    help="only check a preseed file; print its problems")
     p.add_argument("--boot", action="store_true", help=argparse.SUPPRESS)
@@ -61,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SetupError, OSError) as exc:
         console.say(f"jupyter-setup: {exc}")
         return EXIT_FAILED
+    if args.ensure_certificate or args.new_certificate:
+        return certificate_check(system, console, "asked for" if args.new_certificate else None)
     if args.boot:
         configure_line(0, args.baud or system.settings.baud(console.name))
         code = boot(system, console)

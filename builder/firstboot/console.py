@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import select
 import termios
 import threading
 import time
 import unicodedata
+from pathlib import Path
 
 
 class Garbage(Exception):
@@ -140,6 +142,48 @@ class Console:
                     return line
                 raise EOFError
             self._buffer += chunk
+
+    def shows_utf8(self, timeout: float = 1.0) -> bool:
+        """Whether the terminal on this console draws UTF-8 (a QR code of half blocks needs
+        it). The screen's consoles do unless the kernel was told otherwise. A terminal on a
+        serial line or over SSH is asked: a two-byte character is written and the terminal
+        asked where its cursor is (ESC [ 6 n); one column on means UTF-8. A line where
+        nobody answers (no terminal, or one that ignores the question) counts as no."""
+        if not (self.is_tty and os.isatty(self.fd_out)):
+            return False
+        if re.fullmatch(r"tty\d+", self.name):
+            with contextlib.suppress(OSError):
+                return Path("/sys/module/vt/parameters/default_utf8").read_text().strip() in \
+                    ("1", "Y")
+            return False
+        try:
+            saved = termios.tcgetattr(self.fd_in)
+        except termios.error:
+            return False
+        raw = termios.tcgetattr(self.fd_in)
+        raw[3] &= ~(termios.ICANON | termios.ECHO)
+        answer = b""
+        try:
+            termios.tcsetattr(self.fd_in, termios.TCSANOW, raw)
+            self.say("\r\u00e9\x1b[6n", end="")
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0 and \
+                    not re.search(rb"\x1b\[\d+;\d+R", answer):
+                ready, _, _ = select.select([self.fd_in], [], [], left)
+                if not ready:
+                    break
+                answer += os.read(self.fd_in, 64)
+        except (OSError, termios.error):
+            return False
+        finally:
+            self.say("\r\x1b[K", end="")      # the probe's character off the screen again
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(self.fd_in, termios.TCSANOW, saved)
+            # An answer that came late must not reach the next prompt (the login's) as typing.
+            time.sleep(0.2)
+            self.discard_input()
+        found = re.search(rb"\x1b\[\d+;(\d+)R", answer)
+        return found is not None and int(found.group(1)) == 2
 
     def discard_input(self) -> None:
         self._buffer = b""

@@ -1,59 +1,51 @@
 """Where to open Jupyter once setup is done: the board's network addresses, its mDNS name,
-and the result text every console shows (the token only where setup ran)."""
+the certificate's fingerprint to compare with the browser's, a QR code of the address, and
+the result text every console shows (the token only where setup ran)."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import socket
-import struct
-import time
-from pathlib import Path
+import shutil
+import subprocess
 
+from builder.firstboot.network import jupyter_url, wait_for_addresses
 from builder.firstboot.system import Outcome, System
 
 
-def addresses() -> list[str]:
-    """Every non-loopback IPv4 and global/unique-local IPv6 address of the running system."""
-    found: list[str] = []
-    for _, name in socket.if_nameindex():
-        if name == "lo":
-            continue
-        with contextlib.suppress(OSError), socket.socket(socket.AF_INET,
-                                                           socket.SOCK_DGRAM) as probe:
-            packed = fcntl.ioctl(probe.fileno(), 0x8915,  # SIOCGIFADDR
-                                 struct.pack("256s", name.encode()[:15]))
-            found.append(socket.inet_ntoa(packed[20:24]))
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/net/if_inet6").read_text().splitlines():
-            hexed, _, _, scope, _, ifname = line.split()
-            # Scope 0 is global (and unique-local); link-local needs a zone id browsers
-            # do not accept.
-            if scope == "00" and ifname != "lo":
-                found.append(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexed)))
-    return found
-
-
-def wait_for_addresses(system: System, seconds: float = 30) -> list[str]:
-    """At first boot the network may still be coming up (DHCP): wait a little for it."""
-    deadline = time.monotonic() + (seconds if system.live else 0)
-    while True:
-        found = addresses()
-        if found or time.monotonic() >= deadline:
-            return found
-        time.sleep(1)
-
-
-def urls(system: System, hostname: str, token: str | None) -> list[str]:
-    s = system.settings
+def urls(system: System, hostname: str, token: str | None, tls: bool) -> list[str]:
     query = f"?token={token}" if token else ""
-    hosts = [f"[{a}]" if ":" in a else a for a in wait_for_addresses(system)]
+    hosts = wait_for_addresses(system.live)
     if system.path("usr/sbin/avahi-daemon").exists():
         hosts.append(f"{hostname}.local")
-    return [f"http://{host}:{s.port}{s.base_url}lab{query}" for host in hosts]
+    return [jupyter_url(system.settings, host, tls) + query for host in hosts]
 
 
-def result_text(system: System, outcome: Outcome, found: list[str], with_token: bool) -> str:
+def fingerprint_lines(fingerprint: str | None) -> list[str]:
+    if fingerprint is None:
+        return []
+    return ["The browser warns once that it does not know this card's certificate. Go on only",
+            "if the certificate it shows has this SHA-256 fingerprint:",
+            f"Certificate SHA-256 fingerprint: {fingerprint}"]
+
+
+def qr_code(url: str) -> str | None:
+    """The address as a QR code for a phone's camera, drawn with Unicode half blocks (two
+    rows of modules per line): qrencode, where the image has it."""
+    program = shutil.which("qrencode")
+    if program is None:
+        return None
+    try:
+        drawn = subprocess.run([program, "-t", "UTF8", "-m", "2", "-o", "-", url],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return drawn.stdout.rstrip("\n") if drawn.returncode == 0 and drawn.stdout else None
+
+
+def result_text(system: System, outcome: Outcome, found: list[str], with_token: bool,
+                qr: bool = False) -> str:
+    """What the consoles show when setup is done. `qr`: this console shows UTF-8, so the
+    first address (an IP address: phones do not all resolve .local names) also comes as a
+    QR code, without the token: a QR code is seen from further away than text."""
     s = system.settings
     query = f"?token={outcome.token}" if outcome.token else ""
     shown = [url if with_token else url.removesuffix(query) for url in found]
@@ -63,7 +55,12 @@ def result_text(system: System, outcome: Outcome, found: list[str], with_token: 
     else:
         lines += ["No network address yet: connect the board to the network, then run",
                   "`jupyter-setup --status` to see where Jupyter is."]
-    lines.append("")
+    lines += ["", *fingerprint_lines(outcome.fingerprint)]
+    drawn = qr_code(found[0].removesuffix(query)) if qr and found else None
+    if drawn:
+        lines += ["", drawn, ""]
+    elif outcome.fingerprint:
+        lines.append("")
     if outcome.token and with_token:
         lines.append(f"Token: {outcome.token}   (or log in with the Jupyter password)")
     elif outcome.token:
@@ -76,4 +73,3 @@ def result_text(system: System, outcome: Outcome, found: list[str], with_token: 
         lines.append(f"Log in as {s.user}. To change the passwords or make a new token later: "
                      f"sudo jupyter-setup")
     return "\n".join(lines) + "\n"
-

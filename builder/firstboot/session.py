@@ -21,13 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from builder.files import try_lock, unlock
+from builder.firstboot import tls
 from builder.firstboot.answers import Answers, parse_preseed
-from builder.firstboot.card import CREDENTIALS, PRESEED, RUN_DIR, SetupError
+from builder.firstboot.card import CREDENTIALS, PRESEED, RUN_DIR, TLS_CERT, SetupError
 from builder.firstboot.console import AnswerTimeout, Console, Garbage
-from builder.firstboot.result import result_text, urls
+from builder.firstboot.result import fingerprint_lines, qr_code, result_text, urls
 from builder.firstboot.system import (
     System,
     apply,
+    certificate,
     read_credentials,
     read_hostname,
     start_jupyter,
@@ -293,9 +295,10 @@ def _finish(system: System, console: Console, shared: Coordination, answers: Ans
         if temporary_login:
             outcome.temporary_login_password = answers.login_password
         console.say("Looking for the board's network addresses...")
-        found = urls(system, outcome.hostname, outcome.token)
+        found = urls(system, outcome.hostname, outcome.token, outcome.fingerprint is not None)
         shared.publish(result_text(system, outcome, found, with_token=temporary_login))
-        console.say(result_text(system, outcome, found, with_token=True))
+        console.say(result_text(system, outcome, found, with_token=True,
+                                qr=console.shows_utf8()))
         shared.release()
         return EXIT_OK
     finally:
@@ -352,8 +355,9 @@ def rerun(system: System, console: Console, preseed_file: Path | None,
         outcome = apply(system, answers, console.say, first_boot=not system.done(),
                         remove_preseed=False)
         console.say(start_jupyter(system, boot=False))
-        found = urls(system, outcome.hostname, outcome.token)
-        console.say(result_text(system, outcome, found, with_token=True))
+        found = urls(system, outcome.hostname, outcome.token, outcome.fingerprint is not None)
+        console.say(result_text(system, outcome, found, with_token=True,
+                                qr=console.shows_utf8()))
     except SetupError as exc:
         console.say(f"jupyter-setup: {exc}")
         return EXIT_FAILED
@@ -369,6 +373,41 @@ def status(system: System, console: Console) -> int:
         return EXIT_FAILED
     token = read_credentials(system).get("token") if os.access(
         system.path(CREDENTIALS), os.R_OK) else None
-    for url in urls(system, read_hostname(system), token):
+    fingerprint = None
+    if system.settings.tls:
+        try:
+            fingerprint = tls.pem_fingerprint(system.path(TLS_CERT).read_bytes())
+        except (OSError, tls.CertificateError):
+            console.say(f"No TLS certificate at /{TLS_CERT} yet: Jupyter makes one when it "
+                        f"starts (sudo systemctl restart jupyter).")
+    found = urls(system, read_hostname(system), token, system.settings.tls)
+    for url in found:
         console.say(url)
+    for line in fingerprint_lines(fingerprint)[-1:]:
+        console.say(line)
+    drawn = qr_code(found[0].split("?")[0]) if found and console.shows_utf8() else None
+    if drawn:
+        console.say(drawn)
+    return EXIT_OK
+
+
+def certificate_check(system: System, console: Console, renew: str | None) -> int:
+    """The certificate made, renewed or kept (certificate()), its fingerprint printed:
+    before every start of Jupyter (jupyter.service), and `jupyter-setup --new-certificate`
+    (renew says why; Jupyter is restarted to serve it)."""
+    try:
+        uid, gid, _ = system.account(system.settings.user)
+        fingerprint = certificate(system, read_hostname(system), console.say, (uid, gid),
+                                  renew)
+    except (SetupError, OSError, ValueError, ImportError) as exc:
+        console.say(f"jupyter-setup: Jupyter's TLS certificate: {exc}")
+        return EXIT_FAILED
+    if fingerprint:
+        console.say(f"Certificate SHA-256 fingerprint: {fingerprint}")
+    if renew is not None:
+        try:
+            console.say(start_jupyter(system, boot=False))
+        except SetupError as exc:
+            console.say(f"jupyter-setup: {exc}")
+            return EXIT_FAILED
     return EXIT_OK

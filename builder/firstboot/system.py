@@ -9,6 +9,7 @@ actions (hostname, systemctl) happen only on the running card, never in a chroot
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.firstboot import network, tls
 from builder.firstboot.answers import Answers, hash_jupyter_password, hash_login_password
 from builder.firstboot.card import (
+    CLOCK_EPOCH,
     COOKIE_SECRET,
     CREDENTIALS,
     ISSUE,
@@ -30,13 +33,20 @@ from builder.firstboot.card import (
     SETTINGS,
     SSH_KEYS_ONLY,
     STAMP,
+    TLS_CERT,
+    TLS_GIVEN_CERT,
+    TLS_GIVEN_KEY,
+    TLS_KEY,
+    TLS_OWN,
+    URL_ISSUE,
     Settings,
     SetupError,
 )
 
 # What the unit of a step is called in progress lines; also the names fault injection uses.
 STEP_NAMES = ("login-password", "root-password", "hostname", "timezone", "ssh-key", "wifi",
-              "jupyter-credentials", "stamp", "remove-preseed", "start-jupyter")
+              "tls-certificate", "jupyter-credentials", "stamp", "remove-preseed",
+              "start-jupyter")
 # Tests only: `ORANGEPI_JUPYTER_KILL_AFTER=<step>` makes the wizard SIGKILL itself right
 # after that step, the way a power cut would stop it.
 KILL_AFTER = "ORANGEPI_JUPYTER_KILL_AFTER"
@@ -154,6 +164,7 @@ def sync_directory(directory: Path) -> None:
 class Outcome:
     token: str | None
     hostname: str
+    fingerprint: str | None = None        # of Jupyter's TLS certificate (None: plain HTTP)
     temporary_login_password: str | None = None
 
 
@@ -220,6 +231,10 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
     if answers.wifi_ssid:
         say(set_wifi(system, answers.wifi_ssid, answers.wifi_key))
     step_done("wifi")
+    # After the hostname, which the certificate names; before the stamp, so that a card
+    # marked done has one (and jupyter.service checks it again at every start anyway).
+    fingerprint = certificate(system, hostname, say, (uid, gid))
+    step_done("tls-certificate")
     credentials: dict[str, str] = {"hashed_password": str(jupyter_hash)}
     if token:
         credentials["token"] = token
@@ -251,7 +266,119 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
         sync_directory(preseed.parent)
         say(f"/{PRESEED}: applied and removed (it held secrets)")
     step_done("remove-preseed")
-    return Outcome(token, hostname)
+    return Outcome(token, hostname, fingerprint)
+
+
+# Jupyter's TLS certificate (tls.py has what it is and why its window is what it is).
+
+
+def certificate(system: System, hostname: str, say: Callable[[str], None],
+                owner: tuple[int, int], renew: str | None = None) -> str | None:
+    """Make sure Jupyter has a certificate and key that serve: a given one (TLS_GIVEN_*,
+    from flash-image) is taken first; the card's own is made when there is none, when it
+    does not match its key or name this host, when it nears its end, or when `renew` says
+    why. A given one is kept as it is (with a warning when it would have been renewed).
+    The console banner is rewritten either way. Returns the fingerprint; None when
+    jupyter.tls is off."""
+    if not system.settings.tls:
+        url_banner(system, hostname, None)
+        return None
+    try:
+        import cryptography  # noqa: F401 - Debian's python3-cryptography, in packages.apt
+    except ImportError:
+        raise SetupError("python3-cryptography is missing, so Jupyter gets no TLS "
+                         "certificate: apt install python3-cryptography (or build with "
+                         "jupyter.tls: false)") from None
+    now = dt.datetime.now(dt.UTC)
+    take_given_certificate(system, say, owner, now)
+    broken: str | None = None       # it cannot serve: always made anew
+    stale: str | None = None        # the card's own would be renewed
+    try:
+        cert_pem, key_pem = system.path(TLS_CERT).read_bytes(), system.path(TLS_KEY).read_bytes()
+        current = tls.read(cert_pem)
+        if tls.matches(cert_pem, key_pem):
+            stale = tls.renewal_reason(current, hostname, now)
+        else:
+            broken = "its key does not match it"
+    except FileNotFoundError:
+        broken = "there is none yet"
+    except (OSError, tls.CertificateError) as exc:
+        broken = f"the one there cannot be read ({exc})"
+    if broken is None and renew is None and (stale is None or system.path(TLS_OWN).exists()):
+        if stale:
+            say(f"TLS: your own certificate is kept although {stale}: renew it "
+                f"(jupyter-setup --new-certificate makes the card's own instead)")
+        url_banner(system, hostname, current.fingerprint)
+        return current.fingerprint
+    reason = broken or renew or stale
+    found = network.wait_for_addresses(system.live)
+    cert_pem, key_pem = tls.make(hostname, found, now, clock_floor(system))
+    _install_certificate(system, cert_pem, key_pem, owner)
+    system.path(TLS_OWN).unlink(missing_ok=True)
+    made = tls.pem_fingerprint(cert_pem)
+    say(f"TLS certificate: this card's own, made ({reason}); it names {hostname}.local"
+        f"{', ' + ', '.join(found) if found else ''}")
+    url_banner(system, hostname, made)
+    return made
+
+
+def take_given_certificate(system: System, say: Callable[[str], None],
+                           owner: tuple[int, int], now: dt.datetime) -> None:
+    """The certificate and key flash-image put beside the preseed: checked again, installed
+    as Jupyter's and marked as the user's own, then taken off /boot (the key is a secret).
+    One that does not serve is shown and dropped; the card then makes its own."""
+    cert_path, key_path = system.path(TLS_GIVEN_CERT), system.path(TLS_GIVEN_KEY)
+    if not (cert_path.exists() or key_path.exists()):
+        return
+    try:
+        cert_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+        given = tls.check_pair(cert_pem, key_pem, now)
+    except FileNotFoundError as exc:
+        say(f"/{TLS_GIVEN_CERT}, /{TLS_GIVEN_KEY}: not used, {Path(str(exc.filename)).name} "
+            f"is missing (both are needed); the card makes its own certificate")
+    except (OSError, tls.CertificateError) as exc:
+        say(f"/{TLS_GIVEN_CERT}: not used ({exc}); the card makes its own certificate")
+    else:
+        _install_certificate(system, cert_pem, key_pem, owner)
+        system.write(TLS_OWN, "The certificate here is the user's own (flash-image "
+                              "--tls-cert): the card never replaces it.\n")
+        say(f"TLS certificate: your own, from /{TLS_GIVEN_CERT} (it names "
+            f"{', '.join(given.dns_names + given.addresses) or 'no host'})")
+    for path in (cert_path, key_path):
+        path.unlink(missing_ok=True)
+    sync_directory(cert_path.parent)
+
+
+def _install_certificate(system: System, cert_pem: bytes, key_pem: bytes,
+                         owner: tuple[int, int]) -> None:
+    """Key first, then the certificate: cut off between the two, they do not match, and
+    the next check (every start of Jupyter) makes a new pair."""
+    system.path(TLS_KEY).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    write_atomically(system.path(TLS_KEY), key_pem, 0o600, owner)
+    write_atomically(system.path(TLS_CERT), cert_pem, 0o644)
+
+
+def clock_floor(system: System) -> dt.datetime | None:
+    """The earliest the real date can be: the image's build, when systemd's clock epoch
+    file (which the build touches) says so."""
+    try:
+        return dt.datetime.fromtimestamp(system.path(CLOCK_EPOCH).stat().st_mtime,
+                                         dt.UTC)
+    except OSError:
+        return None
+
+
+def url_banner(system: System, hostname: str, fingerprint: str | None) -> None:
+    """Where Jupyter is and the certificate's fingerprint, before every console's login
+    prompt: not secret, and what a person compares with the browser's warning. agetty
+    fills in \\4 with the board's IPv4 address when it shows the prompt."""
+    tls_on = fingerprint is not None
+    hosts = [f"{hostname}.local"] if system.path("usr/sbin/avahi-daemon").exists() else []
+    urls = [network.jupyter_url(system.settings, host, tls_on) for host in [*hosts, "\\4"]]
+    lines = [f"Jupyter: {'  or  '.join(urls)}"]
+    if fingerprint:
+        lines.append(f"Certificate SHA-256 fingerprint: {fingerprint}")
+    system.write(URL_ISSUE, "\n".join(lines) + "\n\n", 0o644)
 
 
 def read_credentials(system: System) -> dict[str, str]:
