@@ -1,5 +1,5 @@
 """flash-image onto real loop devices (an SD card is a loop device here): bmap and full writes,
-verification against the medium, per-card preseeds, and every refusal.
+verification against the medium, per-card preseeds and TLS certificates, and every refusal.
 
 Images are small ones made without root (an MBR, an Allwinner boot header at 8 KiB, an ext4
 root from 4 MiB filled with mkfs.ext4 -d), with a real bmap from bmaptool.
@@ -11,10 +11,12 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pexpect
@@ -22,6 +24,7 @@ import pytest
 from conftest import leftover_resources
 
 from builder.errors import BuildError
+from builder.firstboot import tls
 from builder.firstboot.answers import hash_login_password, parse_preseed
 from builder.firstboot.card import Settings
 from builder.flash.cli import check_request, finish_card, parser
@@ -43,7 +46,9 @@ def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
                tail: int = 0) -> Path:
     """X.img with X.img.bmap, X.img.zst (+ .sha256, as build-image writes) and X.img.xz."""
     tree = directory / f"{name}.tree"
-    files = {"etc/os-release": b"ID=debian\n", "boot/.keep": b"",
+    files = {"etc/os-release": b"ID=debian\n", "boot/.keep": b"", "etc/hostname": b"orangepi\n",
+             "etc/orangepi-jupyter-release": b"BOARD=orangepipc\nJUPYTER_USER=jupyter\n"
+                                             b"JUPYTER_TLS=yes\n",
              "srv/data": os.urandom(3 * MIB), **(files or {})}
     for path, data in files.items():
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +279,194 @@ def test_a_separate_boot_partition_gets_the_preseed(tmp_path: Path, cards: Cards
     assert hidden == ""
 
 
+# The user's own TLS certificate.
+
+
+def own_pair(directory: Path, name: str, hostname: str = "lab-pi-07", *,
+             now: datetime | None = None) -> tuple[Path, Path]:
+    """NAME.crt and NAME.key, made as the card makes its own (for 192.168.1.7 too)."""
+    cert, key = tls.make(hostname, ["192.168.1.7"], now or datetime.now(UTC))
+    (directory / f"{name}.crt").write_bytes(cert)
+    (directory / f"{name}.key").write_bytes(key)
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+def secret_of(key: Path) -> str:
+    """A line of the key's base64: it must never be shown."""
+    return key.read_text().splitlines()[1]
+
+
+def test_a_certificate_of_ones_own_goes_beside_the_preseed(tmp_path: Path,
+                                                           cards: Cards) -> None:
+    image = make_image(tmp_path, "own-tls", files={
+        "boot/jupyter-firstboot.conf": b"timezone = Europe/Berlin\n"})
+    cert, key = own_pair(tmp_path, "lab")
+    keys = tmp_path / "id_ed25519.pub"
+    keys.write_text(f"{KEY_B}\n")
+    device, _ = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", "lab-pi-07",
+                 "--ssh-key", keys, "--tls-cert", cert, "--tls-key", key)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr, proc.stderr
+    text, info = preseed_on(device, path="/boot/jupyter-tls.crt")
+    assert text == cert.read_text()
+    assert re.search(r"Mode:\s+0644", info) and re.search(r"User:\s+0\s+Group:\s+0", info)
+    text, info = preseed_on(device, path="/boot/jupyter-tls.key")
+    assert text == key.read_text()
+    assert re.search(r"Mode:\s+0600", info) and re.search(r"User:\s+0\s+Group:\s+0", info)
+    # The preseed beside them, with the image's lines and this card's.
+    text, _ = preseed_on(device)
+    answers, problems = parse_preseed(text, Path("/"), Settings())
+    assert problems == []
+    assert (answers.hostname, answers.timezone, answers.ssh_keys) == \
+        ("lab-pi-07", "Europe/Berlin", [KEY_B])
+    fingerprint = tls.pem_fingerprint(cert.read_bytes())
+    assert re.search(r"lab\.crt is in /boot/jupyter-tls\.crt and its key in "
+                     r"/boot/jupyter-tls\.key \(readable by root only\).*SHA-256 fingerprint "
+                     + fingerprint, proc.stderr), proc.stderr
+    assert secret_of(key) not in proc.stderr + proc.stdout
+    # A card whose hostname the certificate does not name is warned about before it is
+    # written, and still gets it.
+    device, _ = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", "lab-pi-08",
+                 "--tls-cert", cert, "--tls-key", key)
+    assert proc.returncode == 0, proc.stderr
+    warning = (f"warning: --tls-cert {cert} names lab-pi-07.local, lab-pi-07, 192.168.1.7, "
+               f"not lab-pi-08.local or lab-pi-08 (this card's hostname)")
+    assert warning in proc.stderr, proc.stderr
+    assert proc.stderr.index(warning) < proc.stderr.index("\nwrote ")
+    assert preseed_on(device, path="/boot/jupyter-tls.key")[0] == key.read_text()
+    assert "hostname = lab-pi-08" in preseed_on(device)[0]
+
+
+def test_a_certificate_alone_goes_onto_a_separate_boot_partition(tmp_path: Path,
+                                                                 cards: Cards) -> None:
+    """No other per-card setting: the pair alone, and no preseed made for it. The image's
+    hostname is known only once it is on the card; the warning about it comes then."""
+    image = make_image(tmp_path, "two", boot_partition=True,
+                       files={"etc/fstab": b"LABEL=armbi_root / ext4 defaults 0 1\n"
+                                           b"LABEL=armbi_boot /boot ext4 defaults 0 2\n"})
+    ends_soon = datetime.now(UTC) + timedelta(days=11 - tls.VALIDITY_DAYS)
+    cert, key = own_pair(tmp_path, "company", "jupyter.example.org", now=ends_soon)
+    device, _ = cards.new()
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--tls-cert", cert,
+                 "--tls-key", key)
+    assert proc.returncode == 0, proc.stderr
+    text, _ = preseed_on(device, ROOT_OFFSET, "/jupyter-tls.crt")
+    assert text == cert.read_text()
+    text, info = preseed_on(device, ROOT_OFFSET, "/jupyter-tls.key")
+    assert text == key.read_text() and re.search(r"Mode:\s+0600", info)
+    assert preseed_on(device, ROOT_OFFSET, "/jupyter-firstboot.conf")[0] == ""
+    assert preseed_on(device, 8 * MIB, "/boot/jupyter-tls.key")[0] == ""
+    assert "this card's settings" not in proc.stderr
+    assert ("names jupyter.example.org.local, jupyter.example.org, 192.168.1.7, not "
+            "orangepi.local or orangepi (the image's hostname)") in proc.stderr
+    assert proc.stderr.index("the image's hostname") > proc.stderr.index("\nwrote ")
+    assert re.search(rf"--tls-cert {cert} expires on \d{{4}}-\d\d-\d\d \(in (9|10) days\)",
+                     proc.stderr), proc.stderr
+
+
+def test_an_image_that_serves_plain_http_gets_no_key(tmp_path: Path, cards: Cards) -> None:
+    """Known only once the image is on the card: the card is left unable to boot, rather
+    than serving plain HTTP with the user's key lying in /boot for good."""
+    cert, key = own_pair(tmp_path, "lab")
+    for n, (release, said) in enumerate(((b"BOARD=orangepipc\nJUPYTER_TLS=no\n",
+                                         "has JUPYTER_TLS=no"),
+                                        (b"BOARD=orangepipc\n", "has no JUPYTER_TLS line"))):
+        image = make_image(tmp_path, f"http{n}",
+                           files={"etc/orangepi-jupyter-release": release})
+        device, backing = cards.new()
+        proc = flash(f"{image}.zst", device, "--yes", "--force", "--tls-cert", cert,
+                     "--tls-key", key)
+        assert proc.returncode == 1, proc.stderr
+        error = error_of(proc)
+        assert f"serves Jupyter over plain HTTP (/etc/orangepi-jupyter-release {said}" in error
+        assert error.endswith("without a partition table (it will not boot): flash it again")
+        assert head_of(backing) == bytes(MIB)
+        assert preseed_on(device, path="/boot/jupyter-tls.key")[0] == ""
+        assert preseed_on(device, path="/etc/os-release")[0] == "ID=debian\n"   # read at all
+
+
+def test_bad_certificates_and_keys_are_refused_before_the_card_is_touched(
+        image: Path, tmp_path: Path, cards: Cards) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    device, backing = cards.new(fill=b"old card")
+    before = backing.read_bytes()
+    now = datetime.now(UTC)
+    cert, key = own_pair(tmp_path, "good")
+    _, other_key = own_pair(tmp_path, "other")
+    expired, expired_key = own_pair(tmp_path, "expired", now=now - timedelta(days=900))
+    early, early_key = own_pair(tmp_path, "early", now=now + timedelta(days=10))
+    der = tmp_path / "good.der"
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase")))
+    both = tmp_path / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    missing = tmp_path / "missing.crt"
+    flashing = (f"{image}.zst", device, "--yes", "--force")
+    cases = [
+        ((*flashing, "--tls-cert", cert, "--tls-key", other_key),
+         f"--tls-key {other_key}: the key is not the certificate's (they do not match); pass "
+         f"the key the certificate was made for"),
+        ((*flashing, "--tls-cert", expired, "--tls-key", expired_key),
+         f"--tls-cert {expired}: the certificate expired on "
+         f"{(now - timedelta(days=901 - tls.VALIDITY_DAYS)):%Y-%m-%d}; pass a renewed"),
+        ((*flashing, "--tls-cert", early, "--tls-key", early_key),
+         f"--tls-cert {early}: the certificate is not valid before "
+         f"{(now + timedelta(days=9)):%Y-%m-%d}"),
+        ((*flashing, "--tls-cert", der, "--tls-key", key),
+         f"--tls-cert {der}: it is not a PEM certificate (-----BEGIN CERTIFICATE-----); "
+         f"pass the certificate as PEM"),
+        ((*flashing, "--tls-cert", cert, "--tls-key", der),
+         f"--tls-key {der}: it is not a PEM private key"),
+        ((*flashing, "--tls-cert", cert, "--tls-key", locked),
+         f"--tls-key {locked}: the key has a passphrase"),
+        ((*flashing, "--tls-cert", cert), f"--tls-cert {cert} needs --tls-key"),
+        ((*flashing, "--tls-key", key), f"--tls-key {key} needs --tls-cert"),
+        ((*flashing, "--tls-cert", key, "--tls-key", cert),
+         f"--tls-cert {key} holds a private key, not a certificate: swap --tls-cert and "
+         f"--tls-key"),
+        ((*flashing, "--tls-cert", both, "--tls-key", key),
+         f"--tls-cert {both} holds a private key as well"),
+        ((*flashing, "--tls-cert", missing, "--tls-key", key),
+         f"--tls-cert {missing}: cannot be read (No such file or directory)"),
+        ((*flashing, "--tls-cert", cert, "--tls-key", "/dev/zero"),
+         "--tls-key /dev/zero: larger than 1 MiB"),
+        ((f"{image}.zst", device, "--verify-only", "--tls-cert", cert, "--tls-key", key),
+         "--verify-only writes nothing: drop --tls-cert, --tls-key"),
+    ]
+    for args, message in cases:
+        proc = flash(*args)
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert message in error_of(proc), (args, proc.stderr)
+        assert secret_of(key) not in proc.stderr + proc.stdout
+        assert backing.read_bytes() == before, args
+
+
+def test_the_confirmation_shows_the_certificates_fingerprint(image: Path, tmp_path: Path,
+                                                             cards: Cards) -> None:
+    cert, key = own_pair(tmp_path, "lab")
+    device, backing = cards.new()
+    child = pexpect.spawn(FLASH_IMAGE[0], [*FLASH_IMAGE[1:], f"{image}.zst", str(device),
+                                           "--force", "--tls-cert", str(cert),
+                                           "--tls-key", str(key)], encoding="utf-8", timeout=30)
+    child.expect("About to write card.img.zst")
+    child.expect(re.escape("this card gets your certificate lab.crt (lab-pi-07.local, "
+                           "lab-pi-07, 192.168.1.7; valid until "))
+    child.expect(re.escape(f"SHA-256 fingerprint: {tls.pem_fingerprint(cert.read_bytes())}"))
+    child.expect("Type yes to go on: ")
+    child.sendline("no")
+    child.expect("not confirmed")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+    assert backing.read_bytes() == bytes(32 * MIB)
+
+
 # Refusals: one line, exit 1, and the card as it was.
 
 
@@ -443,6 +636,7 @@ def test_console_script_is_installed() -> None:
     assert script.exists()
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--verify-only" in proc.stdout
+    assert "--tls-cert FILE" in proc.stdout and "--tls-key FILE" in proc.stdout
 
 
 def test_the_disk_of_the_running_system_is_refused() -> None:

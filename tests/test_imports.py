@@ -18,7 +18,8 @@ BUILD_ONLY = {"builder.pipeline", "builder.cli", "builder.config", "builder.cust
               "builder.wheels", "builder.debian", "builder.chroot", "builder.output",
               "builder.sbom", "cyclonedx", "jinja2"}
 # flash-image's house: `import builder.flash` (its console script's entry point) loads all of it.
-FLASH = {"builder.flash", "builder.flash.bmap", "builder.flash.cli", "builder.flash.device",
+FLASH = {"builder.flash", "builder.flash.bmap", "builder.flash.certificate", "builder.flash.cli",
+         "builder.flash.device",
          "builder.flash.personalise", "builder.flash.source", "builder.flash.write"}
 
 

@@ -11,17 +11,23 @@ The package's map:
   writeback (Card).
 - write: the streaming writer (write_card) and the O_DIRECT verifier (verify_card).
 - personalise: this card's preseed lines, assembled and checked (check_preseed), and
-  written into its ext4 root with debugfs (personalise_card).
+  written into its ext4 root with debugfs (personalise_card), with the user's own TLS
+  certificate and key beside them.
+- certificate: the user's own TLS certificate and key for this card (--tls-cert, --tls-key),
+  read and checked with the card's own rules (check_given_tls) and shown by fingerprint.
 
 The steps, in order; everything that can be refused is refused before the card is touched:
 
 1. check_request: the image, its .bmap, the per-card settings (the exact preseed lines, read
-   by the wizard's parser) and the programs needed.
+   by the wizard's parser; the certificate and key: PEM, no passphrase, the key the
+   certificate's, valid now; a warning when it does not name the hostname or ends within 30
+   days) and the programs needed.
 2. inspect_target: what DEVICE is, and every reason not to write to it (a partition, mounted,
    the running system's disk, swap, in use, read-only, no medium, not removable).
 3. check_image_checksum, measure_raw_size and check_fits: the image against its .sha256, and
    its size against the card's (a .zst without bmap is decompressed once to learn it).
-4. confirm: the card's model, size and partitions, and a typed "yes".
+4. confirm: the card's model, size and partitions, the user's certificate (its names and
+   SHA-256 fingerprint, to compare with the browser's later), and a typed "yes".
 5. opened: the card, exclusively, checked to be the one shown.
 6. write_card: the card's first MiB is zeroed and synced first, then the image is written
    without its first MiB (only the bmap's ranges when there is one, each checked against the
@@ -30,7 +36,10 @@ The steps, in order; everything that can be refused is refused before the card i
 7. finish_card: verify_card reads what was written back from the card itself (O_DIRECT, not
    the page cache) and compares it with the bmap's checksums or digests taken while writing;
    personalise_card writes the preseed into the card's ext4 root with debugfs, merged with any
-   the image carries. If either fails, the first MiB is zeroed again.
+   the image carries, and the user's certificate and key beside it (jupyter-tls.crt, 0644;
+   jupyter-tls.key, 0600). If any of it fails, the first MiB is zeroed again; so too when
+   the image turns out to serve plain HTTP, which --tls-cert cannot change (an image's
+   settings are known only once it is on the card).
 8. The kernel re-reads the card's partition table.
 
 The card is held with O_EXCL and a BSD lock throughout: systemd-udevd does not probe or re-read

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from builder.compression import COMPRESSIONS, built_image_suffix
 from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError, Interrupted
 from builder.flash.bmap import bmap_beside, read_bmap
+from builder.flash.certificate import GivenTls, check_given_tls, warn_about, warn_unnamed
 from builder.flash.device import Card, Target, check_fits, inspect_target, opened
 from builder.flash.personalise import Preseed, check_preseed, personalise_card
 from builder.flash.source import Source, check_image_checksum, measure_raw_size, raw_size
@@ -70,6 +72,17 @@ def parser() -> argparse.ArgumentParser:
     card.add_argument("--wifi", metavar="SSID",
                       help="join this Wi-Fi network; its key is asked for (or read from "
                            "stdin when it is not a terminal; empty: an open network)")
+    own = p.add_argument_group(
+        "this card's HTTPS certificate (both or neither; without them the card makes its "
+        "own, self-signed)")
+    own.add_argument("--tls-cert", type=Path, metavar="FILE",
+                     help="a certificate of your own for Jupyter's HTTPS (PEM; a chain after "
+                          "it is fine), valid now, best naming HOSTNAME.local; written as "
+                          "/boot/jupyter-tls.crt, which the card installs at its first boot")
+    own.add_argument("--tls-key", type=Path, metavar="FILE",
+                     help="its private key (PEM, without a passphrase: nobody is there to type "
+                          "it when the card boots); written as /boot/jupyter-tls.key, readable "
+                          "by root only, and moved out of /boot at the first boot")
     add_common_options(p)
     return p
 
@@ -100,6 +113,7 @@ class Request(Source):
     preseed: Preseed
     verify: bool
     verify_only: bool
+    tls: GivenTls | None = None
 
 
 def check_request(args: argparse.Namespace) -> Request:
@@ -117,19 +131,31 @@ def check_request(args: argparse.Namespace) -> Request:
         raise BuildError(f"{bmap.path} is for an image of {bmap.image_size} bytes, but "
                          f"{image.name} holds {size}: it belongs to another image (pass the "
                          f"right --bmap, or --no-bmap)")
-    if args.verify_only and (args.hostname or args.preseed or args.ssh_key or args.wifi):
-        raise BuildError("--verify-only writes nothing: drop --hostname, --preseed, "
-                         "--ssh-key and --wifi")
+    if args.verify_only:
+        given = [flag for flag, value in (("--hostname", args.hostname),
+                                          ("--preseed", args.preseed),
+                                          ("--ssh-key", args.ssh_key), ("--wifi", args.wifi),
+                                          ("--tls-cert", args.tls_cert),
+                                          ("--tls-key", args.tls_key)) if value]
+        if given:
+            raise BuildError(f"--verify-only writes nothing: drop {', '.join(given)}")
+    now = dt.datetime.now(dt.UTC)
+    # Before the preseed, which may ask for a Wi-Fi key: a bad file is refused without asking.
+    tls = check_given_tls(args.tls_cert, args.tls_key, now)
     preseed = check_preseed(preseed_file=args.preseed, hostname=args.hostname,
                             ssh_keys=args.ssh_key, wifi=args.wifi)
+    if tls is not None:
+        # Without a hostname of this card's own, the image's is known only once it is on
+        # the card (finish_card warns then).
+        warn_about(tls, preseed.hostname(), now)
     # Every program is there before the card is wiped: one missing halfway would leave it so.
     programs = [COMPRESSIONS[suffix][0], "blkid"]
-    if preseed:
+    if preseed or tls:
         programs += ["sfdisk", "debugfs", "dumpe2fs"]
     require_programs(*programs)
     return Request(image=image, suffix=suffix, size=bmap.image_size if bmap else size,
                    bmap=bmap, preseed=preseed, verify=not args.no_verify,
-                   verify_only=args.verify_only)
+                   verify_only=args.verify_only, tls=tls)
 
 
 def confirm(request: Request, target: Target) -> None:
@@ -138,6 +164,8 @@ def confirm(request: Request, target: Target) -> None:
               if request.bmap else "")
     print(f"About to write {request.image.name} ({size}{mapped}) to\n{target.describe()}",
           file=sys.stderr)
+    if request.tls is not None:
+        print(f"and {request.tls.describe()}", file=sys.stderr)
     if not sys.stdin.isatty():
         raise BuildError("no terminal to confirm on: pass --yes to write without asking")
     print(f"Everything on {target.path} will be lost. Type yes to go on: ", end="",
@@ -177,12 +205,21 @@ def finish_card(request: Request, card: Card, written: Written) -> None:
             seconds = verify_card(card.handle, card.target.path, written.checks,
                                   just_written=True)
             log.info(f"verified: the card holds the image ({seconds:.1f} s)")
-        if request.preseed:
-            path = personalise_card(card.handle, request.preseed)
+        if request.preseed or request.tls:
+            done = personalise_card(card.handle, request.preseed, request.tls)
             card.sync()
-            keys = ", ".join(dict.fromkeys(k for k, _ in request.preseed.lines))
-            log.info(f"this card's settings ({keys}) are in {path}, readable by root only, "
-                     f"and are applied at its first boot")
+            if done.preseed:
+                keys = ", ".join(dict.fromkeys(k for k, _ in request.preseed.lines))
+                log.info(f"this card's settings ({keys}) are in {done.preseed}, readable by "
+                         f"root only, and are applied at its first boot")
+            if request.tls and done.tls:
+                cert, key = done.tls
+                log.info(f"your certificate {request.tls.cert_path.name} is in {cert} and its "
+                         f"key in {key} (readable by root only): the card installs them at "
+                         f"its first boot and removes the key from /boot; SHA-256 "
+                         f"fingerprint {request.tls.cert.fingerprint}")
+                if request.preseed.hostname() is None and done.hostname:
+                    warn_unnamed(request.tls, done.hostname, "the image")
     except BuildError as exc:
         invalidate(card)
         raise type(exc)(f"{exc}; {CARD_LEFT_INVALID}") from None

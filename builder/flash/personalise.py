@@ -1,7 +1,8 @@
 """This card's own settings: the preseed lines assembled from --preseed, --hostname,
 --ssh-key and --wifi and checked with the wizard's own rules before the card is touched
 (check_preseed), then written into the card's ext4 root with debugfs, nothing mounted, merged
-with the preseed the image carries (personalise_card)."""
+with the preseed the image carries, and beside it the user's own TLS certificate and key, if
+any (personalise_card)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from builder.firstboot.answers import (
     check_wifi_key,
     parse_preseed,
 )
-from builder.firstboot.card import PRESEED, Settings
+from builder.firstboot.card import PRESEED, TLS_GIVEN_CERT, TLS_GIVEN_KEY, Settings
+from builder.flash.certificate import GivenTls
 from builder.image import Table, read_table
 from builder.preseed import load_preseed
 
-PRESEED_PATH = "/" + PRESEED
+RELEASE = "/etc/orangepi-jupyter-release"
 # Keys that replace each other: a per-card login password replaces the image's hash.
 KEY_GROUPS = ({"login_password", "login_password_hash"},
               {"jupyter_password", "jupyter_password_hash"},
@@ -44,6 +46,11 @@ class Preseed:
 
     def __bool__(self) -> bool:
         return bool(self.lines)
+
+    def hostname(self) -> str | None:
+        """The hostname these lines give the card, if they give one."""
+        answers, _ = parse_preseed(self.text(), Path("/"), Settings())
+        return answers.hostname
 
     def text(self) -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M")
@@ -140,15 +147,48 @@ def _ask_wifi_key(ssid: str) -> str:
 # Writing it onto the card.
 
 
-def personalise_card(card: Path, preseed: Preseed) -> str:
+@dataclass(frozen=True)
+class Personalised:
+    """What personalise_card wrote (paths as the running card sees them), and the hostname
+    the card will have at first boot as far as the card's files say."""
+
+    preseed: str | None
+    tls: tuple[str, str] | None
+    hostname: str | None
+
+
+def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = None
+                     ) -> Personalised:
     """Write this card's preseed into its ext4 root (where the wizard reads it at first boot),
-    merged with the one the image carries; `card` opens the card (Card.handle). Returns the
-    path written."""
+    merged with the one the image carries, and the user's certificate and key beside it;
+    `card` opens the card (Card.handle)."""
     table = read_table(card)
-    fs, path = _preseed_location(card, table)
-    old = fs.read(path) or b""
+    root = find_root_fs(card, table)
+    boot = _boot_location(card, table, root)
+    if given_tls is not None:
+        _check_serves_https(root)
+    old = boot.fs.read(boot.path(PRESEED)) or b""
+    text = old.decode("utf-8-sig", errors="replace")
+    with tempfile.TemporaryDirectory(prefix="flash-image.") as work:
+        if preseed:
+            text = _merged(text, preseed)
+            boot.fs.write(boot.path(PRESEED), text.encode(), 0o600, Path(work))
+        if given_tls is not None:
+            # The key last, so that no card holds a key without its certificate.
+            boot.fs.write(boot.path(TLS_GIVEN_CERT), given_tls.cert_pem, 0o644, Path(work))
+            boot.fs.write(boot.path(TLS_GIVEN_KEY), given_tls.key_pem, 0o600, Path(work))
+    answers, _ = parse_preseed(text.encode(), Path("/"), Settings())
+    hostname = answers.hostname or \
+        (root.read("/etc/hostname") or b"").decode(errors="replace").strip() or None
+    return Personalised(preseed="/" + PRESEED if preseed else None,
+                        tls=("/" + TLS_GIVEN_CERT, "/" + TLS_GIVEN_KEY) if given_tls else None,
+                        hostname=hostname)
+
+
+def _merged(old: str, preseed: Preseed) -> str:
+    """The image's preseed with this card's lines after it, each replacing the image's."""
     kept = []
-    for raw in old.decode("utf-8-sig", errors="replace").splitlines():
+    for raw in old.splitlines():
         key = raw.strip().partition("=")[0].strip().lower()
         if raw.strip().startswith("#") or key not in preseed.replaces:
             kept.append(raw)
@@ -159,15 +199,41 @@ def personalise_card(card: Path, preseed: Preseed) -> str:
     if problems:
         raise BuildError(f"the preseed for the card does not check out ({problems[0]}); the "
                          f"image was written and verified, but the card has no preseed")
-    with tempfile.TemporaryDirectory(prefix="flash-image.") as work:
-        fs.write(path, text.encode(), 0o600, Path(work))
-    return path
+    return text
 
 
-def _preseed_location(device: Path, table: Table) -> tuple[Ext4, str]:
-    """The root filesystem's /boot/jupyter-firstboot.conf, or the file at the top of /boot's
-    own partition when the image has one (an ext4 one: debugfs writes nothing else)."""
-    root = find_root_fs(device, table)
+def _check_serves_https(root: Ext4) -> None:
+    """An image that serves plain HTTP would leave the user's key in /boot for good, and the
+    user believing the card speaks HTTPS."""
+    release = (root.read(RELEASE) or b"").decode(errors="replace")
+    value = ""
+    for line in release.splitlines():
+        key, _, rest = line.partition("=")
+        if key.strip() == "JUPYTER_TLS":
+            value = rest.strip().strip('"')
+    if value != "yes":
+        said = f"JUPYTER_TLS={value}" if value else "no JUPYTER_TLS line (built before HTTPS)"
+        raise BuildError(f"the image serves Jupyter over plain HTTP ({RELEASE} has {said}), "
+                         f"so the card would not use --tls-cert/--tls-key: flash an image "
+                         f"built with jupyter.tls: true, or leave them out")
+
+
+@dataclass(frozen=True)
+class _Boot:
+    """The filesystem and directory the card's /boot is: the root's /boot, or the top of
+    /boot's own partition."""
+
+    fs: Ext4
+    separate: bool
+
+    def path(self, relative: str) -> str:
+        """A path relative to the card's root (card.PRESEED, ...) within this filesystem."""
+        return "/" + (relative.removeprefix("boot/") if self.separate else relative)
+
+
+def _boot_location(device: Path, table: Table, root: Ext4) -> _Boot:
+    """The root filesystem's /boot, or /boot's own partition when the image has one (an ext4
+    one: debugfs writes nothing else)."""
     fstab = (root.read("/etc/fstab") or b"").decode(errors="replace")
     for line in fstab.splitlines():
         fields = line.split()
@@ -177,11 +243,11 @@ def _preseed_location(device: Path, table: Table) -> tuple[Ext4, str]:
                     continue
                 fs = Ext4(device, part)
                 if _matches(fs, fields[0]):
-                    return fs, "/" + PRESEED_PATH.rsplit("/", 1)[1]
+                    return _Boot(fs, separate=True)
             raise BuildError(f"the image mounts /boot from {fields[0]}, which is not an ext4 "
-                             f"partition on {device}: write jupyter-firstboot.conf onto it by "
-                             f"hand (see README)")
-    return root, PRESEED_PATH
+                             f"partition on {device}: write jupyter-firstboot.conf (and "
+                             f"jupyter-tls.crt/.key) onto it by hand (see README)")
+    return _Boot(root, separate=False)
 
 
 def _matches(fs: Ext4, spec: str) -> bool:
