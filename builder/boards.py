@@ -21,6 +21,9 @@ ARCHES = ("armhf", "arm64", "riscv64")
 class Console:
     device: str
     baud: int
+    # A USB gadget serial port (g_serial, ttyGS*): whoever plugs a cable into the board's USB
+    # port reaches it, so it is not trusted with secrets the way the board's own UART is.
+    gadget: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,27 @@ class Board:
     def console(self) -> Console:
         """The main debug UART: where the first-boot wizard runs."""
         return self.consoles[0]
+
+    def wizard_consoles(self, wanted: Sequence[str]) -> tuple[str, ...]:
+        """The consoles the first-boot wizard owns, from firstboot.consoles: `local` (the
+        board's own UARTs, and tty1 when it has a screen), `gadget` (its USB gadget serial
+        ports), or device names. ValueError names what is not this board's."""
+        local = [c.device for c in self.consoles if not c.gadget]
+        local += ["tty1"] if self.display else []
+        gadget = [c.device for c in self.consoles if c.gadget]
+        chosen: list[str] = []
+        for word in wanted:
+            if word in ("local", "gadget"):
+                chosen += local if word == "local" else gadget
+            elif word in local + gadget:
+                chosen.append(word)
+            else:
+                raise ValueError(f"{word} is not a console of the {self.name} (its consoles: "
+                                 f"{', '.join(local + gadget)}; or the words local, gadget)")
+        if not chosen:
+            raise ValueError("names no console of this board: the wizard needs one (local, "
+                             "the default, is the board's UART and screen)")
+        return tuple(dict.fromkeys(chosen))
 
 
 @dataclass(frozen=True)
@@ -85,9 +109,14 @@ def _parse_board(raw: dict[str, Any]) -> Board:
             f"board {ident}: support {raw['support']!r} is not one of {SUPPORT_LEVELS}")
     if raw["partition_table"] not in ("msdos", "gpt"):
         raise ValueError(f"board {ident}: partition_table must be msdos or gpt")
-    consoles = tuple(Console(str(c["device"]), int(c["baud"])) for c in raw["consoles"])
+    consoles = tuple(Console(str(c["device"]), int(c["baud"]), bool(c.get("gadget", False)))
+                     for c in raw["consoles"])
     if not consoles:
         raise ValueError(f"board {ident}: needs at least one serial console")
+    for console in consoles:
+        if console.device.startswith("ttyGS") != console.gadget:
+            raise ValueError(f"board {ident}: {console.device} must be marked gadget: true "
+                             f"exactly when it is a USB gadget console (ttyGS*)")
     return Board(
         id=str(raw["id"]),
         name=str(raw["name"]),

@@ -224,6 +224,14 @@ def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _console_words(value: tuple[str, ...]) -> tuple[str, ...]:
+    for word in value:
+        if word not in ("local", "gadget") and not re.fullmatch(r"tty[A-Za-z]*\d+", word):
+            raise BadItem(f"{word!r} is neither local, gadget nor a console device (ttyS0, "
+                          f"tty1, ttyGS0)")
+    return value
+
+
 @dataclass(frozen=True)
 class BaseConfig:
     source: Annotated[str, Rule(_source)]
@@ -274,6 +282,7 @@ class FirstbootConfig:
     unattended_after: Annotated[float, Rule(_positive, "a number of seconds")]
     preseed: Annotated[str | None, Rule(_local_path)]
     ssh_passwords: Annotated[str, Rule(_choice("off_with_key", "keep"))]
+    consoles: Annotated[tuple[str, ...], Rule(_console_words, one_or_list=True)]
 
 
 @dataclass(frozen=True)

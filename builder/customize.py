@@ -288,7 +288,10 @@ def read_outputs(outputs: Path) -> tuple[dict[str, Path], dict[str, Any]]:
 def template_context(config: Config, board: Board) -> dict[str, Any]:
     board_data = dataclasses.asdict(board)
     board_data["consoles"] = [dataclasses.asdict(c) for c in board.consoles]
-    return {"config": config.to_dict(), "board": board_data}
+    # Outside "board", which keys the step cache from the base on: the choice of consoles
+    # changes only the files rendered from it.
+    return {"config": config.to_dict(), "board": board_data,
+            "wizard_consoles": list(board.wizard_consoles(config.firstboot.consoles))}
 
 
 def _environment(directory: Path) -> jinja2.Environment:

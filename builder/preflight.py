@@ -67,6 +67,10 @@ def check_host(ctx: Context) -> Checked:
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
                  f"images may be missing or broken")
+    try:
+        ctx.board.wizard_consoles(cfg.firstboot.consoles)
+    except ValueError as exc:
+        raise BuildError(f"firstboot.consoles: {exc}") from None
     # What customizing needs, checked now rather than after a 10-minute download.
     builtin = cfg.customize.builtin
     scripts = customize.find_scripts([*([customize.BUILTIN_CUSTOMIZE] if builtin else []),

@@ -713,15 +713,23 @@ def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
 
 
 def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
-    # A serial console's instance starts when its device appears (a missing USB gadget port
-    # holds nothing up); tty1 has no device unit and starts with multi-user.target.
+    # A serial console's instance starts when its device appears; tty1 has no device unit
+    # and starts with multi-user.target. The arm64 board's USB gadget console (ttyGS0),
+    # which anyone with a cable reaches, gets no wizard (firstboot.consoles: local), and its
+    # getty shows no file of /etc/issue.d but where Jupyter is.
     wanted_by = {"ttyS0": "dev-ttyS0.device", "tty1": "multi-user.target"}
-    if image.appliance.arch == "arm64":
-        wanted_by["ttyGS0"] = "dev-ttyGS0.device"
     units = [f"jupyter-firstboot@{console}.service" for console in wanted_by]
     for console, by in wanted_by.items():
         link = image.root / f"etc/systemd/system/{by}.wants/jupyter-firstboot@{console}.service"
         assert link.is_symlink() and link.resolve().name == "jupyter-firstboot@.service", link
+    assert not list((image.root / "etc/systemd/system").glob("*.wants/*firstboot@ttyGS0*"))
+    dropin = image.root / ("etc/systemd/system/serial-getty@ttyGS0.service.d/"
+                           "50-orangepi-jupyter-no-secrets.conf")
+    if image.appliance.arch == "arm64":
+        assert "--issue-file /etc/issue:/etc/issue.d/jupyter-url.issue " in dropin.read_text()
+        units.append("serial-getty@ttyGS0.service")
+    else:
+        assert not dropin.exists()
     verify = image.run("systemd-analyze", "verify", *units, check=False)
     assert verify.returncode == 0 and "firstboot" not in verify.stdout + verify.stderr, verify
     unit = (image.root / "etc/systemd/system/jupyter-firstboot@.service").read_text()
@@ -738,7 +746,8 @@ def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
     assert "\nConditionPathExists=/var/lib/orangepi-jupyter/firstboot-done\n" in jupyter
     settings = json.loads((image.root / "etc/orangepi-jupyter/firstboot.json").read_text())
     assert settings["user"] == "jupyter" and settings["consoles"][0] == \
-        {"device": "ttyS0", "baud": 115200}
+        {"device": "ttyS0", "baud": 115200, "gadget": False}
+    assert settings["wizard_consoles"] == ["ttyS0", "tty1"]
     help_text = image.run("jupyter-setup", "--help").stdout
     assert "--rotate-token" in help_text
 
@@ -774,7 +783,10 @@ def test_no_way_in_before_first_boot(image: Image) -> None:
     """Root locked with no password, no autologin anywhere, no root over SSH."""
     shadow = (image.root / "etc/shadow").read_text()
     assert re.search(r"^root:!\*:", shadow, re.MULTILINE)
-    assert not list((image.root / "etc/systemd/system").glob("*getty*.service.d"))
+    for dropin in (image.root / "etc/systemd/system").glob("*getty*.service.d/*"):
+        # Only ours, which keeps secrets off a USB gadget console's login prompt.
+        assert dropin.name == "50-orangepi-jupyter-no-secrets.conf", dropin
+        assert "autologin" not in dropin.read_text()
     assert not (image.root / "root/.not_logged_in_yet").exists()
     # sshd's effective settings need a host key and its run directory: both made in the
     # session's /tmp and /run (tmpfs), never in the image.

@@ -46,6 +46,36 @@ def test_catalog_facts_hang_together() -> None:
             assert board.uboot_offset_kib < board.root_offset_mib * 1024
 
 
+def test_usb_gadget_consoles_are_marked_and_kept_from_the_wizard_by_default() -> None:
+    """A stranger with a USB cable reaches ttyGS0: the catalog marks it, and the wizard owns
+    only the board's own UART and screen unless firstboot.consoles says otherwise."""
+    catalog = load_catalog()
+    for board in catalog.boards:
+        for console in board.consoles:
+            assert console.gadget == console.device.startswith("ttyGS"), board.id
+    r1, _ = catalog.lookup("orangepi-r1")
+    assert [(c.device, c.gadget) for c in r1.consoles] == [("ttyS0", False), ("ttyGS0", True)]
+    assert r1.wizard_consoles(["local"]) == ("ttyS0",)         # no screen on an R1
+    assert r1.wizard_consoles(["local", "gadget"]) == ("ttyS0", "ttyGS0")
+    assert r1.wizard_consoles(["ttyGS0"]) == ("ttyGS0",)
+    with pytest.raises(ValueError, match=r"tty1 is not a console of the Orange Pi R1 \(its "
+                                         r"consoles: ttyS0, ttyGS0; or the words local, gadget\)"):
+        r1.wizard_consoles(["tty1"])
+    pc, _ = catalog.lookup("orangepipcplus")
+    assert pc.wizard_consoles(["local"]) == ("ttyS0", "tty1")
+    with pytest.raises(ValueError, match="names no console of this board"):
+        pc.wizard_consoles(["gadget"])
+
+
+def test_a_wrong_console_setting_is_refused_before_anything_is_fetched() -> None:
+    result = run_cli("--board", "orangepizero", "--dry-run", "--set",
+                     "firstboot.consoles=[local, ttyS5]")
+    assert result.returncode != 0
+    assert error_line(result) == ("build-image: error: firstboot.consoles: ttyS5 is not a "
+                                  "console of the Orange Pi Zero (its consoles: ttyS0, tty1, "
+                                  "ttyGS0; or the words local, gadget)")
+
+
 def test_orangepi_alias_is_a_capable_standard_board() -> None:
     board, alias = load_catalog().lookup("orangepi")
     assert (board.id, alias) == ("orangepi5", "orangepi")

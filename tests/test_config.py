@@ -68,6 +68,8 @@ BAD_OVERRIDES = [
     ("firstboot.preseed=http://x/p.conf", "--set firstboot.preseed: 'http://x/p.conf' is not a "
                                           "local file path"),
     ("download.retries=-1", "--set download.retries: -1 must be 0 or more"),
+    ("firstboot.consoles=[local, usb]", "--set firstboot.consoles: 'usb' is neither local, "
+                                        "gadget nor a console device"),
     ("base.verify=gpg", "--set base.verify: 'gpg' is not one of signature, sha256, none"),
     ("base.gpg_keyring=[/k.gpg, 'https://x/k.gpg']",
      "--set base.gpg_keyring: 'https://x/k.gpg' is not a local file path"),

@@ -398,6 +398,29 @@ def test_unattended_token_mode_shows_a_token_locally(card: Card) -> None:
     assert not issue.exists()
 
 
+@pytest.mark.root
+def test_a_usb_gadget_console_never_shows_the_unattended_secrets(card: Card) -> None:
+    """ttyGS0 is reached by whoever plugs a USB cable into the board: its wizard (when
+    firstboot.consoles gives it one) never takes the unattended mode's turn, and shows the
+    result without the token and the one-time password that the board's UART shows."""
+    card.settings(unattended="token", unattended_after=1,
+                  consoles=[{"device": "ttyS0", "baud": 115200},
+                            {"device": "ttyGS0", "baud": 115200, "gadget": True}])
+    gadget = card.boot("ttyGS0")
+    gadget.expect("Press Enter to begin setup")
+    local = card.boot("ttyS0")
+    local.expect("Nobody answered", timeout=30)
+    local.expect(r"Token: (\S+)")
+    token = local.match.group(1)
+    local.expect(r"one-time password (\S+) \(you must change it\)")
+    temporary = local.match.group(1)
+    finished(local)
+    shown = finished(gadget)
+    assert "Setup is complete" in shown and "shown on the console where setup ran" in shown
+    assert token not in shown and temporary not in shown, shown
+    assert "Nobody answered" not in shown, "the gadget console's wizard never took the turn"
+
+
 # jupyter-setup, later.
 
 

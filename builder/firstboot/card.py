@@ -55,7 +55,10 @@ class Settings:
     port: int = 8888
     base_url: str = "/"
     board: str = "Orange Pi"
-    consoles: tuple[dict[str, Any], ...] = ()     # the board's serial consoles: device, baud
+    # The board's serial consoles: device, baud, gadget (a USB gadget port: anyone with a
+    # cable reaches it, so nothing secret is shown there).
+    consoles: tuple[dict[str, Any], ...] = ()
+    wizard_consoles: tuple[str, ...] = ()  # where the wizard runs (firstboot.consoles)
     root_password: str = "locked"         # locked | same (as the login user's)
     min_password_length: int = 8
     answer_timeout: float = 300.0         # seconds a question waits before the session ends
@@ -75,3 +78,9 @@ class Settings:
 
     def baud(self, device: str) -> int | None:
         return next((int(c["baud"]) for c in self.consoles if c.get("device") == device), None)
+
+    def gadget(self, device: str) -> bool:
+        """Whether a console is one a stranger reaches: a USB gadget port (by the catalog,
+        and by name for a card whose settings predate the mark)."""
+        return device.startswith("ttyGS") or any(
+            c.get("gadget") for c in self.consoles if c.get("device") == device)

@@ -43,12 +43,15 @@ EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
 class Coordination:
     """What the wizards on different consoles share, in /run: a lock that the console
-    running setup holds, that console's name, and the result to show everywhere."""
+    running setup holds, that console's name, and the result to show everywhere: in two
+    forms, the one for USB gadget consoles without what only the board's own consoles may
+    show (the unattended mode's token and one-time password)."""
 
     def __init__(self, system: System, console: str) -> None:
         self.dir = system.path(RUN_DIR)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.console = console
+        self.gadget = system.settings.gadget(console)
         self._fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         self.owned = False
 
@@ -71,12 +74,15 @@ class Coordination:
         except OSError:
             return "another console"
 
-    def publish(self, text: str) -> None:
+    def publish(self, text: str, public: str) -> None:
+        # The public form first: a console that finds "result" finds it too.
+        write_atomically(self.dir / "result-public", public.encode(), 0o600)
         write_atomically(self.dir / "result", text.encode(), 0o600)
 
     def result(self) -> str | None:
         try:
-            return (self.dir / "result").read_text()
+            (self.dir / "result").stat()
+            return (self.dir / ("result-public" if self.gadget else "result")).read_text()
         except OSError:
             return None
 
@@ -173,7 +179,10 @@ def _wait_for_someone(system: System, console: Console, shared: Coordination,
     if not prompted:
         console.say("Press Enter to begin setup on this console. ", end="")
     s = system.settings
-    if (s.unattended == "token" and time.monotonic() - started > s.unattended_after
+    # Only the board's own consoles: the unattended token and one-time password are shown
+    # where setup runs, and a USB gadget console is reached by whoever has a cable.
+    if (s.unattended == "token" and not shared.gadget
+            and time.monotonic() - started > s.unattended_after
             and _claim_unfinished(system, shared)):
         console.say("\nNobody answered: Jupyter gets a token, shown on the consoles.")
         return _unattended(system, console, shared, preseed or Answers()), False
@@ -296,7 +305,8 @@ def _finish(system: System, console: Console, shared: Coordination, answers: Ans
             outcome.temporary_login_password = answers.login_password
         console.say("Looking for the board's network addresses...")
         found = urls(system, outcome.hostname, outcome.token, outcome.fingerprint is not None)
-        shared.publish(result_text(system, outcome, found, with_token=temporary_login))
+        shared.publish(result_text(system, outcome, found, with_token=temporary_login),
+                       result_text(system, outcome, found, with_token=False))
         console.say(result_text(system, outcome, found, with_token=True,
                                 qr=console.shows_utf8()))
         shared.release()
