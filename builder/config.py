@@ -224,6 +224,17 @@ def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _memory_share(value: str) -> str:
+    """A share of the board's memory for systemd's MemoryMax=: a percentage, which systemd
+    reckons from the memory of the board it runs on, or `infinity`."""
+    number = value.removesuffix("%")
+    if value == "infinity" or (value.endswith("%") and number.isdigit()
+                               and 1 <= int(number) <= 100):
+        return value
+    raise ValueError("is not a share of the board's memory: a percentage such as 85%, or "
+                     "infinity")
+
+
 def _console_words(value: tuple[str, ...]) -> tuple[str, ...]:
     for word in value:
         if word not in ("local", "gadget") and not re.fullmatch(r"tty[A-Za-z]*\d+", word):
@@ -270,6 +281,7 @@ class JupyterConfig:
     base_url: Annotated[str, Rule(_base_url)]
     groups: Annotated[tuple[str, ...], Rule(_group_names)]
     cull_idle_minutes: Annotated[float, Rule(_non_negative_minutes, "a number of minutes")]
+    memory_max: Annotated[str, Rule(_memory_share)]
     tls: bool
 
 

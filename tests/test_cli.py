@@ -176,7 +176,7 @@ def test_unknown_key_on_the_command_line(tmp_path: Path) -> None:
     path.write_text("jupyter:\n  token: abc\n")
     line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
     assert line == f"build-image: error: {path}: jupyter.token: unknown key " \
-                   "(known: user, ip, port, base_url, groups, cull_idle_minutes, tls)"
+                   "(known: user, ip, port, base_url, groups, cull_idle_minutes, memory_max, tls)"
 
 
 def test_bad_value_is_reported_before_any_network(armbian: FakeArmbian) -> None:

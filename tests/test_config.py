@@ -68,6 +68,8 @@ BAD_OVERRIDES = [
     ("firstboot.preseed=http://x/p.conf", "--set firstboot.preseed: 'http://x/p.conf' is not a "
                                           "local file path"),
     ("download.retries=-1", "--set download.retries: -1 must be 0 or more"),
+    ("jupyter.memory_max=900M", "--set jupyter.memory_max: '900M' is not a share of the "
+                                "board's memory"),
     ("firstboot.consoles=[local, usb]", "--set firstboot.consoles: 'usb' is neither local, "
                                         "gadget nor a console device"),
     ("base.verify=gpg", "--set base.verify: 'gpg' is not one of signature, sha256, none"),
