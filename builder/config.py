@@ -1,7 +1,8 @@
 """Settings: defaults.yaml, then --config files, then --set overrides, into frozen dataclasses.
 
-Every value is checked here, before the first download, and a bad one is reported with where it
-came from, its key path, the value and what would be accepted:
+Every value is checked here, before the first download (what each may be:
+builder/config_values.py), and a bad one is reported with where it came from, its key path,
+the value and what would be accepted:
 
     my.yaml: jupyter.port: 'abc' is not a port number (1-65535)
 
@@ -13,11 +14,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import ipaddress
-import re
 import types
 import typing
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +24,8 @@ from typing import Annotated, Any
 
 import yaml
 
+from builder import config_values as allowed
+from builder.config_values import BadItem, ByteSize, Rule, parse_size
 from builder.errors import BuildError
 
 DEFAULTS_NAME = "defaults.yaml"
@@ -34,281 +34,72 @@ DEFAULTS_NAME = "defaults.yaml"
 # a good OpenPGP signature, a known sha256, nothing (fetch.py applies them).
 BASE_VERIFY_LEVELS = ("signature", "sha256", "none")
 
-Check = Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Attached to a field as Annotated[type, Rule(...)]: the value must pass `check`, which
-    returns it (maybe normalised) or raises ValueError with the reason. `expect` names what a
-    value of the wrong type should have been ("a port number"), a better message than "is not
-    a whole number"."""
-
-    check: Check
-    expect: str | None = None
-    # For a list setting that used to hold one value: a single string (or null) is taken as
-    # a list of one (or none), so settings files written for the old form keep working.
-    one_or_list: bool = False
-
-
-# Sizes are written "3GiB", "512MiB" or as a number of bytes and kept as bytes.
-ByteSize = typing.NewType("ByteSize", int)
-
-
-# Checks: each receives a value of the right Python type and returns the value to keep.
-
-
-def _port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise ValueError("is not a port number (1-65535)")
-    return value
-
-
-def _name(value: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", value):
-        raise ValueError("is not a valid name (lower-case letters, digits, '.', '_', '-')")
-    return value
-
-
-def _user(value: str) -> str:
-    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
-        raise ValueError("is not a valid user name (e.g. jupyter)")
-    if value == "root":
-        raise ValueError("is not allowed: Jupyter must not run as root")
-    return value
-
-
-def _listen_ip(value: str) -> str:
-    if value in ("*", ""):
-        return value
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise ValueError("is not an IP address (or * for every interface)") from None
-    return value
-
-
-def _base_url(value: str) -> str:
-    if not (value.startswith("/") and value.endswith("/")):
-        raise ValueError("must start and end with / (e.g. / or /jupyter/)")
-    return value
-
-
-def _absolute_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError("must be an absolute path inside the image (e.g. /opt/jupyter)")
-    return value
-
-
-def _http_url(value: str) -> str:
-    parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("is not an http(s) URL")
-    return value.rstrip("/")
-
-
-def _url_or_path(value: str) -> str:
-    if "://" in value:
-        return _http_url(value)
-    if not value:
-        raise ValueError("is empty: give a URL or a file path")
-    return value
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("is empty")
-    return value
-
-
-def _local_path(value: str) -> str:
-    if not value or "://" in value:
-        raise ValueError("is not a local file path (download the file first)")
-    return value
-
-
-def _source(value: str) -> str:
-    return value if value in ("armbian", "debian") else _url_or_path(value)
-
-
-def _sha256(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise ValueError("is not a sha256 digest (64 hex digits)")
-    return value.lower()
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KIB": 1024, "M": 1024**2, "MIB": 1024**2,
-               "G": 1024**3, "GIB": 1024**3}
-
-
-def parse_size(value: int | str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("is not a size (e.g. 3GiB, 512MiB or a number of bytes)")
-    if isinstance(value, int):
-        number = value
-    else:
-        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
-        unit = match.group(2).upper() if match else None
-        if match is None or unit not in _SIZE_UNITS:
-            raise ValueError("is not a size (e.g. 3GiB, 512MiB or a number of bytes)")
-        number = int(match.group(1)) * _SIZE_UNITS[unit]
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
-
-
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be greater than 0")
-    return value
-
-
-def _non_negative_minutes(value: float) -> float:
-    if value < 0:
-        raise ValueError("must be 0 (never) or more")
-    return value
-
-
-def _non_negative(value: int) -> int:
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _choice(*allowed: str) -> Check:
-    def check(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"is not one of {', '.join(allowed)}")
-        return value
-
-    return check
-
-
-def _password_length(value: int) -> int:
-    if value < 6:
-        raise ValueError("is too short to protect a board on a network: 6 at least")
-    return value
-
-
-class BadItem(ValueError):
-    """One element of a list is wrong: the message names the element, not the whole list."""
-
-
-def _local_paths(value: tuple[str, ...]) -> tuple[str, ...]:
-    for path in value:
-        try:
-            _local_path(path)
-        except ValueError as exc:
-            raise BadItem(f"{path!r} {exc}") from None
-    return value
-
-
-def _package_names(value: tuple[str, ...]) -> tuple[str, ...]:
-    for name in value:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+\-\[\],<>=!~ ]*", name):
-            raise BadItem(f"{name!r} is not a package name (or version requirement)")
-    return value
-
-
-def _module_names(value: tuple[str, ...]) -> tuple[str, ...]:
-    for name in value:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
-            raise BadItem(f"{name!r} is not a Python module name (e.g. numpy, PIL)")
-    return value
-
-
-def _group_names(value: tuple[str, ...]) -> tuple[str, ...]:
-    for name in value:
-        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", name):
-            raise BadItem(f"{name!r} is not a valid group name (e.g. dialout)")
-    return value
-
-
-def _memory_share(value: str) -> str:
-    """A share of the board's memory for systemd's MemoryMax=: a percentage, which systemd
-    reckons from the memory of the board it runs on, or `infinity`."""
-    number = value.removesuffix("%")
-    if value == "infinity" or (value.endswith("%") and number.isdigit()
-                               and 1 <= int(number) <= 100):
-        return value
-    raise ValueError("is not a share of the board's memory: a percentage such as 85%, or "
-                     "infinity")
-
-
-def _console_words(value: tuple[str, ...]) -> tuple[str, ...]:
-    for word in value:
-        if word not in ("local", "gadget") and not re.fullmatch(r"tty[A-Za-z]*\d+", word):
-            raise BadItem(f"{word!r} is neither local, gadget nor a console device (ttyS0, "
-                          f"tty1, ttyGS0)")
-    return value
-
-
 @dataclass(frozen=True)
 class BaseConfig:
-    source: Annotated[str, Rule(_source)]
-    sha256: Annotated[str | None, Rule(_sha256)]
-    release: Annotated[str, Rule(_name)]
-    branch: Annotated[str, Rule(_name)]
-    variant: Annotated[str, Rule(_name)]
-    armbian_index: Annotated[str, Rule(_url_or_path)]
-    armbian_mirror: Annotated[str | None, Rule(_http_url)]
-    debian_mirror: Annotated[str, Rule(_http_url)]
-    verify: Annotated[str, Rule(_choice(*BASE_VERIFY_LEVELS))]
-    gpg_keyring: Annotated[tuple[str, ...], Rule(_local_paths, one_or_list=True)]
+    source: Annotated[str, Rule(allowed.source)]
+    sha256: Annotated[str | None, Rule(allowed.sha256)]
+    release: Annotated[str, Rule(allowed.name)]
+    branch: Annotated[str, Rule(allowed.name)]
+    variant: Annotated[str, Rule(allowed.name)]
+    armbian_index: Annotated[str, Rule(allowed.url_or_path)]
+    armbian_mirror: Annotated[str | None, Rule(allowed.http_url)]
+    debian_mirror: Annotated[str, Rule(allowed.http_url)]
+    verify: Annotated[str, Rule(allowed.choice(*BASE_VERIFY_LEVELS))]
+    gpg_keyring: Annotated[tuple[str, ...], Rule(allowed.local_paths, one_or_list=True)]
 
 
 @dataclass(frozen=True)
 class PackagesConfig:
-    apt: Annotated[tuple[str, ...], Rule(_package_names)]
+    apt: Annotated[tuple[str, ...], Rule(allowed.package_names)]
     apt_recommends: bool
-    pip: Annotated[tuple[str, ...], Rule(_package_names)]
-    check_imports: Annotated[tuple[str, ...], Rule(_module_names)]
+    pip: Annotated[tuple[str, ...], Rule(allowed.package_names)]
+    check_imports: Annotated[tuple[str, ...], Rule(allowed.module_names)]
 
 
 @dataclass(frozen=True)
 class VenvConfig:
-    path: Annotated[str, Rule(_absolute_path)]
+    path: Annotated[str, Rule(allowed.absolute_path)]
     system_site_packages: bool
-    kernel_name: Annotated[str, Rule(_name)]
-    kernel_display_name: Annotated[str, Rule(_non_empty)]
+    kernel_name: Annotated[str, Rule(allowed.name)]
+    kernel_display_name: Annotated[str, Rule(allowed.non_empty)]
 
 
 @dataclass(frozen=True)
 class JupyterConfig:
-    user: Annotated[str, Rule(_user)]
-    ip: Annotated[str, Rule(_listen_ip)]
-    port: Annotated[int, Rule(_port, "a port number (1-65535)")]
-    base_url: Annotated[str, Rule(_base_url)]
-    groups: Annotated[tuple[str, ...], Rule(_group_names)]
-    cull_idle_minutes: Annotated[float, Rule(_non_negative_minutes, "a number of minutes")]
-    memory_max: Annotated[str, Rule(_memory_share)]
+    user: Annotated[str, Rule(allowed.user)]
+    ip: Annotated[str, Rule(allowed.listen_ip)]
+    port: Annotated[int, Rule(allowed.port, "a port number (1-65535)")]
+    base_url: Annotated[str, Rule(allowed.base_url)]
+    groups: Annotated[tuple[str, ...], Rule(allowed.group_names)]
+    cull_idle_minutes: Annotated[float, Rule(allowed.non_negative_minutes, "a number of minutes")]
+    memory_max: Annotated[str, Rule(allowed.memory_share)]
     tls: bool
 
 
 @dataclass(frozen=True)
 class FirstbootConfig:
-    root_password: Annotated[str, Rule(_choice("locked", "same"))]
-    min_password_length: Annotated[int, Rule(_password_length, "a whole number, 6 or more")]
-    answer_timeout: Annotated[float, Rule(_positive, "a number of seconds")]
-    unattended: Annotated[str, Rule(_choice("wait", "token"))]
-    unattended_after: Annotated[float, Rule(_positive, "a number of seconds")]
-    preseed: Annotated[str | None, Rule(_local_path)]
-    ssh_passwords: Annotated[str, Rule(_choice("off_with_key", "keep"))]
-    consoles: Annotated[tuple[str, ...], Rule(_console_words, one_or_list=True)]
+    root_password: Annotated[str, Rule(allowed.choice("locked", "same"))]
+    min_password_length: Annotated[int, Rule(allowed.password_length, "a whole number, 6 or more")]
+    answer_timeout: Annotated[float, Rule(allowed.positive, "a number of seconds")]
+    unattended: Annotated[str, Rule(allowed.choice("wait", "token"))]
+    unattended_after: Annotated[float, Rule(allowed.positive, "a number of seconds")]
+    preseed: Annotated[str | None, Rule(allowed.local_path)]
+    ssh_passwords: Annotated[str, Rule(allowed.choice("off_with_key", "keep"))]
+    consoles: Annotated[tuple[str, ...], Rule(allowed.console_words, one_or_list=True)]
 
 
 @dataclass(frozen=True)
 class ImageConfig:
     headroom: ByteSize
     free_space: ByteSize
-    compression: Annotated[str, Rule(_choice("xz", "zstd", "gzip", "none"))]
+    compression: Annotated[str, Rule(allowed.choice("xz", "zstd", "gzip", "none"))]
     compression_level: int
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: Annotated[str, Rule(_non_empty)]
-    product: Annotated[str, Rule(_name)]
+    dir: Annotated[str, Rule(allowed.non_empty)]
+    product: Annotated[str, Rule(allowed.name)]
 
 
 @dataclass(frozen=True)
@@ -320,33 +111,26 @@ class CustomizeConfig:
 
 @dataclass(frozen=True)
 class AptConfig:
-    proxy: Annotated[str | None, Rule(_http_url)]
-
-
-def _cpu_model(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.,=+-]*", value):
-        raise ValueError("is not a qemu CPU model (auto, qemu, or a name from qemu's "
-                         "-cpu help such as cortex-a53)")
-    return value
+    proxy: Annotated[str | None, Rule(allowed.http_url)]
 
 
 @dataclass(frozen=True)
 class EmulationConfig:
-    cpu: Annotated[str, Rule(_cpu_model)]
+    cpu: Annotated[str, Rule(allowed.cpu_model)]
     quick_apt: bool
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    timeout: Annotated[float, Rule(_positive, "a number of seconds")]
-    retries: Annotated[int, Rule(_non_negative, "a whole number of retries")]
+    timeout: Annotated[float, Rule(allowed.positive, "a number of seconds")]
+    retries: Annotated[int, Rule(allowed.non_negative, "a whole number of retries")]
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     dir: str | None
     stages_size: ByteSize
-    stage_days: Annotated[float, Rule(_positive, "a number of days")]
+    stage_days: Annotated[float, Rule(allowed.positive, "a number of days")]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import sys
 import pytest
 from conftest import REPO
 
-BUILD_ONLY = {"builder.pipeline", "builder.cli", "builder.config", "builder.customize",
+BUILD_ONLY = {"builder.pipeline", "builder.cli", "builder.config", "builder.config_values",
+              "builder.customize",
               "builder.stages", "builder.fetch", "builder.download", "builder.armbian",
               "builder.wheels", "builder.debian", "builder.chroot", "builder.output",
               "builder.sbom", "cyclonedx", "jinja2"}
