@@ -504,8 +504,9 @@ def finalize_image(ctx: Context, root: RootMount
         for found in _image_glob(path, pattern):
             remove_path(found)
     machine_id = in_root(path, "etc/machine-id")
-    if machine_id.exists():
-        # Empty, not absent: systemd then makes a new one at first boot.
+    # Empty, not absent: systemd then makes a new one at first boot. "uninitialized", which
+    # a script may have chosen (the appliance does), also says it is the first boot.
+    if machine_id.exists() and machine_id.read_text() != "uninitialized\n":
         machine_id.write_text("")
     inventory = sbom.read_inventory(path, ctx.config.venv.path)
     packages = output.installed_packages(path)

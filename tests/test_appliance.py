@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -683,7 +684,10 @@ def test_rendered_config_has_the_keys_and_no_secret(image: Image) -> None:
 
 def test_nothing_secret_or_build_only_is_left(image: Image) -> None:
     root = image.root
-    assert (root / "etc/machine-id").read_text() == ""
+    # No id, and the word that makes systemd take the card's first boot as the first boot;
+    # systemd-firstboot, which would then ask on the serial console, is masked.
+    assert (root / "etc/machine-id").read_text() == "uninitialized\n"
+    assert os.readlink(root / "etc/systemd/system/systemd-firstboot.service") == "/dev/null"
     for path in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed",
                  "var/lib/systemd/credential.secret", "var/lib/jupyter/credentials.json",
                  "root/.bash_history", "root/.cache"):
