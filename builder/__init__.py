@@ -19,7 +19,9 @@ build-image (cli.py), its steps in order in pipeline.py:
   output.py, sbom.py         the compressed image, checksum, bmap, manifest, CycloneDX SBOM
   firstboot/                 what the card runs at first boot (shipped as one zipapp)
 try-image (tryimage.py): qemu.py; the smoke in smoke.py with serial_console.py,
-  jupyter_client.py, browser.py
+  guest_shell.py (logged in on the guest's console), pinning.py (the card's certificate,
+  pinned to the fingerprint its console shows), jupyter_client.py, browser.py,
+  smoke_report.py
 flash-image: flash/ (its __init__ is the map)
 The floor: entry.py (errors, signals, exit codes), errors.py, log.py, run.py (host programs),
   files.py (sha256, locks), compression.py, preseed.py (a --preseed file, checked)

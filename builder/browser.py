@@ -5,6 +5,12 @@ JavaScript in the browser, so a broken extension, a missing static file or a wro
 shows in a real browser. Chromium is driven over the Chrome DevTools Protocol (CDP) with a
 small client below, so the check needs nothing but Debian's chromium package and
 websocket-client.
+
+Over HTTPS Chromium trusts only the pinned certificate (builder.pinning.Pin): its public key
+goes to --ignore-certificate-errors-spki-list, which forgives a certificate error only for a
+certificate with that key, so any other certificate is still refused (never
+--ignore-certificate-errors). Where the card has a .local name, that name is mapped to the
+forwarded port's address and the page opened by it, so the name matches the certificate too.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 import websocket
 
+from builder.pinning import Pin
 from builder.run import die_with_parent, host_env
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
@@ -91,6 +99,7 @@ class BrowserCheck:
     title: str
     seconds: float
     screenshot: Path
+    url: str            # where JupyterLab was opened, without the token
 
 
 class BrowserError(Exception):
@@ -184,7 +193,20 @@ def _redact(text: str, token: str) -> str:
     return text.replace(quote(token, safe=""), "<token>").replace(token, "<token>")
 
 
-def _start(program: str, profile: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _pin_flags(pin: Pin | None, address: str) -> list[str]:
+    """Chromium's flags for trusting the pinned certificate alone; the .local name resolves
+    to `address` (the forwarded port's) and nothing else changes in its resolver."""
+    if pin is None:
+        return []
+    # Chromium honours the SPKI list only with a --user-data-dir, which _start always gives.
+    flags = [f"--ignore-certificate-errors-spki-list={pin.spki_sha256()}"]
+    if pin.hostname:
+        flags.append(f"--host-resolver-rules=MAP {pin.hostname} {address}")
+    return flags
+
+
+def _start(program: str, profile: Path, log_path: Path,
+           extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     env = host_env()
     # Chromium keeps certificates, caches and crash reports under $HOME and the XDG dirs as
     # well as in --user-data-dir; pointing them into the profile leaves nothing behind.
@@ -194,7 +216,8 @@ def _start(program: str, profile: Path, log_path: Path) -> subprocess.Popen[byte
         path = profile / sub
         path.mkdir()
         env[var] = str(path)
-    argv = [program, *CHROMIUM_FLAGS, f"--user-data-dir={profile / 'chromium'}", "about:blank"]
+    argv = [program, *CHROMIUM_FLAGS, *extra, f"--user-data-dir={profile / 'chromium'}",
+            "about:blank"]
     with log_path.open("wb") as log:
         # Its own session, so the renderers and zygotes it forks can be signalled as a group
         # and a Ctrl-C in the terminal reaches us, not Chromium, first.
@@ -322,6 +345,11 @@ def _load_lab(cdp: _Cdp, url: str, token: str, timeout: float, deadline: float,
             navigation = 0
             error = answer.get("result", {}).get("errorText") or answer.get("error", {})
             navigation_error = str(error) if error else ""
+            if navigation_error.startswith("net::ERR_CERT"):
+                # The card's certificate does not change by itself: no point trying again.
+                where = shown.split("?")[0]
+                raise fail(f": Chromium refused the server's certificate at {where} "
+                           f"({navigation_error}): it is not the pinned one")
             # Jupyter may still be starting (or restarting): try again until the deadline.
             retry_at = now + 2.0
         if not navigation and navigation_error and retry_at <= now < deadline:
@@ -372,20 +400,31 @@ def _wait_for_content(cdp: _Cdp, end: float) -> None:
         time.sleep(POLL)
 
 
+def lab_base(base_url: str, pin: Pin | None) -> str:
+    """Where Chromium opens JupyterLab: by the card's .local name when it has one (mapped to
+    base_url's address), else base_url itself."""
+    if pin is None or not pin.hostname:
+        return base_url.rstrip("/")
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{pin.hostname}:{parts.port}"
+
+
 def check_jupyterlab(base_url: str, token: str, screenshot: Path, *, timeout: float = 300,
-                     chromium: str | None = None) -> BrowserCheck:
+                     chromium: str | None = None, pin: Pin | None = None) -> BrowserCheck:
     """Open {base_url}/lab?token={token} in headless Chromium, wait for JupyterLab's shell and
-    write a PNG screenshot; raises BrowserError with a one-line reason otherwise."""
+    write a PNG screenshot; raises BrowserError with a one-line reason otherwise. With `pin`
+    (base_url https://...) only that certificate is trusted, at the card's .local name."""
     program = _resolve_chromium(chromium)
     started = time.monotonic()
     deadline = started + timeout
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     log_path = screenshot.with_name(f"{screenshot.stem}.chromium.log")
-    url = f"{base_url.rstrip('/')}/lab?token={quote(token, safe='')}"
+    url = f"{lab_base(base_url, pin)}/lab?token={quote(token, safe='')}"
     profile = Path(tempfile.mkdtemp(prefix="orangepi-jupyter-chromium-"))
     process: subprocess.Popen[bytes] | None = None
     try:
-        process = _start(program, profile, log_path)
+        process = _start(program, profile, log_path,
+                         _pin_flags(pin, urlsplit(base_url).hostname or "127.0.0.1"))
         port = _devtools_port(profile, process, log_path, deadline)
         target = _page_target(port, log_path, deadline)
         try:
@@ -402,7 +441,7 @@ def check_jupyterlab(base_url: str, token: str, screenshot: Path, *, timeout: fl
             _screenshot(cdp, screenshot, 30.0)
             final = _page_state(cdp, EVALUATE_WAIT) or {}
             return BrowserCheck(title=str(final.get("title", "")), seconds=seconds,
-                                screenshot=screenshot)
+                                screenshot=screenshot, url=_redact(url, token))
         except _CdpTimeout:
             raise BrowserError(f"Chromium stopped answering while loading JupyterLab: "
                                f"see {log_path}") from None

@@ -1,5 +1,9 @@
 """Jupyter from the outside, as a user's browser talks to it: the login form, the REST API,
-and a kernel's websocket. try-image uses it to prove a booted image works."""
+and a kernel's websocket. try-image uses it to prove a booted image works.
+
+Over HTTPS (a base of https://...) every request and the websocket trust only the pinned
+certificate they are given (builder.pinning.Pin), the card's own: not the system's CAs, and
+no request goes out unverified."""
 
 from __future__ import annotations
 
@@ -13,20 +17,45 @@ from typing import Any
 
 import requests
 import websocket
+from requests.adapters import HTTPAdapter
+
+from builder.pinning import Pin
 
 
-def _session() -> requests.Session:
+class _PinnedAdapter(HTTPAdapter):
+    """HTTPS whose only trust anchor is the pinned certificate; SNI and the host name check
+    use the card's .local name, as the URL's host is the forwarded port on 127.0.0.1."""
+
+    def __init__(self, pin: Pin) -> None:
+        self.pin = pin          # before HTTPAdapter's __init__, which makes the pool manager
+        super().__init__()
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
+                         **pool_kwargs: Any) -> None:
+        pool_kwargs["ssl_context"] = self.pin.context()
+        if self.pin.hostname:
+            pool_kwargs["server_hostname"] = self.pin.hostname
+        else:
+            # urllib3 would check the URL's 127.0.0.1 instead: the anchor is exact anyway.
+            pool_kwargs["assert_hostname"] = False
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+
+
+def _session(pin: Pin | None = None) -> requests.Session:
     # The guest is on 127.0.0.1: never through a proxy from the environment, which would
-    # also be handed the token and the password.
+    # also be handed the token and the password (nor a CA bundle from it).
     http = requests.Session()
     http.trust_env = False
+    if pin is not None:
+        http.mount("https://", _PinnedAdapter(pin))
     return http
 
 
-def _get(url: str, timeout: float, headers: dict[str, str] | None = None) -> requests.Response:
+def _get(url: str, timeout: float, headers: dict[str, str] | None = None,
+         pin: Pin | None = None) -> requests.Response:
     """One request with no cookies from an earlier one: Jupyter answers a token with a login
     cookie, and a "stranger" carrying it would not be one."""
-    with _session() as http:
+    with _session(pin) as http:
         return http.get(url, timeout=timeout, headers=headers)
 
 
@@ -40,34 +69,41 @@ class CellResult:
     seconds: float
 
 
-def wait_until_up(base: str, timeout: float, alive: Any = None) -> float:
+def wait_until_up(base: str, timeout: float, alive: Any = None,
+                  pin: Pin | None = None) -> float:
     """Seconds until Jupyter answers HTTP at all (any status: 403 is an answer).
-    `alive()` returning False (the guest has stopped) ends the wait early."""
+    `alive()` returning False (the guest has stopped) ends the wait early; a certificate
+    that is not the pinned one ends it at once."""
     started = time.monotonic()
     last = "no answer"
     while time.monotonic() - started < timeout:
         if alive is not None and not alive():
             raise JupyterError(f"the guest stopped before Jupyter answered ({last})")
         try:
-            _get(f"{base}/api/status", timeout=10)
+            _get(f"{base}/api/status", timeout=10, pin=pin)
             return time.monotonic() - started
         except requests.RequestException as exc:
+            # Verification refused the certificate (OpenSSL's reason is all that survives
+            # urllib3's wrapping), not a handshake cut short while Jupyter starts: no retry.
+            if pin is not None and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise JupyterError(f"Jupyter at {base} presents a certificate other than the "
+                                   f"pinned one ({pin.fingerprint})") from None
             last = type(exc).__name__
             time.sleep(3)
     raise JupyterError(f"Jupyter did not answer at {base} in {timeout:.0f} s ({last})")
 
 
-def refuses_strangers(base: str) -> None:
+def refuses_strangers(base: str, pin: Pin | None = None) -> None:
     for path in ("/api/status", "/api/contents", "/api/kernels"):
-        answer = _get(f"{base}{path}", timeout=60)
+        answer = _get(f"{base}{path}", timeout=60, pin=pin)
         if answer.status_code not in (401, 403):
             raise JupyterError(f"{path} without credentials answered {answer.status_code}, "
                                f"not 403: Jupyter is open to anyone on the network")
 
 
-def token_works(base: str, token: str) -> None:
+def token_works(base: str, token: str, pin: Pin | None = None) -> None:
     answer = _get(f"{base}/api/status", timeout=60,
-                  headers={"Authorization": f"token {token}"})
+                  headers={"Authorization": f"token {token}"}, pin=pin)
     if answer.status_code != 200:
         raise JupyterError(f"the token was refused ({answer.status_code})")
 
@@ -75,9 +111,10 @@ def token_works(base: str, token: str) -> None:
 class Session:
     """A browser-like session logged in with the Jupyter password."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, pin: Pin | None = None) -> None:
         self.base = base
-        self.http = _session()
+        self.pin = pin
+        self.http = _session(pin)
 
     def close(self) -> None:
         self.http.close()
@@ -118,8 +155,13 @@ class Session:
         url = self.base.replace("http", "ws", 1) + f"/api/kernels/{kernel}/channels"
         cookie = "; ".join(f"{k}={v}" for k, v in self.http.cookies.items())
         session = uuid.uuid4().hex
+        # The pinned context as it is: websocket-client uses a given context unchanged.
+        sslopt: dict[str, Any] = {}
+        if self.pin is not None:
+            sslopt = {"context": self.pin.context(), "server_hostname": self.pin.hostname}
         ws = websocket.create_connection(f"{url}?session_id={session}", timeout=60,
                                          http_no_proxy=["127.0.0.1", "localhost"],
+                                         sslopt=sslopt,
                                          header=[f"Cookie: {cookie}", *(
                                              f"{k}: {v}" for k, v in self._headers().items())])
         try:

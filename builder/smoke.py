@@ -8,8 +8,11 @@ counted from the end of the phase before (`--timeout PHASE=SECONDS` changes one)
   u-boot       (machines that boot U-Boot: orangepi-pc) the image's SPL, "Starting kernel"
   kernel       the kernel reaches systemd
   userspace    the setup wizard's banner on the serial console (its unit failing ends it at once)
-  wizard       answered with generated passwords, or by a preseed; the token it prints is read
-  jupyter      Jupyter answers HTTP on the forwarded port
+  wizard       answered with generated passwords, or by a preseed; the token it prints is read,
+               and with TLS the certificate's fingerprint and the card's <name>.local
+  jupyter      Jupyter answers on the forwarded port. With TLS (the image's release file says
+               JUPYTER_TLS=yes): the certificate it serves is exactly the one whose
+               fingerprint the console showed, and plain HTTP gets no login page
   cell         strangers get 403, the token and the password get in; a kernel runs the stack's
                cell with known answers, as the image's user (not root), on a root partition
                that grew at first boot
@@ -18,14 +21,18 @@ counted from the end of the phase before (`--timeout PHASE=SECONDS` changes one)
   login        a login prompt on the console after setup; the login password gives a shell
   shutdown     `sudo poweroff` to the guest's last words, so the next boot finds a clean disk;
                at least 1.5 times the boot's own time, unless --timeout set it
-  second-boot  the same disk again: no wizard, a login prompt, Jupyter by itself with the same
-               password and token
+  second-boot  the same disk again: no wizard, a login prompt (with TLS, after a banner showing
+               the same fingerprint), Jupyter by itself with the same password and token (and
+               the same certificate)
 
-and, over both boots, that no password ever appears on the serial console.
+and, over both boots, that no password ever appears on the serial console. With TLS every
+check of Jupyter, the browser's too, trusts only the certificate pinned in the jupyter phase
+(builder/pinning.py); without it (JUPYTER_TLS=no, or an image from before HTTPS) they use
+plain HTTP, as the report notes.
 
 The first failure ends the run (exit 2) with its phase, what was awaited and the serial
 console's tail; when Jupyter, the cell or the browser failed while the guest runs, the guest's
-own view is first read from a root shell on its console (GUEST_STATE_SECONDS at most). Each run
+own view is first read from a root shell on its console (builder/guest_shell.py). Each run
 keeps its own report directory (report.json, summary.txt, both boots' serial logs, QEMU's log,
 the screenshot, the guest's view). Its limits: this is QEMU's orangepi-pc or virt, not the
 board; and a generated token is shown only on the console that ran setup, so with a preseed
@@ -35,24 +42,31 @@ fixing none the token and browser checks are skipped.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
 import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from builder import browser as browser_check
 from builder import jupyter_client as jupyter
-from builder import log, qemu
-from builder.compression import image_suffix
-from builder.errors import BuildError
-from builder.serial_console import ConsoleError, ConsoleTimeout, Match, SerialConsole, tail
+from builder import log, pinning, qemu
+from builder.guest_shell import (
+    Credentials,
+    SmokeFailure,
+    check_units,
+    collect_guest_state,
+    expect,
+    log_in_on_console,
+    send,
+    shut_down,
+)
+from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, tail
+from builder.smoke_report import Report, last_serial_log, summary, write_report
 
 EXIT_FAILED = 2
 # Generous, because emulation is slow (measured figures are in README "Trying an image").
@@ -61,23 +75,13 @@ TIMEOUTS: dict[str, float] = {
     "kernel": 600,          # to systemd's welcome
     "userspace": 1500,      # to the setup wizard's banner
     "wizard": 900,          # answering it, to "Setup is complete"
-    "jupyter": 1200,        # to Jupyter answering HTTP
+    "jupyter": 1200,        # to Jupyter answering (over HTTPS: its certificate pinned)
     "cell": 1200,           # a kernel started and the stack's cell run
     "browser": 600,         # JupyterLab's page in Chromium
     "login": 900,           # the console's login prompt and a shell
     "shutdown": 600,        # at least; longer on a machine that booted slowly (see below)
     "second-boot": 2400,    # from QEMU's start to the login prompt and Jupyter again
 }
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Who the smoke logs in as: a preseed's answers, or what it typed into the wizard."""
-
-    user: str
-    login_password: str
-    jupyter_password: str
-    token: str | None
 
 
 @dataclass(frozen=True)
@@ -99,39 +103,11 @@ class Trial:
     credentials: Credentials | None     # a preseed's: it answers the wizard itself
     browser: bool
     report: Path                        # this run's own report directory
+    tls: bool = False                   # the image's JUPYTER_TLS=yes: Jupyter serves HTTPS
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.host_port}"
-
-
-@dataclass
-class Report:
-    """What --smoke found, written as report.json and printed as a summary."""
-
-    image: str
-    board: str = ""
-    machine: str = ""
-    ok: bool = False
-    failed_phase: str | None = None
-    error: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)      # seconds each
-    checks: list[str] = field(default_factory=list)             # what passed, in order
-    notes: list[str] = field(default_factory=list)
-    stack: dict[str, Any] = field(default_factory=dict)
-    guest_state: str | None = None      # what the guest said about itself after a failure
-
-    def passed(self, what: str) -> None:
-        self.checks.append(what)
-        log.info(f"ok: {what}")
-
-
-class SmokeFailure(Exception):
-    """A phase failed: the phase, and what happened."""
-
-    def __init__(self, phase: str, message: str) -> None:
-        super().__init__(message)
-        self.phase = phase
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.host_port}"
 
 
 def run(trial: Trial) -> int:
@@ -163,46 +139,44 @@ def run(trial: Trial) -> int:
     return 0 if report.ok else EXIT_FAILED
 
 
-def last_serial_log(directory: Path) -> Path | None:
-    """The serial log of the boot started last (boot1, then boot2): the failure is in it."""
-    logs = sorted(directory.glob("serial-boot*.log"))
-    return logs[-1] if logs else None
-
-
 def run_phases(trial: Trial, report: Report) -> None:
     """The phases in order, each timed into `report`; the first failure raises SmokeFailure."""
     t = trial.timeouts
     credentials = trial.credentials
+    if not trial.tls:
+        report.notes.append("plain HTTP: the image's release file does not say JUPYTER_TLS=yes "
+                            "(an image built with jupyter.tls off, or before HTTPS), so "
+                            "Jupyter was checked without TLS")
     with booted(trial, "boot1") as (console, proc):
         started = time.monotonic()
         if trial.machine.boots_uboot:
-            _expect(console, {"spl": r"U-Boot SPL"}, t["u-boot"], "u-boot")
-            _expect(console, {"kernel": r"Starting kernel"}, t["u-boot"], "u-boot")
+            expect(console, {"spl": r"U-Boot SPL"}, t["u-boot"], "u-boot")
+            expect(console, {"kernel": r"Starting kernel"}, t["u-boot"], "u-boot")
             started = _phase(report, "u-boot", started)
-        _expect(console, {"systemd": r"Welcome to [^\n]*!|systemd\[1\]: systemd \d+"},
-                t["kernel"], "kernel")
+        expect(console, {"systemd": r"Welcome to [^\n]*!|systemd\[1\]: systemd \d+"},
+               t["kernel"], "kernel")
         started = _phase(report, "kernel", started)
-        got = _expect(console, {"banner": r"=== Jupyter workstation setup",
-                                "crashed": _wizard_failed(trial)}, t["userspace"], "userspace")
+        got = expect(console, {"banner": r"=== Jupyter workstation setup",
+                               "crashed": _wizard_failed(trial)}, t["userspace"], "userspace")
         if got.name == "crashed":
             raise SmokeFailure("userspace", _WIZARD_FAILED_MESSAGE)
         started = _phase(report, "userspace", started)
         credentials = answer_wizard(console, trial, credentials, t["wizard"])
+        credentials, shown = read_result(console, trial, credentials)
         started = _phase(report, "wizard", started)
         report.passed("the setup wizard ran on the serial console and completed")
         check_no_secret_on_console(trial, credentials, "wizard")
         report.passed("no password appeared on the serial console during setup")
         try:
-            try:
-                jupyter.wait_until_up(trial.base, t["jupyter"],
-                                      alive=lambda: proc.poll() is None)
-            except jupyter.JupyterError as exc:
-                raise SmokeFailure("jupyter", str(exc)) from None
+            pin = reach_jupyter(trial, shown, lambda: proc.poll() is None, t["jupyter"],
+                                "jupyter")
+            if pin is not None:
+                check_https(trial, pin, report)
             started = _phase(report, "jupyter", started)
-            check_jupyter(trial, credentials, report)
+            check_jupyter(trial, credentials, report, pin)
             started = _phase(report, "cell", started)
             if credentials.token and trial.browser:
-                check_browser(trial, credentials.token, report)
+                check_browser(trial, credentials.token, report, pin)
             elif trial.browser:
                 report.notes.append("browser check skipped: the preseed fixes no token")
         except SmokeFailure:
@@ -222,7 +196,7 @@ def run_phases(trial: Trial, report: Report) -> None:
         shut_down(console, proc, credentials, shutdown_limit(trial, report))
         _phase(report, "shutdown", started)
         report.passed("the guest shut down cleanly")
-    second_boot(trial, credentials, report)
+    second_boot(trial, credentials, shown, report)
     check_no_secret_on_console(trial, credentials, "shutdown")
     report.passed("no password appeared on the serial console in either boot")
 
@@ -253,22 +227,6 @@ def _phase(report: Report, name: str, started: float) -> float:
     return now
 
 
-def _send(console: SerialConsole, text: str, phase: str) -> None:
-    try:
-        console.send(text)
-    except (ConsoleError, OSError) as exc:
-        raise SmokeFailure(phase, f"typing on the serial console failed ({exc}): did QEMU "
-                                  f"stop?") from None
-
-
-def _expect(console: SerialConsole, patterns: dict[str, str], timeout: float,
-            phase: str) -> Match:
-    try:
-        return console.expect(patterns, timeout, phase)
-    except ConsoleError as exc:
-        raise SmokeFailure(phase, str(exc).split(": ", 1)[-1]) from None
-
-
 def check_no_secret_on_console(trial: Trial, creds: Credentials, phase: str) -> None:
     """Everything typed at hidden prompts (the wizard's, login's, sudo's) stays off the
     serial line, which a report or a screen share shows."""
@@ -294,9 +252,9 @@ def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | Non
                   timeout: float) -> Credentials:
     """The wizard's questions, answered as a person would; a preseed answers them itself."""
     if known is not None:
-        got = _expect(console, {"done": r"Setup is complete\.",
-                                "failed": r"Setup failed: [^\n]*|Setup hit an error[^\n]*"},
-                      timeout, "wizard")
+        got = expect(console, {"done": r"Setup is complete\.",
+                               "failed": r"Setup failed: [^\n]*|Setup hit an error[^\n]*"},
+                     timeout, "wizard")
         if got.name == "failed":
             raise SmokeFailure("wizard", got.text.strip())
         return replace(known, user=trial.user)
@@ -321,7 +279,7 @@ def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | Non
         left = deadline - time.monotonic()
         if left <= 0:
             raise SmokeFailure("wizard", f"setup did not complete in {timeout:.0f} s")
-        got = _expect(console, prompts, left, "wizard")
+        got = expect(console, prompts, left, "wizard")
         if got.name == "done":
             break
         if got.name == "failed":
@@ -336,23 +294,93 @@ def answer_wizard(console: SerialConsole, trial: Trial, known: Credentials | Non
         answer = {"begin": "", "login": creds.login_password,
                   "login_again": creds.login_password, "jupyter": creds.jupyter_password,
                   "jupyter_again": creds.jupyter_password}.get(got.name, "")
-        _send(console, answer + "\r", "wizard")
-    token = _expect(console, {"token": r"Token: (\S+)\s"}, 120, "wizard")
-    return replace(creds, token=token.groups[0])
+        send(console, answer + "\r", "wizard")
+    return creds
 
 
-def check_jupyter(trial: Trial, creds: Credentials, report: Report) -> None:
+# What the wizard's result shows after "Setup is complete.", and what the smoke calls it when
+# it does not come: the generated token, and with TLS the certificate's fingerprint and URLs.
+RESULT = {"token": (r"Token: (\S+)\s", "token"),
+          "fingerprint": (pinning.SHOWN_FINGERPRINT,
+                          "'Certificate SHA-256 fingerprint:' line (the image says "
+                          "JUPYTER_TLS=yes)"),
+          "urls": (pinning.SHOWN_URLS, "URLs")}
+
+
+def read_result(console: SerialConsole, trial: Trial, creds: Credentials,
+                timeout: float = 120) -> tuple[Credentials, pinning.Shown | None]:
+    """The wizard's result, in whatever order the card prints it: the token it generated
+    (when the smoke answered the wizard), and with TLS the certificate's fingerprint and the
+    card's .local name."""
+    wanted = [name for name, needed in (("token", trial.credentials is None),
+                                        ("fingerprint", trial.tls), ("urls", trial.tls))
+              if needed]
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(found) < len(wanted):
+        missing = [name for name in wanted if name not in found]
+        try:
+            got = console.expect({name: RESULT[name][0] for name in missing},
+                                 max(1.0, deadline - time.monotonic()), "wizard")
+        except ConsoleTimeout:
+            raise SmokeFailure("wizard", f"the wizard's result shows no {RESULT[missing[0]][1]} "
+                                         f"in {timeout:.0f} s") from None
+        except ConsoleError as exc:
+            raise SmokeFailure("wizard", str(exc).split(": ", 1)[-1]) from None
+        found[got.name] = got.groups[0]
+    if "token" in found:
+        creds = replace(creds, token=found["token"])
+    if not trial.tls:
+        return creds, None
+    try:
+        return creds, pinning.shown(found["fingerprint"], found["urls"])
+    except pinning.PinError as exc:
+        raise SmokeFailure("wizard", str(exc)) from None
+
+
+def reach_jupyter(trial: Trial, shown: pinning.Shown | None, alive: Callable[[], bool],
+                  timeout: float, phase: str) -> pinning.Pin | None:
+    """Jupyter answering on the forwarded port; with TLS first its certificate, pinned when
+    it is exactly the one the console showed: the pin every later check trusts alone."""
+    started = time.monotonic()
+    pin = None
+    try:
+        if shown is not None:
+            served = pinning.wait_for_certificate("127.0.0.1", trial.host_port, timeout,
+                                                  shown.hostname, alive)
+            pin = pinning.pin(served, shown.fingerprint, shown.hostname)
+        jupyter.wait_until_up(trial.base, max(60.0, timeout - (time.monotonic() - started)),
+                              alive=alive, pin=pin)
+    except (pinning.PinError, jupyter.JupyterError, OSError) as exc:
+        raise SmokeFailure(phase, str(exc)) from None
+    return pin
+
+
+def check_https(trial: Trial, pin: pinning.Pin, report: Report) -> None:
+    report.passed(f"the server's certificate is the one whose fingerprint the card showed on "
+                  f"its console (SHA-256 {pin.fingerprint}); every check of Jupyter below "
+                  f"trusts only it")
+    try:
+        outcome = pinning.no_login_page_over_http("127.0.0.1", trial.host_port)
+    except (pinning.PinError, OSError) as exc:
+        raise SmokeFailure("jupyter", str(exc)) from None
+    report.passed(f"plain HTTP gets no login page ({outcome})")
+
+
+def check_jupyter(trial: Trial, creds: Credentials, report: Report,
+                  pin: pinning.Pin | None) -> None:
     t = trial.timeouts
     try:
-        jupyter.refuses_strangers(trial.base)
-        report.passed("Jupyter refuses requests without credentials (403)")
+        jupyter.refuses_strangers(trial.base, pin)
+        report.passed("Jupyter refuses requests without credentials (403)"
+                      + (" over HTTPS" if pin else ""))
         if creds.token:
-            jupyter.token_works(trial.base, creds.token)
+            jupyter.token_works(trial.base, creds.token, pin)
             report.passed("the token shown by the wizard gets in")
         else:
             report.notes.append("token check skipped: the preseed fixes no token (a generated "
                                 "one is shown only on the console that ran setup)")
-        session = jupyter.Session(trial.base)
+        session = jupyter.Session(trial.base, pin)
         try:
             session.login(creds.jupyter_password)
             report.passed("the Jupyter password logs in through the login form")
@@ -381,7 +409,7 @@ def check_jupyter(trial: Trial, creds: Credentials, report: Report) -> None:
                   f"{log.human_size(got['root_partition_bytes'])})")
 
 
-def check_browser(trial: Trial, token: str, report: Report) -> None:
+def check_browser(trial: Trial, token: str, report: Report, pin: pinning.Pin | None) -> None:
     chromium = browser_check.find_chromium()
     if chromium is None:
         report.notes.append("browser check skipped: chromium is not installed "
@@ -392,145 +420,17 @@ def check_browser(trial: Trial, token: str, report: Report) -> None:
     try:
         seen = browser_check.check_jupyterlab(
             trial.base, token, trial.report / "jupyterlab.png",
-            timeout=trial.timeouts["browser"], chromium=chromium)
+            timeout=trial.timeouts["browser"], chromium=chromium, pin=pin)
     except browser_check.BrowserError as exc:
         raise SmokeFailure("browser", str(exc)) from None
     except Exception as exc:   # the DevTools protocol's own errors, a dropped websocket
         raise SmokeFailure("browser", f"{type(exc).__name__}: {exc}") from None
     _phase(report, "browser", started)
-    report.passed(f"JupyterLab loads in headless Chromium with the token "
+    where = f" at {seen.url.split('?')[0]}, trusting only the card's certificate" if pin else ""
+    report.passed(f"JupyterLab loads in headless Chromium with the token{where} "
                   f"(“{seen.title}”; screenshot {seen.screenshot.name})")
 
 
-SHELL_MARK = "TRY-IMAGE-SHELL"
-
-
-def log_in_on_console(console: SerialConsole, creds: Credentials, timeout: float) -> None:
-    _expect(console, {"login": r"login: $|login: "}, timeout, "login")
-    console.wait_quiet(3)
-    _send(console, creds.user + "\r", "login")
-    _expect(console, {"password": r"Password: "}, min(timeout, 120), "login")
-    _send(console, creds.login_password + "\r", "login")
-    # Type nothing before the shell is there: what login or the shell's start-up reads or
-    # flushes is lost (seen: half a command typed ahead). Its prompt is user@host...$.
-    try:
-        got = console.expect({"prompt": rf"{re.escape(creds.user)}@[^\n]*[$#] ",
-                              "refused": r"Login incorrect"}, min(timeout, 300), "login")
-    except ConsoleError as exc:
-        if not isinstance(exc, ConsoleTimeout):
-            raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
-        got = None     # an unusual prompt: the command below still proves a shell
-    if got is not None and got.name == "refused":
-        raise SmokeFailure("login", "the login password was refused on the serial console")
-    # A command whose output differs from its echo proves a shell ran it; typed again if
-    # the shell lost it.
-    for attempt in range(3):
-        console.wait_quiet(1, limit=10)
-        _send(console, f"echo {SHELL_MARK}-$((6*7))\r", "login")
-        try:
-            console.expect({"shell": rf"{SHELL_MARK}-42"}, min(timeout, 60), "login")
-            return
-        except ConsoleTimeout:
-            if attempt == 2:
-                raise SmokeFailure("login", "no shell answered on the serial console after "
-                                            "logging in") from None
-        except ConsoleError as exc:
-            raise SmokeFailure("login", str(exc).split(": ", 1)[-1]) from None
-
-
-# After setup, as the login user (no root needed): which services failed, and whether a card
-# with an SSH server has host keys of its own (the build removed the image's; a unit of the
-# image makes them at first boot). The markers are computed by the guest's shell, so the echo
-# of the typed line never matches them.
-UNITS_COMMAND = ("echo UNITS-BEGIN-$((3*7)); systemctl --no-pager --failed --no-legend --plain "
-                 "--type=service; if [ -x /usr/bin/ssh-keygen ]; then "
-                 "if [ -s /etc/ssh/ssh_host_ed25519_key.pub ]; then echo HOSTKEYS-$((40+2)); "
-                 "else echo HOSTKEYS-$((40+3)); fi; fi; echo UNITS-END-$((4*11))\r")
-# The units the image adds (overlays/, --base debian); others belong to the base image.
-OUR_UNITS = re.compile(r"^\s*((?:jupyter|jupyter-firstboot@\S+|regenerate-ssh-host-keys|"
-                       r"grow-root-filesystem)\.service)\b", re.MULTILINE)
-
-
-def check_units(console: SerialConsole, timeout: float) -> None:
-    """No unit the image adds failed, and an SSH server has this card's own host keys."""
-    _send(console, UNITS_COMMAND, "login")
-    got = _expect(console, {"units": r"UNITS-BEGIN-21\r?\n([\s\S]*?)UNITS-END-44"},
-                  min(timeout, 120), "login")
-    listing = got.groups[0]
-    failed = OUR_UNITS.findall(listing)
-    if failed:
-        raise SmokeFailure("login", f"failed after setup: {', '.join(failed)} (systemctl "
-                                    f"--failed on the guest; journalctl -u names why)")
-    if "HOSTKEYS-43" in listing:
-        raise SmokeFailure("login", "the SSH server has no host keys: "
-                                    "regenerate-ssh-host-keys.service did not make them")
-
-
-# sudo's own prompt (%p: the user), never the shell's echo of the command typed: a password
-# must arrive once sudo has turned echo off.
-SUDO_PROMPT = "TRY-IMAGE-SUDO-%p:"
-
-
-def _sudo_asks(creds: Credentials) -> str:
-    return re.escape(SUDO_PROMPT.replace("%p", creds.user))
-
-
-# What the guest says about itself when a check from outside failed: its addresses, what
-# listens, what failed, and the journal of Jupyter and of the network. As root (through sudo,
-# as the shutdown is): the journal of system units is not for users. The markers are computed
-# by the guest's shell, so the echo of the typed line does not match them; the last one is
-# printed whatever sudo did, so a refusal is seen at once.
-GUEST_STATE_SCRIPT = ("echo STATE-BEGIN-$((5*5)); ip -brief address; ss -ltn; "
-                      "systemctl --no-pager --failed; "
-                      "systemctl --no-pager status jupyter.service | tail -n 15; "
-                      "journalctl -b --no-pager -n 40 -u jupyter.service "
-                      "-u systemd-networkd.service -u NetworkManager.service; "
-                      "echo STATE-END-$((6*7))")
-GUEST_STATE_COMMAND = (f"sudo -p '{SUDO_PROMPT}' sh -c '{GUEST_STATE_SCRIPT}'; "
-                       f"echo STATE-DONE-$((7*8))\r")
-# All of it, login included: it only explains a failure that has already cost its phase's limit.
-GUEST_STATE_SECONDS = 300
-
-
-def collect_guest_state(console: SerialConsole, creds: Credentials,
-                        budget: float = GUEST_STATE_SECONDS) -> str:
-    """The guest's own view of itself from a root shell on its serial console, or one line
-    saying why it could not be had. Never raises: it explains a failure, never replaces it."""
-    deadline = time.monotonic() + budget
-
-    def left() -> float:
-        return max(1.0, deadline - time.monotonic())
-
-    state = {"state": r"STATE-BEGIN-25\n([\s\S]*?)STATE-END-42",
-             "done": r"STATE-DONE-56"}
-    try:
-        log_in_on_console(console, creds, left())
-        console.wait_quiet(1, limit=min(10, left()))
-        _send(console, GUEST_STATE_COMMAND, "diagnose")
-        got = _expect(console, {"sudo": _sudo_asks(creds), **state},
-                      left(), "diagnose")
-        if got.name == "sudo":
-            _send(console, creds.login_password + "\r", "diagnose")
-            got = _expect(console, {"again": _sudo_asks(creds), **state}, left(), "diagnose")
-            if got.name == "again":
-                _send(console, "\x03", "diagnose")     # leave sudo's second prompt
-                return "(not available: sudo refused the login password)"
-        if got.name == "done":
-            return "(not available: sudo did not run the commands)"
-        return got.groups[0].strip()
-    except SmokeFailure as exc:
-        return f"(not available: {exc})"
-    except Exception as exc:      # a bug here must not hide the failure being explained
-        return f"(not available: {type(exc).__name__}: {exc})"
-
-
-# The last words of a shutdown on the serial line: systemd-shutdown's, once it has synced and
-# unmounted everything (shown at the kernel's default log level; try-image raises an Armbian
-# image's verbosity=1 on the trial disk), or the kernel's own (pr_emerg, shown at any level):
-# "Power down", or on a machine that cannot power off, "System halted" /  "Power off not
-# available: System halted instead". QEMU's orangepi-pc does not power off; it is stopped.
-HALTED = (r"systemd-shutdown\[1\]: Powering off|reboot: Power down|reboot: System halted|"
-          r"Power off not available")
 # A shutdown stops what the boot started: on an emulated machine that booted slowly it takes
 # longer too, so its limit is at least this many times the boot's own time.
 SHUTDOWN_PER_BOOT = 1.5
@@ -546,37 +446,47 @@ def shutdown_limit(trial: Trial, report: Report) -> float:
     return max(limit, SHUTDOWN_PER_BOOT * booted_in)
 
 
-def shut_down(console: SerialConsole, proc: Any, creds: Credentials, timeout: float) -> None:
-    """`sudo poweroff` from the console's shell, so the second boot starts from a cleanly
-    unmounted disk; QEMU is stopped once the guest has said it is done (HALTED)."""
-    _send(console, f"sudo -p '{SUDO_PROMPT}' poweroff\r", "shutdown")
-    _expect(console, {"sudo": _sudo_asks(creds)}, 120, "shutdown")
-    _send(console, creds.login_password + "\r", "shutdown")
-    try:
-        console.expect({"halted": HALTED}, timeout, "shutdown")
-    except ConsoleError as exc:
-        if proc.poll() is None:
-            raise SmokeFailure("shutdown", str(exc).split(": ", 1)[-1]) from None
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=5)
+def await_login(console: SerialConsole, shown: pinning.Shown | None, timeout: float) -> None:
+    """The second boot's way to the login prompt: no wizard, and with TLS a login banner
+    showing the fingerprint of the first boot's certificate."""
+    deadline = time.monotonic() + timeout
+    patterns = {"wizard": r"=== Jupyter workstation setup", "login": r"login: "}
+    if shown is not None:
+        patterns["fingerprint"] = pinning.SHOWN_FINGERPRINT
+    got = expect(console, patterns, timeout, "second-boot")
+    if got.name == "wizard":
+        raise SmokeFailure("second-boot", "the setup wizard ran again on the second boot")
+    if shown is None:
+        return
+    if got.name == "login":
+        raise SmokeFailure("second-boot", "the login banner on the second boot shows no "
+                                          "'Certificate SHA-256 fingerprint:' line before "
+                                          "'login:' (/etc/issue.d)")
+    if got.groups[0] != shown.fingerprint:
+        raise SmokeFailure("second-boot", f"the login banner on the second boot shows "
+                                          f"{got.groups[0]}, but the first boot's certificate "
+                                          f"is {shown.fingerprint}")
+    expect(console, {"login": r"login: "}, max(1.0, deadline - time.monotonic()),
+           "second-boot")
 
 
-def second_boot(trial: Trial, creds: Credentials, report: Report) -> None:
+def second_boot(trial: Trial, creds: Credentials, shown: pinning.Shown | None,
+                report: Report) -> None:
     t = trial.timeouts["second-boot"]
     started = time.monotonic()
     with booted(trial, "boot2") as (console, proc):
-        got = _expect(console, {"wizard": r"=== Jupyter workstation setup",
-                                "login": r"login: "}, t, "second-boot")
-        if got.name == "wizard":
-            raise SmokeFailure("second-boot", "the setup wizard ran again on the second boot")
+        await_login(console, shown, t)
         report.passed("the second boot goes to the login prompt; the wizard does not run again")
+        pin = reach_jupyter(trial, shown, lambda: proc.poll() is None,
+                            max(60, t - (time.monotonic() - started)), "second-boot")
+        if pin is not None:
+            report.passed(f"the second boot serves the same certificate (SHA-256 "
+                          f"{pin.fingerprint}), and its login banner shows that fingerprint")
         try:
-            jupyter.wait_until_up(trial.base, max(60, t - (time.monotonic() - started)),
-                                  alive=lambda: proc.poll() is None)
-            jupyter.refuses_strangers(trial.base)
+            jupyter.refuses_strangers(trial.base, pin)
             if creds.token:
-                jupyter.token_works(trial.base, creds.token)
-            session = jupyter.Session(trial.base)
+                jupyter.token_works(trial.base, creds.token, pin)
+            session = jupyter.Session(trial.base, pin)
             try:
                 session.login(creds.jupyter_password)
             finally:
@@ -588,52 +498,3 @@ def second_boot(trial: Trial, creds: Credentials, report: Report) -> None:
         _phase(report, "second-boot", started)
         report.passed("Jupyter started by itself on the second boot, with the same password"
                       + (" and token" if creds.token else ""))
-
-
-def summary(report: Report) -> str:
-    lines = [f"try-image --smoke: {'PASSED' if report.ok else 'FAILED'} — {report.image} "
-             f"({report.board} on QEMU {report.machine})", "", "phases (seconds):"]
-    lines += [f"  {name:<12} {seconds:7.0f}" for name, seconds in report.phases.items()]
-    lines += ["", "checks passed:"] + [f"  ✓ {c}" for c in report.checks]
-    if report.notes:
-        lines += ["", "notes:"] + [f"  - {n}" for n in report.notes]
-    if not report.ok:
-        lines += ["", f"FAILED in {report.failed_phase}: {report.error}"]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: Report, directory: Path) -> None:
-    (directory / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    (directory / "summary.txt").write_text(summary(report))
-
-
-def new_report_directory(reports: Path, image: Path) -> Path:
-    """A directory of this run's own in `reports`, named after the image and the time, and
-    `reports/latest` pointing to it. An earlier run's report is never touched: after a
-    failure, the next run (of this image or another) must not take its evidence away."""
-    try:
-        reports.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BuildError(f"--report {reports}: cannot make it ({exc.strerror}); give a "
-                         f"writable directory") from None
-    stem = image.name[: -len(image_suffix(image.name))] or image.name
-    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(1, 1000):
-        directory = reports / (name if n == 1 else f"{name}-{n}")
-        try:
-            directory.mkdir()
-            break
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise BuildError(f"--report {reports}: cannot write there ({exc.strerror}); give "
-                             f"a writable directory") from None
-    else:
-        raise BuildError(f"--report {reports}: too many reports named {name}")
-    latest = reports / "latest"
-    if not latest.exists() or latest.is_symlink():
-        link = reports / f".latest-{os.getpid()}"
-        link.unlink(missing_ok=True)
-        link.symlink_to(directory.name)
-        os.replace(link, latest)
-    return directory

@@ -21,16 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import log, qemu, smoke
+from builder import log, qemu, smoke, smoke_report
 from builder.boards import Board, load_catalog
 from builder.compression import built_image_suffix, image_suffix
 from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
+from builder.guest_shell import Credentials
 from builder.image import copy_sparse, read_table
 from builder.preseed import load_preseed
 from builder.run import require_programs
-from builder.smoke import TIMEOUTS, Credentials
+from builder.smoke import TIMEOUTS
 
 REPORTS = "try-image-reports"
 
@@ -175,7 +176,8 @@ def _manifest_board(image: Path) -> str | None:
 
 
 def _release(fs: Ext4) -> dict[str, str]:
-    """/etc/orangepi-jupyter-release: which board and user the image was built for."""
+    """/etc/orangepi-jupyter-release: which board and user the image was built for, and
+    whether its Jupyter serves HTTPS."""
     data = fs.read("/etc/orangepi-jupyter-release")
     if data is None:
         return {}
@@ -200,6 +202,7 @@ class TrialDisk:
     user: str
     guest_port: int
     root_partition: int             # the root partition's size in the image, before boot
+    tls: bool                       # Jupyter serves HTTPS only (JUPYTER_TLS=yes)
 
 
 def _port(value: str) -> int:
@@ -231,16 +234,22 @@ def prepare_trial(request: Request, work: Path) -> TrialDisk:
     return TrialDisk(request=request, work=work, disk=disk, board=board, machine=machine,
                      kernel=kernel, user=release.get("JUPYTER_USER", "jupyter"),
                      guest_port=_port(release.get("JUPYTER_PORT", "")),
-                     root_partition=fs.partition.size)
+                     root_partition=fs.partition.size,
+                     # Images from before HTTPS have no such line: they serve plain HTTP.
+                     tls=release.get("JUPYTER_TLS", "no") == "yes")
 
 
 def run_interactive(trial: TrialDisk) -> int:
     host_port = qemu.free_port(trial.request.port)
     argv = qemu.command(trial.machine, trial.disk, trial.kernel, "mon:stdio", host_port,
                         trial.guest_port)
+    scheme = "https" if trial.tls else "http"
+    # The browser cannot know the card's own certificate: the console shows what to compare.
+    trust = (" The browser warns about the card's own certificate: accept it when its SHA-256 "
+             "fingerprint is the one the console shows." if trial.tls else "")
     log.info(f"booting; the serial console is this terminal. When setup is done, Jupyter is "
-             f"at http://127.0.0.1:{host_port}/lab (forwarded to the guest's port "
-             f"{trial.guest_port}). Ctrl-A X quits QEMU; Ctrl-A H lists the other keys.")
+             f"at {scheme}://127.0.0.1:{host_port}/lab (forwarded to the guest's port "
+             f"{trial.guest_port}).{trust} Ctrl-A X quits QEMU; Ctrl-A H lists the other keys.")
     with qemu.running(argv, trial.work / "qemu.log", interactive=True) as proc:
         code = proc.wait()
     if code != 0:
@@ -263,14 +272,14 @@ def try_image(request: Request) -> int:
 def run_smoke(trial: TrialDisk) -> int:
     """builder.smoke on the trial disk, given what it needs and a report directory of its own."""
     request = trial.request
-    report = smoke.new_report_directory(request.report, request.image)
+    report = smoke_report.new_report_directory(request.report, request.image)
     log.info(f"report: {report}")
     return smoke.run(smoke.Trial(
         image=request.image.name, board=trial.board.id, machine=trial.machine, disk=trial.disk,
         kernel=trial.kernel, work=trial.work, user=trial.user, guest_port=trial.guest_port,
         host_port=qemu.free_port(request.port), root_partition=trial.root_partition,
         timeouts=request.timeouts, timeouts_given=request.timeouts_given,
-        credentials=request.credentials, browser=request.browser, report=report))
+        credentials=request.credentials, browser=request.browser, report=report, tls=trial.tls))
 
 
 def keep_disk(disk: Path, target: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import lzma
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,11 +467,12 @@ def debugfs(filesystem: Path, command: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def local_jupyter(base: Path, app: str, token: str,
-                  *args: str) -> Iterator[tuple[str, Path]]:
+def local_jupyter(base: Path, app: str, token: str, *args: str, scheme: str = "http",
+                  ready: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Path]]:
     """A real Jupyter server (`jupyter lab` or `jupyter server`) from the test venv on
-    127.0.0.1, with every config, data and runtime dir under `base`; (URL, log) while it
-    runs, terminated afterwards."""
+    127.0.0.1, with every config, data and runtime dir under `base`; (URL, log) once
+    `ready(URL)` says so (by default: the token gets an answer over plain HTTP), terminated
+    afterwards. A server given a certificate in `args` serves `scheme` https."""
     env = dict(os.environ)
     # Jupyter's config, runtime and data dirs and IPython's all come from here, so the
     # server neither reads nor writes the user's.
@@ -497,21 +499,23 @@ def local_jupyter(base: Path, app: str, token: str,
                                    stderr=subprocess.STDOUT, env=env, cwd=base,
                                    start_new_session=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        session = requests.Session()
-        session.trust_env = False
+        url = f"{scheme}://127.0.0.1:{port}"
+
+        def answers(url: str) -> bool:
+            with requests.Session() as session:
+                session.trust_env = False
+                answer = session.get(f"{url}/api/status",
+                                     headers={"Authorization": f"token {token}"}, timeout=5)
+                return answer.status_code == 200
+
         deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 pytest.fail(f"jupyter {app} exited with {process.returncode}:\n"
                             f"{log.read_text()}")
-            try:
-                answer = session.get(f"{url}/api/status",
-                                     headers={"Authorization": f"token {token}"}, timeout=5)
-                if answer.status_code == 200:
+            with contextlib.suppress(requests.RequestException):
+                if (ready or answers)(url):
                     break
-            except requests.RequestException:
-                pass
             if time.monotonic() > deadline:
                 pytest.fail(f"jupyter {app} did not answer in 120 s:\n{log.read_text()}")
             time.sleep(0.3)

@@ -1,4 +1,5 @@
-"""The browser check against a real JupyterLab server on loopback, with Debian's Chromium."""
+"""The browser check against a real JupyterLab server on loopback, with Debian's Chromium; over
+HTTPS too, trusting only the pinned certificate (a server with another is refused)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from types import FrameType
 
 import pytest
 from conftest import local_jupyter
+from test_jupyter_client import TlsServer, other_pin, tls_jupyter
 
 from builder.browser import BrowserError, check_jupyterlab, find_chromium
+from builder.pinning import Pin
 
 pytestmark = pytest.mark.slow
 
@@ -213,3 +216,51 @@ def test_no_chromium_on_path_names_the_package(tmp_path: Path,
     with pytest.raises(BrowserError) as caught:
         check_jupyterlab("http://127.0.0.1:9", "t", tmp_path / "x.png")
     assert str(caught.value) == "chromium not found: install it with: apt-get install chromium"
+
+
+# Over HTTPS, as on a card with JUPYTER_TLS=yes: Chromium trusts the pinned certificate alone.
+
+
+@pytest.fixture(scope="module")
+def https_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    with tls_jupyter(tmp_path_factory.mktemp("https-lab"), "lab",
+                     secrets.token_hex(24)) as server:
+        yield server
+
+
+@needs_chromium
+def test_jupyterlab_loads_over_https_trusting_only_the_pin(https_lab: TlsServer,
+                                                          isolated: Isolated,
+                                                          tmp_path: Path) -> None:
+    """At the card's .local name, mapped to the forwarded port's address, with the pinned
+    certificate's key as the only one whose errors are forgiven; and, for a card that printed
+    no .local name, at the address itself."""
+    shot = tmp_path / "lab.png"
+    result = check_jupyterlab(https_lab.url, https_lab.token, shot, timeout=180,
+                              pin=https_lab.pin)
+    assert "JupyterLab" in result.title
+    assert result.url == f"https://smoke-pc.local:{https_lab.port}/lab?token=<token>"
+    assert png_size(shot) == (1280, 800)
+    bare = Pin(https_lab.pin.certificate, None)
+    result = check_jupyterlab(https_lab.url, https_lab.token, tmp_path / "bare.png",
+                              timeout=180, pin=bare)
+    assert "JupyterLab" in result.title
+    assert result.url.startswith(f"https://127.0.0.1:{https_lab.port}/lab?")
+
+
+@needs_chromium
+def test_a_different_certificate_is_refused_by_chromium(https_lab: TlsServer,
+                                                        isolated: Isolated,
+                                                        tmp_path: Path) -> None:
+    """Not --ignore-certificate-errors: pinned to another certificate (made for the same
+    name), Chromium refuses the server's at once, and says so in one line."""
+    started = time.monotonic()
+    with pytest.raises(BrowserError) as caught:
+        check_jupyterlab(https_lab.url, https_lab.token, tmp_path / "other.png", timeout=120,
+                         pin=other_pin())
+    message = str(caught.value)
+    assert "Chromium refused the server's certificate at https://smoke-pc.local:" in message
+    assert "net::ERR_CERT_" in message and "\n" not in message
+    assert https_lab.token not in message
+    assert time.monotonic() - started < 60
+    png_size(tmp_path / "other.png")

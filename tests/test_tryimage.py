@@ -5,6 +5,7 @@ appliance images are in test_appliance.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -176,15 +177,22 @@ def test_missing_qemu_names_the_package(tmp_path: Path, work: Path) -> None:
     assert_nothing_left(work)
 
 
-def hanging_image(tmp_path: Path) -> Path:
-    """An arm64 image whose 'kernel' is zeros: QEMU runs it, and nothing is ever printed."""
+def hanging_image(tmp_path: Path, tls: str | None = None) -> Path:
+    """An arm64 image whose 'kernel' is zeros: QEMU runs it, and nothing is ever printed.
+    `tls`: its release file's JUPYTER_TLS (None: no such line, as before HTTPS)."""
+    release = (b"BOARD=orangepizeroplus2-h5\nJUPYTER_USER=jupyter\nJUPYTER_PORT=8888\n"
+               + (f"JUPYTER_TLS={tls}\n".encode() if tls else b""))
     return make_image(tmp_path / "hang.img", "orangepizeroplus2-h5", {
-        "boot/extlinux/extlinux.conf": EXTLINUX_ARM64,
+        "boot/extlinux/extlinux.conf": EXTLINUX_ARM64, "etc/orangepi-jupyter-release": release,
         "boot/vmlinuz-test": b"\0" * 65536, "boot/initrd.img-test": b"\0" * 4096})
 
 
-def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) -> None:
-    image = hanging_image(tmp_path)
+@pytest.mark.parametrize("tls", [None, "yes"], ids=["no-tls-line", "tls"])
+def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path,
+                                                     tls: str | None) -> None:
+    """...and the report says when Jupyter is checked over plain HTTP: an image whose
+    release file does not say JUPYTER_TLS=yes."""
+    image = hanging_image(tmp_path, tls)
     report = tmp_path / "report"
     started = time.monotonic()
     proc = try_image(image, "--smoke", "--workdir", work, "--report", report,
@@ -199,6 +207,9 @@ def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path) 
     assert proc.stdout.splitlines()[-1] == f"try-image: report in {run}"
     result = (run / "report.json").read_text()
     assert '"failed_phase": "kernel"' in result
+    notes = json.loads(result)["notes"]
+    plain = [n for n in notes if n.startswith("plain HTTP: ")]
+    assert len(plain) == (0 if tls == "yes" else 1), notes
     assert (run / "serial-boot1.log").exists()
     assert_nothing_left(work)
     image_before = image.read_bytes()
@@ -245,11 +256,11 @@ def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
         assert '"failed_phase": "kernel"' in (run / "report.json").read_text()
         assert (run / "serial-boot1.log").exists() and (run / "summary.txt").exists()
     # Two runs in the same second: the second directory gets a number, the first is kept.
-    from builder import smoke
+    from builder import smoke_report
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(smoke.time, "strftime", lambda fmt: "20261204-120000")
-        first = smoke.new_report_directory(report, image)
-        second = smoke.new_report_directory(report, image)
+        patch.setattr(smoke_report.time, "strftime", lambda fmt: "20261204-120000")
+        first = smoke_report.new_report_directory(report, image)
+        second = smoke_report.new_report_directory(report, image)
     assert (first.name, second.name) == ("hang-20261204-120000", "hang-20261204-120000-2")
     assert (report / "latest").resolve() == second and all(r.is_dir() for r in runs)
     # An unwritable --report is refused before anything is decompressed.
@@ -453,20 +464,26 @@ def test_console_script_is_installed() -> None:
     assert os.access(script, os.X_OK)
 
 
-def test_interactive_mode_gives_the_terminal_the_serial_console(tmp_path: Path,
-                                                                work: Path) -> None:
-    """Without --smoke the guest's serial console is the user's terminal; Ctrl-A X quits QEMU
-    and try-image cleans up after it."""
+@pytest.mark.parametrize("tls, scheme", [(None, "http"), ("no", "http"), ("yes", "https")])
+def test_interactive_mode_gives_the_terminal_the_serial_console(
+        tmp_path: Path, work: Path, tls: str | None, scheme: str) -> None:
+    """Without --smoke the guest's serial console is the user's terminal, and the URL to
+    open is said (https:// for an image whose Jupyter serves HTTPS, with what to compare the
+    browser's warning with); Ctrl-A X quits QEMU and try-image cleans up after it."""
     import pexpect
-    image = hanging_image(tmp_path)
+    image = hanging_image(tmp_path, tls)
     child = pexpect.spawn(TRY_IMAGE[0], [*TRY_IMAGE[1:], str(image), "--workdir", str(work),
                                          "--port", "0"],
                           cwd=str(REPO), env=cli_env(), encoding="utf-8", timeout=60)
     try:
-        child.expect(r"Jupyter is\s+at http://127\.0\.0\.1:(\d+)/lab")
-        port = int(child.match.group(1))
+        child.expect(r"Jupyter is\s+at (https?)://127\.0\.0\.1:(\d+)/lab")
+        assert child.match.group(1) == scheme
+        port = int(child.match.group(2))
         assert 0 < port < 65536
+        said = child.before + child.after
         child.expect("Ctrl-A X quits QEMU")
+        said += child.before
+        assert ("fingerprint" in " ".join(said.split())) == (scheme == "https"), said
         deadline = time.monotonic() + 30
         while not qemu_running(work):
             assert time.monotonic() < deadline, "QEMU did not start"
