@@ -727,14 +727,23 @@ def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
         link = image.root / f"etc/systemd/system/{by}.wants/jupyter-firstboot@{console}.service"
         assert link.is_symlink() and link.resolve().name == "jupyter-firstboot@.service", link
     assert not list((image.root / "etc/systemd/system").glob("*.wants/*firstboot@ttyGS0*"))
+    # The gettys' command lines are the image's own, with what they show added.
     dropin = image.root / ("etc/systemd/system/serial-getty@ttyGS0.service.d/"
-                           "50-orangepi-jupyter-no-secrets.conf")
+                           "50-orangepi-jupyter-issue.conf")
     if image.appliance.arch == "arm64":
-        assert "--issue-file /etc/issue:/etc/issue.d/jupyter-url.issue " in dropin.read_text()
+        assert re.search(r"^ExecStart=-/sbin/agetty --issue-file "
+                         r"/etc/issue:/etc/issue\.d/jupyter-url\.issue .*--keep-baud",
+                         dropin.read_text(), re.MULTILINE), dropin.read_text()
         units.append("serial-getty@ttyGS0.service")
     else:
         assert not dropin.exists()
-    verify = image.run("systemd-analyze", "verify", *units, check=False)
+    screen = (image.root / "etc/systemd/system/getty@tty1.service.d/"
+              "50-orangepi-jupyter-issue.conf").read_text()
+    assert re.search(r"^ExecStart=-/sbin/agetty --issue-file /etc/issue:/etc/issue\.d:"
+                     r"/etc/orangepi-jupyter/jupyter-qr\.issue .*--noclear", screen,
+                     re.MULTILINE), screen
+    units.append("getty@tty1.service")
+    verify = image.run("systemd-analyze", "verify", "--man=no", *units, check=False)
     assert verify.returncode == 0 and "firstboot" not in verify.stdout + verify.stderr, verify
     unit = (image.root / "etc/systemd/system/jupyter-firstboot@.service").read_text()
     for line in ("StandardInput=tty", "TTYPath=/dev/%I", "TTYReset=yes", "TTYVHangup=yes",
@@ -788,8 +797,8 @@ def test_no_way_in_before_first_boot(image: Image) -> None:
     shadow = (image.root / "etc/shadow").read_text()
     assert re.search(r"^root:!\*:", shadow, re.MULTILINE)
     for dropin in (image.root / "etc/systemd/system").glob("*getty*.service.d/*"):
-        # Only ours, which keeps secrets off a USB gadget console's login prompt.
-        assert dropin.name == "50-orangepi-jupyter-no-secrets.conf", dropin
+        # Only ours, which sets what a login prompt shows.
+        assert dropin.name == "50-orangepi-jupyter-issue.conf", dropin
         assert "autologin" not in dropin.read_text()
     assert not (image.root / "root/.not_logged_in_yet").exists()
     # sshd's effective settings need a host key and its run directory: both made in the

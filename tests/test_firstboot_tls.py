@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 
 import pytest
 from firstboot_card import JUPYTER, LOGIN, UID, Card, finished
@@ -20,6 +21,7 @@ from firstboot_card import JUPYTER, LOGIN, UID, Card, finished
 from builder.firstboot import tls
 from builder.firstboot.card import (
     CLOCK_EPOCH,
+    QR_ISSUE,
     TLS_CERT,
     TLS_GIVEN_CERT,
     TLS_GIVEN_KEY,
@@ -75,6 +77,10 @@ def test_first_boot_makes_the_cards_own_certificate_and_shows_it(card: Card) -> 
         "Jupyter: https://lab-7.local:8888/lab  or  https://\\4:8888/lab",
         f"Certificate SHA-256 fingerprint: {cert.fingerprint}", ""]
     assert stat.S_IMODE((card.root / URL_ISSUE).stat().st_mode) == 0o644
+    # The screen's login prompt also gets the .local address as a QR code.
+    drawn = subprocess.run(["qrencode", "-t", "UTF8", "-m", "2", "-o", "-",
+                            "https://lab-7.local:8888/lab"], capture_output=True, text=True)
+    assert (card.root / QR_ISSUE).read_text() == drawn.stdout.rstrip("\n") + "\n\n"
     status = finished(card.wizard("--status"))
     assert shown(status) == [cert.fingerprint] and "https://lab-7.local:8888/lab" in status
 
@@ -211,6 +217,7 @@ def test_plain_http_when_tls_is_off(card: Card) -> None:
     output = finished(card.boot())
     assert not (card.root / TLS_CERT).exists() and "fingerprint" not in output
     assert (card.root / URL_ISSUE).read_text() == "Jupyter: http://\\4:8888/lab\n\n"
+    assert not (card.root / QR_ISSUE).exists(), "no name that stays right to draw"
     assert ensure(card) == ""
 
 

@@ -33,6 +33,9 @@ CLOCK_EPOCH = "usr/lib/clock-epoch"
 # Where to open Jupyter and the certificate's fingerprint, before every console's login
 # prompt (not secret).
 URL_ISSUE = "etc/issue.d/jupyter-url.issue"
+# The same address as a QR code, shown only where the getty is told to (the screen's tty1,
+# which draws UTF-8: customize.d/58-enable-firstboot), so outside /etc/issue.d.
+QR_ISSUE = "etc/orangepi-jupyter/jupyter-qr.issue"
 # Unattended setup's token and one-time login password, shown before the consoles'
 # login prompts (agetty reads /etc/issue.d) until jupyter-setup runs again.
 ISSUE = "etc/issue.d/jupyter-setup.issue"

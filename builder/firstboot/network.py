@@ -1,12 +1,15 @@
 """The board on the network: its addresses now (for the URLs shown and the names its TLS
-certificate carries), waited for a little at first boot, and Jupyter's URL on a host."""
+certificate carries), waited for a little at first boot, Jupyter's URL on a host, and that
+URL as a QR code."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import shutil
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -50,3 +53,17 @@ def jupyter_url(settings: Settings, host: str, tls: bool) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if tls else 'http'}://{host}:{settings.port}{settings.base_url}lab"
+
+
+def qr_code(url: str) -> str | None:
+    """The address as a QR code for a phone's camera, drawn with Unicode half blocks (two
+    rows of modules per line): qrencode, where the image has it."""
+    program = shutil.which("qrencode")
+    if program is None:
+        return None
+    try:
+        drawn = subprocess.run([program, "-t", "UTF8", "-m", "2", "-o", "-", url],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return drawn.stdout.rstrip("\n") if drawn.returncode == 0 and drawn.stdout else None

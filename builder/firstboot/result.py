@@ -4,10 +4,7 @@ the result text every console shows (the token only where setup ran)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
-from builder.firstboot.network import jupyter_url, wait_for_addresses
+from builder.firstboot.network import jupyter_url, qr_code, wait_for_addresses
 from builder.firstboot.system import Outcome, System
 
 
@@ -25,20 +22,6 @@ def fingerprint_lines(fingerprint: str | None) -> list[str]:
     return ["The browser warns once that it does not know this card's certificate. Go on only",
             "if the certificate it shows has this SHA-256 fingerprint:",
             f"Certificate SHA-256 fingerprint: {fingerprint}"]
-
-
-def qr_code(url: str) -> str | None:
-    """The address as a QR code for a phone's camera, drawn with Unicode half blocks (two
-    rows of modules per line): qrencode, where the image has it."""
-    program = shutil.which("qrencode")
-    if program is None:
-        return None
-    try:
-        drawn = subprocess.run([program, "-t", "UTF8", "-m", "2", "-o", "-", url],
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return drawn.stdout.rstrip("\n") if drawn.returncode == 0 and drawn.stdout else None
 
 
 def result_text(system: System, outcome: Outcome, found: list[str], with_token: bool,

@@ -25,7 +25,8 @@ from builder.firstboot import tls
 from builder.firstboot.answers import Answers, parse_preseed
 from builder.firstboot.card import CREDENTIALS, PRESEED, RUN_DIR, TLS_CERT, SetupError
 from builder.firstboot.console import AnswerTimeout, Console, Garbage
-from builder.firstboot.result import fingerprint_lines, qr_code, result_text, urls
+from builder.firstboot.network import qr_code
+from builder.firstboot.result import fingerprint_lines, result_text, urls
 from builder.firstboot.system import (
     System,
     apply,

@@ -30,6 +30,7 @@ from builder.firstboot.card import (
     CREDENTIALS,
     ISSUE,
     PRESEED,
+    QR_ISSUE,
     SETTINGS,
     SSH_KEYS_ONLY,
     STAMP,
@@ -371,7 +372,9 @@ def clock_floor(system: System) -> dt.datetime | None:
 def url_banner(system: System, hostname: str, fingerprint: str | None) -> None:
     """Where Jupyter is and the certificate's fingerprint, before every console's login
     prompt: not secret, and what a person compares with the browser's warning. agetty
-    fills in \\4 with the board's IPv4 address when it shows the prompt."""
+    fills in \\4 with the board's IPv4 address when it shows the prompt. The screen's
+    getty also shows the address as a QR code: the .local name, which stays right when the
+    address changes."""
     tls_on = fingerprint is not None
     hosts = [f"{hostname}.local"] if system.path("usr/sbin/avahi-daemon").exists() else []
     urls = [network.jupyter_url(system.settings, host, tls_on) for host in [*hosts, "\\4"]]
@@ -379,6 +382,11 @@ def url_banner(system: System, hostname: str, fingerprint: str | None) -> None:
     if fingerprint:
         lines.append(f"Certificate SHA-256 fingerprint: {fingerprint}")
     system.write(URL_ISSUE, "\n".join(lines) + "\n\n", 0o644)
+    drawn = network.qr_code(urls[0]) if hosts else None
+    if drawn:
+        system.write(QR_ISSUE, drawn + "\n\n", 0o644)
+    else:
+        system.path(QR_ISSUE).unlink(missing_ok=True)
 
 
 def read_credentials(system: System) -> dict[str, str]:
