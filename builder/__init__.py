@@ -4,6 +4,7 @@ Three commands, each importing its own modules and the shared floor only:
 
 build-image (cli.py), its steps in order in pipeline.py:
   config.py, defaults.yaml   settings: defaults, --config files, --set, validated up front
+  config_values.py           what each setting's value may be
   boards.py, boards.yaml     the Orange Pi board catalog
   preflight.py               everything checked before the first download; the dry run's plan
   armbian.py, download.py    which Armbian image to start from (Armbian's index), HTTP

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -49,9 +51,11 @@ from cyclonedx.validation.json import JsonStrictValidator
 from mirror import Mirror
 from packageurl import PackageURL
 
+from builder import jupyter_client, pinning
 from builder.cache import Cache
 from builder.chroot import Chroot, chroot_session, contained
 from builder.ext4 import find_root_fs
+from builder.firstboot import tls
 from builder.image import find_root, read_table
 from builder.ledger import Ledger
 from builder.mount import loop_device, mounted
@@ -858,6 +862,18 @@ def first_boot(image: Image) -> None:
     assert check.stdout.strip() == "True", "the login password is the preseed's"
     hostname = {"armhf": "pcplus-lab", "arm64": "zero-lab"}[image.appliance.arch]
     assert (image.root / "etc/hostname").read_text() == f"{hostname}\n"
+    # The card's own certificate, made by the image's own python3-cryptography: the key the
+    # Jupyter user's alone, the fingerprint shown, and again by the check before each start.
+    assert image.run("stat", "-c", "%U %a", "/var/lib/jupyter/tls/jupyter.key").stdout.split() \
+        == ["jupyter", "600"]
+    cert = tls.read((image.root / "var/lib/jupyter/tls/jupyter.crt").read_bytes())
+    assert cert.dns_names == (f"{hostname}.local", hostname)
+    assert f"Certificate SHA-256 fingerprint: {cert.fingerprint}" in result.stdout
+    again = image.run("/usr/lib/orangepi-jupyter/firstboot.pyz", "--ensure-certificate")
+    assert again.stdout.strip() == f"Certificate SHA-256 fingerprint: {cert.fingerprint}"
+    # For the screen's login prompt: the .local address as a QR code (the image's qrencode).
+    qr = (image.root / "etc/orangepi-jupyter/jupyter-qr.issue").read_text()
+    assert "\u2580" in qr and "\u2584" in qr and "\\" not in qr
 
 
 def unit_environment(image: Image) -> dict[str, str]:
@@ -867,9 +883,23 @@ def unit_environment(image: Image) -> dict[str, str]:
                 for line in unit.splitlines() if line.startswith("Environment="))
 
 
+def card_pin(image: Image) -> pinning.Pin:
+    """The card's certificate as a browser that checked its fingerprint trusts it: alone,
+    for the card's .local name."""
+    pem = (image.root / "var/lib/jupyter/tls/jupyter.crt").read_text()
+    hostname = (image.root / "etc/hostname").read_text().strip()
+    return pinning.Pin(ssl.PEM_cert_to_DER_cert(pem), f"{hostname}.local")
+
+
+def https(image: Image) -> requests.Session:
+    """A client with no cookies that trusts the card's certificate and nothing else."""
+    return jupyter_client._session(card_pin(image))
+
+
 @contextmanager
 def jupyter_server(image: Image, name: str) -> Iterator[str]:
-    """jupyter.service's command and environment on loopback, until it answers; its URL."""
+    """jupyter.service's command and environment on loopback, until it answers over HTTPS;
+    its URL."""
     port = free_port()
     log = image.appliance.raw.parent / f"{name}.log"
     with open(log, "w") as output:
@@ -879,13 +909,14 @@ def jupyter_server(image: Image, name: str) -> Iterator[str]:
                                    f"--ServerApp.port={port}"]),
             env={**image.chroot.env, **unit_environment(image)}, stdout=output,
             stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300     # Jupyter's start under emulation is slow
         while True:
             assert server.poll() is None, log.read_text()
             try:
-                requests.get(f"{base}/api/status", timeout=30)
+                with https(image) as client:
+                    client.get(f"{base}/api/status", timeout=30)
                 break
             except requests.RequestException:
                 assert time.monotonic() < deadline, "Jupyter did not start in 300 s"
@@ -899,18 +930,35 @@ def jupyter_server(image: Image, name: str) -> Iterator[str]:
 
 
 def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image) -> None:
-    """The wizard's credentials, then jupyter.service's command on loopback: a stranger is
-    refused, the password and the token get in, the default kernel is the stack's. A new
-    token (jupyter-setup --rotate-token) signs out the browser signed in with the password,
-    and the old token no longer gets in."""
+    """The wizard's credentials, then jupyter.service's command on loopback: over HTTPS with
+    the card's certificate only (plain HTTP gets no page, another certificate is refused), a
+    stranger is refused, the password and the token get in, the cookies are Secure, the
+    default kernel is the stack's. A new token (jupyter-setup --rotate-token) signs out the
+    browser signed in with the password, and the old token no longer gets in; the
+    certificate stays the same."""
     first_boot(image)
-    with requests.Session() as browser:
+    pin = card_pin(image)
+
+    def stranger(base: str, token: str | None = None) -> int:
+        headers = {"Authorization": f"token {token}"} if token else {}
+        with https(image) as client:
+            return int(client.get(f"{base}/api/status", timeout=30, headers=headers)
+                       .status_code)
+
+    with https(image) as browser:
         with jupyter_server(image, "jupyter") as base:
-            assert requests.get(f"{base}/api/status", timeout=30).status_code == 403
-            assert requests.get(f"{base}/api/status", timeout=30,
-                                headers={"Authorization": f"token {TOKEN}"}).status_code == 200
-            assert requests.get(f"{base}/api/status", timeout=30,
-                                headers={"Authorization": "token wrong"}).status_code == 403
+            port = int(base.rsplit(":", 1)[1])
+            assert pinning.peer_certificate("127.0.0.1", port, 30) == pin.certificate
+            pinning.no_login_page_over_http("127.0.0.1", port)
+            other = pinning.Pin(ssl.PEM_cert_to_DER_cert(tls.make(
+                pin.hostname.removesuffix(".local"), [], datetime.now(UTC))[0].decode()),
+                pin.hostname)
+            with jupyter_client._session(other) as impostor, \
+                    pytest.raises(requests.exceptions.SSLError):
+                impostor.get(f"{base}/api/status", timeout=30)
+            assert stranger(base) == 403
+            assert stranger(base, TOKEN) == 200
+            assert stranger(base, "wrong") == 403
             browser.get(f"{base}/login", timeout=30)
             xsrf = browser.cookies.get("_xsrf")
             wrong = browser.post(f"{base}/login", data={"password": LOGIN, "_xsrf": xsrf},
@@ -919,21 +967,23 @@ def test_first_boot_then_jupyter_admits_the_password_and_the_token(image: Image)
             login = browser.post(f"{base}/login", data={"password": JUPYTER, "_xsrf": xsrf},
                                  allow_redirects=False, timeout=60)
             assert login.status_code == 302, login.text[:500]
+            # Neither cookie would ever be sent over plain HTTP.
+            assert {c.name.split("-")[0]: c.secure for c in browser.cookies} == \
+                {"_xsrf": True, "username": True}, list(browser.cookies)
             assert browser.get(f"{base}/api/status", timeout=30).status_code == 200
             specs = browser.get(f"{base}/api/kernelspecs", timeout=60).json()
             assert specs["default"] == "scientific" and set(specs["kernelspecs"]) == \
                 {"scientific"}
         rotated = image.run("jupyter-setup", "--rotate-token")
         assert "signed out (new cookie secret)" in rotated.stdout, rotated.stdout
+        assert f"Certificate SHA-256 fingerprint: {pin.fingerprint}" in rotated.stdout
         token = json.loads((image.root / "var/lib/jupyter/credentials.json").read_text())["token"]
         assert token != TOKEN
         with jupyter_server(image, "jupyter-rotated") as base:
             # The same cookies, sent to the same address: the old session is over.
             assert browser.get(f"{base}/api/status", timeout=30).status_code == 403
-            assert requests.get(f"{base}/api/status", timeout=30,
-                                headers={"Authorization": f"token {TOKEN}"}).status_code == 403
-            assert requests.get(f"{base}/api/status", timeout=30,
-                                headers={"Authorization": f"token {token}"}).status_code == 200
+            assert stranger(base, TOKEN) == 403
+            assert stranger(base, token) == 200
 
 
 def test_damaged_credentials_stop_jupyter_with_the_reason(image: Image) -> None:
@@ -993,15 +1043,27 @@ def test_try_image_smoke_boots_the_image(arch: str, builds: Builds) -> None:
                                                 "sympy", "geopandas"}
     checks = "\n".join(result["checks"])
     for expected in ("wizard ran on the serial console", "no password appeared",
-                     "without credentials",
+                     "without credentials", "(403) over HTTPS",
                      "token shown by the wizard gets in", "password logs in",
                      "Jupyter runs as jupyter", "root filesystem grew",
                      "JupyterLab loads in headless Chromium", "login prompt on the serial",
-                     "wizard does not run again", "Jupyter started by itself"):
+                     "wizard does not run again", "Jupyter started by itself",
+                     "whose fingerprint the card showed on its console",
+                     "plain HTTP gets no login page", "trusting only the card's certificate",
+                     "the second boot serves the same certificate"):
         assert expected in checks, (expected, checks)
+    assert not [n for n in result["notes"] if n.startswith("plain HTTP:")], result["notes"]
     assert (report / "jupyterlab.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     serial = (report / "serial-boot1.log").read_bytes()
     assert b"=== Jupyter workstation setup" in serial
+    # The fingerprint the card showed is the one the smoke pinned, and the second boot's
+    # login banner shows it again.
+    (fingerprint,) = set(re.findall(rb"Certificate SHA-256 fingerprint: ([0-9A-F:]{95})",
+                                    serial))
+    assert fingerprint.decode() in checks
+    assert fingerprint in (report / "serial-boot2.log").read_bytes()
+    hostname = {"armhf": FLASHED_HOSTNAME, "arm64": "orangepi"}[arch]
+    assert f"https://{hostname}.local:" in checks, checks
     assert b"=== Jupyter workstation setup" not in (report / "serial-boot2.log").read_bytes()
     if arch == "armhf":
         # The card flash-image wrote: its own hostname, the smoke's passwords (with which the
