@@ -26,6 +26,11 @@ SECRET_KEYS = ("login_password", "login_password_hash", "jupyter_password",
                "jupyter_password_hash", "jupyter_token", "wifi_key")
 KEYS = (*SECRET_KEYS, "hostname", "timezone", "ssh_key", "wifi_ssid")
 REPEATABLE = ("ssh_key",)
+# Keys that replace each other when one preseed's lines go over another's: a login password
+# replaces a login hash, a new Wi-Fi network its old key. SSH keys add up.
+KEY_GROUPS = ({"login_password", "login_password_hash"},
+              {"jupyter_password", "jupyter_password_hash"},
+              {"wifi_ssid", "wifi_key"})
 
 
 # Checking answers: each returns the value to use, or raises ValueError with the reason.
@@ -309,3 +314,26 @@ def _preseed_value(answers: Answers, key: str, value: str, root: Path,
         answers.wifi_ssid = check_ssid(value)
     elif key == "wifi_key":
         answers.wifi_key = check_wifi_key(value)
+
+
+def replaced_by(keys: set[str] | frozenset[str]) -> frozenset[str]:
+    """The keys whose lines a preseed giving `keys` replaces in another."""
+    return frozenset(k for key in keys if key not in REPEATABLE
+                     for k in next((g for g in KEY_GROUPS if key in g), {key}))
+
+
+def preseed_keys(text: str) -> set[str]:
+    return {line.partition("=")[0].strip().lower() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#") and "=" in line}
+
+
+def merge_preseed(old: str, new: str) -> str:
+    """`old` with `new`'s lines after it, each of `new`'s keys replacing `old`'s lines of
+    that key (and of its group); comments stay."""
+    replaced = replaced_by(preseed_keys(new))
+    kept = [raw for raw in old.splitlines()
+            if raw.strip().startswith("#") or
+            raw.strip().partition("=")[0].strip().lower() not in replaced]
+    if kept and kept[-1].strip():
+        kept.append("")
+    return "\n".join(kept) + ("\n" if kept else "") + new.rstrip("\n") + "\n"

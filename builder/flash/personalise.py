@@ -23,7 +23,9 @@ from builder.firstboot.answers import (
     check_ssh_key,
     check_ssid,
     check_wifi_key,
+    merge_preseed,
     parse_preseed,
+    replaced_by,
 )
 from builder.firstboot.card import PRESEED, TLS_GIVEN_CERT, TLS_GIVEN_KEY, Settings
 from builder.flash.certificate import GivenTls
@@ -31,10 +33,6 @@ from builder.image import Table, read_table
 from builder.preseed import load_preseed
 
 RELEASE = "/etc/orangepi-jupyter-release"
-# Keys that replace each other: a per-card login password replaces the image's hash.
-KEY_GROUPS = ({"login_password", "login_password_hash"},
-              {"jupyter_password", "jupyter_password_hash"},
-              {"wifi_ssid", "wifi_key"})
 
 
 @dataclass(frozen=True)
@@ -84,10 +82,9 @@ def check_preseed(*, preseed_file: Path | None, hostname: str | None,
         if key:
             flags.append(("wifi_key", _quoted(key)))
     for key, _ in flags:
-        given |= next((g for g in KEY_GROUPS if key in g), {key})
+        given |= replaced_by({key}) or {key}
     lines = [(k, v) for k, v in lines if k not in given or k == "ssh_key"] + flags
-    replaces = frozenset(k for key, _ in lines if key != "ssh_key"
-                         for k in next((g for g in KEY_GROUPS if key in g), {key}))
+    replaces = replaced_by({key for key, _ in lines})
     preseed = Preseed(tuple(lines), replaces)
     # The very lines the card will get, read back as the wizard will read them.
     _, problems = parse_preseed(preseed.text(), Path("/"), Settings())
@@ -187,14 +184,7 @@ def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = 
 
 def _merged(old: str, preseed: Preseed) -> str:
     """The image's preseed with this card's lines after it, each replacing the image's."""
-    kept = []
-    for raw in old.splitlines():
-        key = raw.strip().partition("=")[0].strip().lower()
-        if raw.strip().startswith("#") or key not in preseed.replaces:
-            kept.append(raw)
-    if kept and kept[-1].strip():
-        kept.append("")
-    text = "\n".join(kept) + ("\n" if kept else "") + preseed.text()
+    text = merge_preseed(old, preseed.text())
     _, problems = parse_preseed(text.encode(), Path("/"), Settings())
     if problems:
         raise BuildError(f"the preseed for the card does not check out ({problems[0]}); the "
