@@ -12,6 +12,7 @@ build-image (cli.py), its steps in order in pipeline.py:
   cache.py, debian.py        signing key), decompressed and cached; a Debian base made with
                              debootstrap
   image.py, ext4.py          partition table, root partition, grow and shrink; dumpe2fs
+  setup_partition.py         the FAT drive after the root people edit after flashing
   mount.py, ledger.py        loop devices and mounts; the record that undoes a killed build
   chroot.py, customize.py    where scripts run (qemu-user chroot, namespaces of their own)
                              and overlays are laid in

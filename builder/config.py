@@ -94,6 +94,7 @@ class ImageConfig:
     free_space: ByteSize
     compression: Annotated[str, Rule(allowed.choice("xz", "zstd", "gzip", "none"))]
     compression_level: int
+    setup_partition: bool
 
 
 @dataclass(frozen=True)

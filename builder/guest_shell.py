@@ -124,13 +124,15 @@ def _sudo_asks(creds: Credentials) -> str:
 
 
 # What the guest says about itself when a check from outside failed: its addresses, what
-# listens, what failed, the fingerprint of the certificate Jupyter serves (where it serves
-# HTTPS), and the journal of Jupyter and of the network. As root (through sudo,
+# listens, what failed and its journal, the fingerprint of the certificate Jupyter serves
+# (where it serves HTTPS), and the journal of Jupyter and of the network. As root (through sudo,
 # as the shutdown is): the journal of system units is not for users. The markers are computed
 # by the guest's shell, so the echo of the typed line does not match them; the last one is
 # printed whatever sudo did, so a refusal is seen at once.
 GUEST_STATE_SCRIPT = ("echo STATE-BEGIN-$((5*5)); ip -brief address; ss -ltn; "
                       "systemctl --no-pager --failed; "
+                      "systemctl --no-pager --failed --no-legend --plain | while read -r u x; "
+                      "do journalctl -b --no-pager -n 20 -u \"$u\"; done; "
                       f"[ -r /{TLS_CERT} ] && openssl x509 -noout -fingerprint -sha256 "
                       f"-in /{TLS_CERT}; "
                       "systemctl --no-pager status jupyter.service | tail -n 15; "

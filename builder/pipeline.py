@@ -10,6 +10,7 @@
                         (customize.py, chroot.py, stages.py)
     finalize-image      build-only state out, the package list read, free space cleared
     shrink-image        unmounted; filesystem, partition and file shrunk     (image.py)
+    add-setup-partition the FAT drive people edit after flashing     (setup_partition.py)
     write-outputs       compressed image, .sha256, .bmap                     (output.py)
     write-manifest      the SBOM (sbom.py), the manifest and the files scripts handed over
     publish-outputs     every output renamed into place at once
@@ -34,7 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder import __version__, customize, debian, fetch, image, log, output, sbom, stages
+from builder import (
+    __version__,
+    customize,
+    debian,
+    fetch,
+    image,
+    log,
+    output,
+    sbom,
+    setup_partition,
+    stages,
+)
 from builder.boards import Board
 from builder.cache import Cache, CachedImage
 from builder.chroot import Chroot, chroot_session
@@ -86,6 +98,7 @@ class Context:
     timings: dict[str, float] = field(default_factory=dict)
     script_timings: dict[str, float] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    setup_partition: dict[str, Any] | None = None    # what add-setup-partition added
 
 
 # Every step, in the order a build runs them; check-host and resolve-base-image are all a dry
@@ -100,6 +113,8 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("customize-image", "run customize.d/ in a qemu chroot, lay in overlays/:"),
     ("finalize-image", "remove build-only state, list the packages, clear free space"),
     ("shrink-image", "unmount; shrink the filesystem, the partition and the file"),
+    ("add-setup-partition", "a small FAT partition with jupyter-firstboot.conf, to edit on any "
+                            "computer after flashing"),
     ("write-outputs", "compress, sha256, bmap"),
     ("write-manifest", "the SBOM, the manifest, the files scripts handed over, the build log"),
     ("publish-outputs", "move every output into place at once"),
@@ -123,7 +138,7 @@ def run_build(ctx: Context) -> None:
     with step(ctx, "resolve-base-image"):
         source = resolve_base(ctx)
     if ctx.options.dry_run:
-        print_plan(ctx, checked, source, STEPS)
+        print_plan(ctx, checked, source, planned_steps(ctx.config))
         return
     with step(ctx, "fetch-base-image"):
         base = fetch_base_image(ctx, checked, source)
@@ -170,6 +185,9 @@ def build_image(ctx: Context, checked: Checked, source: fetch.BaseSource,
                     packages, inventory = finalize_image(ctx, root)
             with step(ctx, "shrink-image"):
                 shrink_image(ctx, work, partition)
+            if wants_setup_partition(ctx.config):
+                with step(ctx, "add-setup-partition"):
+                    add_setup_partition(ctx, work, name)
             with step(ctx, "write-outputs"):
                 write_outputs(ctx, work, out)
             with step(ctx, "write-manifest"):
@@ -534,6 +552,25 @@ def shrink_image(ctx: Context, work: Workspace, partition: image.Partition) -> N
     image.shrink(ctx.ledger, work.image, current, ctx.config.image.free_space)
 
 
+def planned_steps(config: Config) -> list[tuple[str, str]]:
+    """The steps this build runs, as the dry run lists them."""
+    return [(name, summary) for name, summary in STEPS
+            if name != "add-setup-partition" or wants_setup_partition(config)]
+
+
+def wants_setup_partition(config: Config) -> bool:
+    """The appliance's first boot reads it: with the built-in scripts only."""
+    return config.image.setup_partition and config.customize.builtin
+
+
+def add_setup_partition(ctx: Context, work: Workspace, name: str) -> None:
+    files = setup_partition.contents(customize.template_context(ctx.config, ctx.board))
+    added = setup_partition.add_setup_partition(work.image, files,
+                                                setup_partition.volume_id_for(name))
+    ctx.setup_partition = {"number": added.number, "label": setup_partition.LABEL,
+                           "size": added.size, "files": sorted(files)}
+
+
 def write_outputs(ctx: Context, work: Workspace, out: output.Outputs) -> None:
     compressed = output.write_image(work.image, out, ctx.config.image.compression_level)
     output.write_checksum(compressed, out)
@@ -564,6 +601,8 @@ def write_manifest(ctx: Context, work: Workspace, out: output.Outputs, source: f
         "scripts": {name: round(seconds, 1) for name, seconds in ctx.script_timings.items()},
         # Each stage kept in or restored from the step cache, in order, with its key.
         "stages": ctx.stages,
+        # The FAT partition after the root, which the card removes at first boot.
+        "setup_partition": ctx.setup_partition,
     }})
 
 

@@ -94,6 +94,8 @@ def check_host(ctx: Context) -> Checked:
                      "sync",
                      "bmaptool",
                      "dpkg-query", *(output.COMPRESSORS[cfg.image.compression][1][:1]))
+    if cfg.image.setup_partition and cfg.customize.builtin:
+        require_programs("mkfs.fat", "mcopy")
     if ctx.board.arch not in QEMU:
         raise BuildError(f"{ctx.board.id} is {ctx.board.arch}: this builder emulates only "
                          f"{', '.join(QEMU)}")

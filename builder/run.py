@@ -48,6 +48,10 @@ HOST_PACKAGES: dict[str, str] = {
     "dpkg-query": "dpkg",
     "chroot": "coreutils",
     "sync": "coreutils",
+    "mkfs.fat": "dosfstools",
+    "mcopy": "mtools",
+    "mdir": "mtools",
+    "mtype": "mtools",
 }
 
 

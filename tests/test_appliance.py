@@ -56,6 +56,8 @@ from builder.cache import Cache
 from builder.chroot import Chroot, chroot_session, contained
 from builder.ext4 import find_root_fs
 from builder.firstboot import tls
+from builder.firstboot.answers import KEYS, Answers, parse_preseed
+from builder.firstboot.card import Settings
 from builder.image import find_root, read_table
 from builder.ledger import Ledger
 from builder.mount import loop_device, mounted
@@ -442,6 +444,39 @@ def image(appliance: Appliance) -> Iterator[Image]:
     assert leftover_resources(appliance.raw.parent) == []
 
 
+def test_the_setup_drive_follows_the_root_with_the_template(appliance: Appliance) -> None:
+    """After flashing, any computer shows the image's last partition as a drive named
+    JUPYTER-CFG, with the settings file (every key there, none answered) and a README in the
+    line ends Notepad wants; the card reads and removes it at first boot."""
+    table = read_table(appliance.raw)
+    root = find_root(Ledger(), appliance.raw, table).partition
+    drive = table.last
+    assert drive.number == root.number + 1 and drive.start >= root.end
+    assert drive.size == 8 << 20 and drive.type == "e"
+    assert drive.end == appliance.raw.stat().st_size, "nothing after it"
+    where = f"{appliance.raw}@@{drive.start}"
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    listing = subprocess.run(["mdir", "-b", "-i", where, "::/"], capture_output=True,
+                             text=True, env=env, check=True).stdout.split()
+    assert listing == ["::/README.txt", "::/jupyter-firstboot.conf"]
+    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", "-O",
+                            str(drive.start), str(appliance.raw)], capture_output=True,
+                           text=True).stdout.strip()
+    assert label == "JUPYTER-CFG"
+    conf = subprocess.run(["mcopy", "-n", "-i", where, "::/jupyter-firstboot.conf", "-"],
+                          capture_output=True, env=env, check=True).stdout
+    assert conf.count(b"\r\n") == conf.count(b"\n") > 20, "CRLF, for Notepad"
+    text = conf.decode()
+    for key in KEYS:
+        assert re.search(rf"^#{key} =", text, re.MULTILINE), key
+    answers, problems = parse_preseed(conf, Path("/"), Settings())
+    assert problems == [] and answers == Answers(), "the template answers nothing"
+    manifest = json.loads(appliance.outputs["manifest.json"].read_text())
+    assert manifest["setup_partition"] == {"number": drive.number, "label": "JUPYTER-CFG",
+                                           "size": 8 << 20,
+                                           "files": ["README.txt", "jupyter-firstboot.conf"]}
+
+
 def test_outputs_name_what_the_venv_holds(appliance: Appliance) -> None:
     assert set(appliance.outputs) >= {"img.zst", "img.zst.sha256", "img.bmap", "manifest.json",
                                       "build.log", "requirements.txt"}
@@ -727,6 +762,10 @@ def test_first_boot_units_are_enabled_and_verify(image: Image) -> None:
     # getty shows no file of /etc/issue.d but where Jupyter is.
     wanted_by = {"ttyS0": "dev-ttyS0.device", "tty1": "multi-user.target"}
     units = [f"jupyter-firstboot@{console}.service" for console in wanted_by]
+    # The setup drive is read before the wizards, and before the root grows over it.
+    assert (image.root / "etc/systemd/system/sysinit.target.wants/"
+            "jupyter-setup-drive.service").is_symlink()
+    units.append("jupyter-setup-drive.service")
     for console, by in wanted_by.items():
         link = image.root / f"etc/systemd/system/{by}.wants/jupyter-firstboot@{console}.service"
         assert link.is_symlink() and link.resolve().name == "jupyter-firstboot@.service", link

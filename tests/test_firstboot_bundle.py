@@ -81,8 +81,9 @@ def test_the_bundle_runs_on_the_standard_library_alone(program: Path, tmp_path: 
     loaded = json.loads(card_python("-c", probe, cwd=tmp_path).stdout)
     assert set(loaded) == {"__main__", "builder", "builder.files", *(
         f"builder.firstboot{name}" for name in ("", ".answers", ".card", ".cli", ".console",
-                                                ".network", ".result", ".session", ".system",
-                                                ".tls", ".wizard"))}
+                                                ".network", ".result", ".session",
+                                                ".setup_drive", ".system", ".tls",
+                                                ".wizard"))}
     assert all(f.startswith(f"{program}/") for n, f in loaded.items() if n != "__main__")
 
 

@@ -73,6 +73,9 @@ def test_the_wheel_carries_every_script_and_overlay_with_its_mode(wheel: Path) -
     assert "builder/keys/armbian-2025.asc" in carried, "Armbian's key, trusted by default"
     # Host scripts reach image paths through it: it must stay executable.
     assert carried.get("builder/hostbin/image-path") == 0o111
+    # What the setup partition holds, rendered at every build.
+    assert {"builder/setup-partition/jupyter-firstboot.conf.j2",
+            "builder/setup-partition/README.txt.j2"} <= set(carried)
 
 
 def test_the_installed_tools_come_from_the_venv(venv: Path, tmp_path: Path) -> None:

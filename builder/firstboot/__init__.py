@@ -20,6 +20,8 @@ The modules, each importing only those above it:
   tls.py      Jupyter's certificate: made, read, checked, its fingerprint (PEM in, PEM out)
   system.py   applying answers to the card (passwords, hostname, ..., the certificate, the
               stamp last)
+  setup_drive.py  the setup drive (FAT, after the root) read into the preseed, wiped and
+              removed before the root grows (jupyter-setup-drive.service, `--setup-drive`)
   result.py   where to open Jupyter: the URLs, the fingerprint, a QR code, the result text
   console.py  a console's line: its terminal settings, a line read with a timeout, noise
   wizard.py   the questions
@@ -30,9 +32,12 @@ The modules, each importing only those above it:
 How first boot goes (one `jupyter-firstboot@<tty>.service` per console, ordered before that
 console's getty and before jupyter.service, each running `firstboot.pyz --boot`):
 
-  1. Each console shows a banner. A preseed file (card.PRESEED) is read and checked; problems
-     are shown on every console. If it answers everything, whichever instance gets the lock
-     first applies it and every console shows the result.
+  0. Before anything else, jupyter-setup-drive.service takes what the setup drive (the FAT
+     partition after the root) says into the preseed, and removes the drive.
+  1. Each console shows a banner, and what the setup drive said. A preseed file
+     (card.PRESEED) is read and checked; problems are shown on every console. If it answers
+     everything, whichever instance gets the lock first applies it and every console shows
+     the result.
   2. Otherwise the console where someone presses Enter first owns the session (a lock in
      /run); the others say "setup is running on <tty>" and show the result when it is done.
   3. The owner asks what the preseed did not answer, then applies it all: login password,

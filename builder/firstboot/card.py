@@ -27,6 +27,10 @@ TLS_KEY = "var/lib/jupyter/tls/jupyter.key"
 TLS_OWN = "var/lib/jupyter/tls/given-by-user"
 TLS_GIVEN_CERT = "boot/jupyter-tls.crt"
 TLS_GIVEN_KEY = "boot/jupyter-tls.key"
+# The setup drive (builder/setup_partition.py makes it, setup_drive.py reads and removes it):
+# the FAT volume label people see as the drive's name, and on GPT the partition's name.
+SETUP_LABEL = "JUPYTER-CFG"
+SETUP_NAME = "jupyter-setup"
 # systemd sets a clock that is behind this file's time forward to it at boot (boards without
 # a real-time clock); the build touches it, so it is also the earliest the date can be.
 CLOCK_EPOCH = "usr/lib/clock-epoch"

@@ -10,6 +10,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+from builder.firstboot import setup_drive
 from builder.firstboot.answers import parse_preseed
 from builder.firstboot.card import SetupError
 from builder.firstboot.console import Console, configure_line
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="make a new TLS certificate for Jupyter now (after the board's "
                         "address changed, say); browsers must accept the new one")
     p.add_argument("--ensure-certificate", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--setup-drive", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--disk", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--root-partition", type=int, help=argparse.SUPPRESS)
     p.add_argument("--check", metavar="FILE", type=Path,
                    help="only check a preseed file; print its problems")
     p.add_argument("--boot", action="store_true", help=argparse.SUPPRESS)
@@ -74,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SetupError, OSError) as exc:
         console.say(f"jupyter-setup: {exc}")
         return EXIT_FAILED
+    if args.setup_drive:
+        return setup_drive.boot_step(system, console.say, args.disk, args.root_partition)
     if args.ensure_certificate or args.new_certificate:
         return certificate_check(system, console, "asked for" if args.new_certificate else None)
     if args.boot:

@@ -27,6 +27,7 @@ from builder.firstboot.card import CREDENTIALS, PRESEED, RUN_DIR, TLS_CERT, Setu
 from builder.firstboot.console import AnswerTimeout, Console, Garbage
 from builder.firstboot.network import qr_code
 from builder.firstboot.result import fingerprint_lines, result_text, urls
+from builder.firstboot.setup_drive import NOTE
 from builder.firstboot.system import (
     System,
     apply,
@@ -138,6 +139,8 @@ def boot(system: System, console: Console) -> int:
     with quiet_kernel(system):
         preseed, problems = _read_preseed(system)
         console.say(banner(system))
+        for line in _setup_drive_note(system):
+            console.say(line)
         for problem in problems:
             console.say(f"/{PRESEED}: {problem}")
         if problems:
@@ -216,6 +219,13 @@ def _claim_unfinished(system: System, shared: Coordination) -> bool:
         shared.release()
         return False
     return True
+
+
+def _setup_drive_note(system: System) -> list[str]:
+    try:
+        return system.path(NOTE).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _read_preseed(system: System) -> tuple[Answers | None, list[str]]:

@@ -1,0 +1,280 @@
+"""The setup drive at first boot: the small FAT partition after the root partition
+(builder/setup_partition.py made it) that someone edited on Windows, macOS or Linux. Before
+anything else of first boot (jupyter-setup-drive.service, before the root filesystem grows),
+the card reads its jupyter-firstboot.conf, puts what it says into /boot/jupyter-firstboot.conf
+(the preseed the wizard reads and checks, so its problems show on the consoles as a preseed's
+do), wipes the partition and removes it from the partition table, so that Armbian's resize or
+the Debian base's grows the root partition over it.
+
+Whatever was done to the drive, the card still sets up: a drive reformatted (not FAT any
+more), emptied, or with a file in an encoding or under a name an editor chose, is read where
+it can be and said where it cannot; the partition goes either way, and the wizard asks what
+is missing. Steps, each safe to cut by a power loss: the preseed written atomically (read
+again next time: the same), the partition taken out of the kernel's view (nothing written),
+zeroed (next time: nothing to read, removed), its entry removed from the table (next time: no
+drive; the resize, which runs until it has, grows the root).
+
+Everything works on a disk and the offsets of its partitions, through sfdisk and mtools,
+nothing mounted: on the card the disk is the root's block device; in the tests, an image file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.firstboot.answers import merge_preseed, preseed_keys
+from builder.firstboot.card import PRESEED, RUN_DIR, SETUP_LABEL, SETUP_NAME, SetupError
+from builder.firstboot.system import System, sync_directory, write_atomically
+
+SETUP_FILE = "jupyter-firstboot.conf"
+# What the console banner shows about the drive, for this boot only; and that it was looked
+# for, so that later boots do not look again (the root has grown over where it was).
+NOTE = f"{RUN_DIR}/setup-drive"
+DONE = "var/lib/orangepi-jupyter/setup-drive-done"
+# No setup drive is bigger: a partition past the root that is, is someone's data.
+MAX_SIZE = 64 << 20
+# MBR types a FAT partition has (FAT12, FAT16 <32M, FAT16, FAT32, FAT32 LBA, FAT16 LBA) and
+# Microsoft basic data on GPT, which is also what Windows gives exFAT and NTFS.
+FAT_TYPES = {"1", "4", "6", "b", "c", "e", "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7"}
+_MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C.UTF-8"}
+
+
+@dataclass(frozen=True)
+class Drive:
+    disk: Path          # the whole disk (or an image file)
+    number: int         # its partition number
+    start: int          # bytes
+    size: int
+
+    @property
+    def image(self) -> str:
+        """mtools' name for a filesystem at an offset of a disk."""
+        return f"{self.disk}@@{self.start}"
+
+
+def find_drive(disk: Path, root_number: int) -> Drive | None:
+    """The setup drive of `disk`: the partition right after the root, the last one, small,
+    with a FAT (or Windows) partition type. None when there is none (never made, deleted)."""
+    table = _table(disk)
+    sector = int(table.get("sectorsize", 512))
+    parts = sorted(({"number": int(re.sub(r".*?(\d+)$", r"\1", p["node"])),
+                     "start": int(p["start"]) * sector, "size": int(p["size"]) * sector,
+                     "type": str(p.get("type", "")).lower(), "name": p.get("name", "")}
+                    for p in table.get("partitions", [])), key=lambda p: p["start"])
+    numbers = [p["number"] for p in parts]
+    if root_number not in numbers or numbers.index(root_number) != len(parts) - 2:
+        return None
+    last = parts[-1]
+    if last["size"] > MAX_SIZE or not (last["type"] in FAT_TYPES or
+                                       last["name"] == SETUP_NAME):
+        return None
+    return Drive(disk, last["number"], last["start"], last["size"])
+
+
+def _table(disk: Path) -> dict[str, Any]:
+    result = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0:
+        raise SetupError(f"cannot read the partition table of {disk}: {result.stderr.strip()}")
+    table: dict[str, Any] = json.loads(result.stdout)["partitiontable"]
+    return table
+
+
+def _mtools(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(argv, capture_output=True, timeout=60,
+                          env={**os.environ, **_MTOOLS_ENV})
+
+
+def read_setup_files(drive: Drive) -> tuple[dict[str, bytes], str]:
+    """The settings files on the drive by name, under the names editors give them:
+    JUPYTER-FIRSTBOOT.CONF, jupyter-firstboot.conf.txt (Notepad's "Save as"),
+    "jupyter-firstboot (1).conf" (a browser's download), never macOS's ._ files; and what to
+    say when there are none."""
+    probe = subprocess.run(["blkid", "--probe", "--output", "value", "--match-tag", "TYPE",
+                            "--offset", str(drive.start), str(drive.disk)],
+                           capture_output=True, text=True, timeout=60)
+    kind = probe.stdout.strip()
+    listing = _mtools("mdir", "-b", "-i", drive.image, "::/") if kind == "vfat" else None
+    if listing is None or listing.returncode != 0:
+        return {}, (f"the setup drive is not a FAT drive any more ({kind or 'nothing known'}"
+                    f": reformatted?): its settings were not read")
+    names = [line.removeprefix("::/").rstrip("/") for line in
+             listing.stdout.decode(errors="replace").splitlines() if line.startswith("::/")]
+    found: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith(".") or not re.fullmatch(
+                r"jupyter-firstboot(\s*\(\d+\))?\.(conf|txt)(\.txt)?", name, re.IGNORECASE):
+            continue
+        copied = _mtools("mcopy", "-n", "-i", drive.image, f"::/{name}", "-")
+        if copied.returncode == 0:
+            found[name] = copied.stdout
+    if not found:
+        return {}, f"the setup drive has no {SETUP_FILE}: nothing was read from it"
+    return found, ""
+
+
+def choose(files: dict[str, bytes]) -> str:
+    """The file to take: one that was filled in before one that was not (Notepad's "Save
+    as" leaves the template beside the edited copy), then the template's own name."""
+    def filled(name: str) -> bool:
+        try:
+            return bool(preseed_keys(decode(files[name])))
+        except SetupError:
+            return True         # taken, so that its problem is said
+    return min(files, key=lambda n: (not filled(n), n.lower() != SETUP_FILE, len(n), n))
+
+
+def decode(data: bytes) -> str:
+    """The settings as text, whatever the editor saved: UTF-8 with or without a BOM, UTF-16
+    with its BOM (Notepad's "Unicode"), else Windows-1252 (Notepad's "ANSI"); any line end.
+    SetupError for a file that is not plain text (a word processor's)."""
+    if data.startswith(b"{\\rtf"):
+        raise SetupError("it was saved as rich text (RTF): save it as plain text (TextEdit: "
+                         "Format > Make Plain Text)")
+    if data.startswith(b"PK\x03\x04") or data.startswith(b"\xd0\xcf\x11\xe0"):
+        raise SetupError("it was saved as a word processor's document: save it as plain text")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = data.decode("utf-16")
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("cp1252", errors="replace")
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+
+
+def take_settings(system: System, name: str, data: bytes) -> str:
+    """The drive's settings into the preseed the wizard reads, over what it held; what to
+    say. An unedited file (every line a comment) changes nothing."""
+    try:
+        text = decode(data)
+    except SetupError as exc:
+        return f"{name} on the setup drive was not used: {exc}"
+    if not preseed_keys(text):
+        return f"{name} on the setup drive was not filled in: the wizard asks everything"
+    preseed = system.path(PRESEED)
+    old = preseed.read_text(errors="replace") if preseed.exists() else ""
+    body = "\n".join(line for line in text.splitlines()
+                     if line.strip() and not line.strip().startswith("#"))
+    merged = merge_preseed(old, f"# from {name} on the setup drive\n{body}\n")
+    write_atomically(preseed, merged.encode(), 0o600)
+    return (f"{name} on the setup drive: {', '.join(sorted(preseed_keys(text)))} taken "
+            f"into /{PRESEED}")
+
+
+def wipe(drive: Drive) -> None:
+    """Zeros over the whole partition: the passwords in it do not outlive it on the card."""
+    zeros = bytes(1 << 20)
+    with open(drive.disk, "r+b") as disk:
+        disk.seek(drive.start)
+        left = drive.size
+        while left:
+            left -= disk.write(zeros[:min(left, len(zeros))])
+        disk.flush()
+        os.fsync(disk.fileno())
+
+
+def forget(drive: Drive) -> str:
+    """The partition out of the kernel's view of the disk, before anything writes to the disk
+    (the root is on it, so the kernel cannot read the whole table again, and the resize could
+    not grow the root over a partition the kernel still has). Writing to the disk makes udev
+    probe its partitions, which holds them open for a moment: so first, and retried. What to
+    say when it could not be done (the next boot's kernel reads the table without it)."""
+    if not stat.S_ISBLK(os.stat(drive.disk).st_mode):
+        return ""
+    sysfs = Path("/sys/class/block") / drive.disk.name
+
+    def present() -> bool:
+        return any((part / "partition").read_text().strip() == str(drive.number)
+                   for part in sysfs.glob(f"{drive.disk.name}*") if (part / "partition").exists())
+
+    for _ in range(20):
+        subprocess.run(["partx", "--delete", "--nr", str(drive.number), str(drive.disk)],
+                       capture_output=True, timeout=60, check=False)
+        if not present():
+            return ""
+        subprocess.run(["udevadm", "settle", "--timeout=5"], capture_output=True, timeout=30,
+                       check=False)
+        time.sleep(0.5)
+    return (f"the kernel still holds partition {drive.number}: the root filesystem grows at "
+            f"the next boot")
+
+
+def remove(drive: Drive) -> None:
+    """The partition's entry out of the table."""
+    result = subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet",
+                             "--delete", str(drive.disk), str(drive.number)],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise SetupError(f"cannot remove the setup drive (partition {drive.number}) from "
+                         f"{drive.disk}: {result.stderr.strip()}")
+
+
+def take_setup_drive(system: System, disk: Path, root_number: int) -> list[str]:
+    """The whole of it, in the order above; what to show on the consoles."""
+    drive = find_drive(disk, root_number)
+    if drive is None:
+        return []
+    said = [f"setup drive found ({SETUP_LABEL}, partition {drive.number})"]
+    files, problem = read_setup_files(drive)
+    if problem:
+        said.append(problem)
+    if files:
+        name = choose(files)
+        said.append(take_settings(system, name, files[name]))
+        said += [f"{other} on the setup drive was not used (only one file is: {name})"
+                 for other in files if other != name]
+    held = forget(drive)
+    wipe(drive)
+    remove(drive)
+    said.append(held or "the setup drive was wiped and removed: the root filesystem grows "
+                        "into it")
+    return said
+
+
+def root_disk() -> tuple[Path, int]:
+    """The running card's root partition: its whole disk and its number."""
+    name = Path(os.path.realpath(f"/sys/dev/block/{os.major(os.stat('/').st_dev)}:"
+                                 f"{os.minor(os.stat('/').st_dev)}"))
+    try:
+        number = int((name / "partition").read_text())
+    except OSError:
+        raise SetupError("the root filesystem is not on a partition: no setup drive") from None
+    return Path("/dev") / name.parent.name, number
+
+
+def note(system: System, lines: list[str]) -> None:
+    """What the consoles' wizard shows with its banner, this boot."""
+    if lines:
+        path = system.path(NOTE)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(path, "".join(f"{line}\n" for line in lines).encode(), 0o600)
+        sync_directory(path.parent)
+
+
+def boot_step(system: System, say: Callable[[str], None], disk: Path | None = None,
+              root_number: int | None = None) -> int:
+    """jupyter-setup-drive.service: the setup drive taken (on the running card, the root's
+    disk; `disk` and `root_number` for a test's image), what happened said and left for the
+    wizard's banner, and DONE marked so that later boots do not look again. Never fails the
+    boot: a problem is said, and the wizard asks what is missing."""
+    try:
+        if disk is None or root_number is None:
+            disk, root_number = root_disk()
+        lines = take_setup_drive(system, disk, root_number)
+    except (SetupError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        lines = [f"the setup drive could not be taken ({exc}): the wizard asks instead"]
+    for line in lines:
+        say(f"jupyter-setup-drive: {line}")
+    note(system, lines)
+    system.write(DONE, "the setup drive was looked for at first boot\n", 0o644)
+    return 0
