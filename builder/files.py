@@ -1,4 +1,4 @@
-"""File primitives every part shares: a file's sha256, and flock locks.
+"""File primitives every part shares: a file's sha256, a directory synced, and flock locks.
 
 Standard library only: the card's first-boot bundle carries this module too.
 """
@@ -25,6 +25,16 @@ def sha256_of(path: Path, progress: Callable[[int], object] | None = None) -> st
             if progress is not None:
                 progress(len(chunk))
     return digest.hexdigest()
+
+
+def sync_directory(directory: Path) -> None:
+    """A directory's entries on disk: a file just renamed or removed there stays so through a
+    power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def try_lock(fd: int, *, shared: bool = False) -> bool:

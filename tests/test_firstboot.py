@@ -35,7 +35,7 @@ from builder.firstboot.card import (
 )
 from builder.firstboot.console import Console
 from builder.firstboot.network import addresses
-from builder.firstboot.system import KILL_AFTER, STEP_NAMES, System, set_wifi
+from builder.firstboot.system import KILL_AFTER, STEP_NAMES, System
 from builder.firstboot.wizard import NOISE_LIMIT, Wizard
 
 
@@ -643,23 +643,6 @@ def test_a_linked_ssh_directory_is_not_followed(card: Card, tmp_path: Path) -> N
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o755)
     assert list(elsewhere.iterdir()) == []
     assert not (card.root / STAMP).exists()
-
-
-def test_wifi_for_networkmanager_keeps_odd_names(tmp_path: Path) -> None:
-    (tmp_path / "usr/sbin").mkdir(parents=True)
-    (tmp_path / "usr/sbin/NetworkManager").write_text("")
-    system = System(tmp_path, Settings(), PYTHON)
-    said = set_wifi(system, " Lab\\Net;5G", "pass\\word 123")
-    assert said.endswith("configured (NetworkManager)")
-    path = tmp_path / "etc/NetworkManager/system-connections/_Lab_Net_5G.nmconnection"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    from configparser import ConfigParser
-    keyfile = ConfigParser(interpolation=None)
-    keyfile.read_string(path.read_text())
-    assert keyfile["wifi"]["ssid"] == "\\sLab\\\\Net;5G"
-    assert keyfile["wifi-security"]["psk"] == "pass\\\\word 123"
-    nothing = set_wifi(System(tmp_path / "bare", Settings(), PYTHON), "Lab", None)
-    assert "NOT configured" in nothing
 
 
 def test_a_hidden_prompt_shows_only_once_echo_is_off(tmp_path: Path) -> None:

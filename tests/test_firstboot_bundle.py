@@ -80,7 +80,8 @@ def test_the_bundle_runs_on_the_standard_library_alone(program: Path, tmp_path: 
              f"sys.modules.items() if n.partition('.')[0] not in sys.stdlib_module_names}}))")
     loaded = json.loads(card_python("-c", probe, cwd=tmp_path).stdout)
     assert set(loaded) == {"__main__", "builder", "builder.files", *(
-        f"builder.firstboot{name}" for name in ("", ".answers", ".card", ".cli", ".console",
+        f"builder.firstboot{name}" for name in ("", ".answers", ".armbian_preset", ".card",
+                                                ".cli", ".console", ".netconf",
                                                 ".network", ".result", ".session",
                                                 ".setup_drive", ".system", ".tls",
                                                 ".wizard"))}

@@ -18,10 +18,15 @@ The modules, each importing only those above it:
   answers.py  the checks of each answer, the password hashes, the preseed file's format
   network.py  the board's addresses, and Jupyter's URL on a host
   tls.py      Jupyter's certificate: made, read, checked, its fingerprint (PEM in, PEM out)
+  netconf.py  the network (Wi-Fi, its country, a static address) and the locale, for
+              whichever stack the image has (netplan, NetworkManager, systemd-networkd)
   system.py   applying answers to the card (passwords, hostname, ..., the certificate, the
               stamp last)
-  setup_drive.py  the setup drive (FAT, after the root) read into the preseed, wiped and
-              removed before the root grows (jupyter-setup-drive.service, `--setup-drive`)
+  armbian_preset.py  Armbian's first-login presets (/root/.not_logged_in_yet, as Armbian
+              Imager writes them) read as settings, never run, mapped to preseed lines
+  setup_drive.py  the setup drive (FAT, after the root) and Armbian's presets read into the
+              preseed; the drive wiped and removed before the root grows
+              (jupyter-setup-drive.service, `--setup-drive`)
   result.py   where to open Jupyter: the URLs, the fingerprint, a QR code, the result text
   console.py  a console's line: its terminal settings, a line read with a timeout, noise
   wizard.py   the questions
@@ -32,8 +37,9 @@ The modules, each importing only those above it:
 How first boot goes (one `jupyter-firstboot@<tty>.service` per console, ordered before that
 console's getty and before jupyter.service, each running `firstboot.pyz --boot`):
 
-  0. Before anything else, jupyter-setup-drive.service takes what the setup drive (the FAT
-     partition after the root) says into the preseed, and removes the drive.
+  0. Before anything else, jupyter-setup-drive.service takes what Armbian's presets and the
+     setup drive (the FAT partition after the root) say into the preseed, each over the one
+     before, removes the presets file and the drive.
   1. Each console shows a banner, and what the setup drive said. A preseed file
      (card.PRESEED) is read and checked; problems are shown on every console. If it answers
      everything, whichever instance gets the lock first applies it and every console shows
@@ -41,7 +47,8 @@ console's getty and before jupyter.service, each running `firstboot.pyz --boot`)
   2. Otherwise the console where someone presses Enter first owns the session (a lock in
      /run); the others say "setup is running on <tty>" and show the result when it is done.
   3. The owner asks what the preseed did not answer, then applies it all: login password,
-     root, hostname, timezone, SSH key, Wi-Fi, Jupyter's TLS certificate (the user's from
+     root, hostname, timezone, locale, SSH keys (also fetched from a URL), the network
+     (Wi-Fi, a static address), Jupyter's TLS certificate (the user's from
      /boot, or the card's own), Jupyter credentials (card.CREDENTIALS, 0600), then the stamp
      (card.STAMP) - only after everything else - then removes the preseed file and starts
      Jupyter. Every console shows the https URLs and the certificate's fingerprint, and

@@ -12,6 +12,7 @@ import base64
 import binascii
 import ctypes
 import ctypes.util
+import ipaddress
 import re
 import struct
 import subprocess
@@ -24,13 +25,15 @@ from builder.firstboot.card import Settings, SetupError
 # Preseed keys. Secrets are never echoed back, and the file is removed once applied.
 SECRET_KEYS = ("login_password", "login_password_hash", "jupyter_password",
                "jupyter_password_hash", "jupyter_token", "wifi_key")
-KEYS = (*SECRET_KEYS, "hostname", "timezone", "ssh_key", "wifi_ssid")
-REPEATABLE = ("ssh_key",)
+KEYS = (*SECRET_KEYS, "hostname", "timezone", "locale", "ssh_key", "ssh_key_url", "wifi_ssid",
+        "wifi_country", "address", "gateway", "dns")
+REPEATABLE = ("ssh_key", "ssh_key_url")
 # Keys that replace each other when one preseed's lines go over another's: a login password
 # replaces a login hash, a new Wi-Fi network its old key. SSH keys add up.
 KEY_GROUPS = ({"login_password", "login_password_hash"},
               {"jupyter_password", "jupyter_password_hash"},
-              {"wifi_ssid", "wifi_key"})
+              {"wifi_ssid", "wifi_key"},
+              {"address", "gateway", "dns"})
 
 
 # Checking answers: each returns the value to use, or raises ValueError with the reason.
@@ -132,10 +135,74 @@ def check_ssh_key(value: str) -> str:
     return " ".join(parts)
 
 
+def check_key_url(value: str) -> str:
+    """Where the login's SSH keys are published (https://github.com/NAME.keys), fetched when
+    the answers are applied: Armbian Imager's PRESET_USER_KEY is such a URL."""
+    url = value.strip()
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
+        raise ValueError("is not an http(s) URL (e.g. https://github.com/NAME.keys)")
+    return url
+
+
 def check_ssid(value: str) -> str:
     if not 1 <= len(value.encode()) <= 32:
         raise ValueError("must be 1-32 bytes")
     return value
+
+
+def check_locale(value: str, root: Path) -> str:
+    """A locale the image can generate: in glibc's list of supported ones where the list is
+    (Debian's locales package; a host checking a preseed may lack it), else of the usual form."""
+    name = value.strip()
+    if not re.fullmatch(r"[a-z]{2,3}_[A-Z]{2}(\.[A-Za-z0-9-]+)?(@[a-z]+)?|C\.UTF-8", name):
+        raise ValueError("is not a locale name (e.g. en_US.UTF-8, de_DE.UTF-8)")
+    supported = root / "usr/share/i18n/SUPPORTED"
+    if supported.is_file():
+        names = {line.split()[0] for line in supported.read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith("#")}
+        if name not in names and name != "C.UTF-8":
+            near = sorted(n for n in names if n.split(".")[0] == name.split(".")[0])
+            hint = f" (this one has: {', '.join(near[:4])})" if near else ""
+            raise ValueError(f"is not a locale this image can make{hint}")
+    return name
+
+
+def check_country(value: str) -> str:
+    code = value.strip().upper()
+    if not re.fullmatch(r"[A-Z]{2}", code):
+        raise ValueError("is not a two-letter country code (e.g. DE, US, GB)")
+    return code
+
+
+def check_address(value: str) -> str:
+    """An IPv4 address with its prefix length (192.168.1.50/24), or with a dotted mask
+    (192.168.1.50/255.255.255.0, as Armbian's presets give it): the address, not the network."""
+    try:
+        interface = ipaddress.IPv4Interface(value.strip())
+    except ValueError:
+        raise ValueError("is not an IPv4 address with its prefix (e.g. 192.168.1.50/24)") \
+            from None
+    if "/" not in value or interface.network.prefixlen in (0, 32) or \
+            interface.ip in (interface.network.network_address,
+                             interface.network.broadcast_address):
+        raise ValueError("is not a host's address with its network's prefix (e.g. "
+                         "192.168.1.50/24)")
+    return interface.with_prefixlen
+
+
+def check_ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError("is not an IP address (e.g. 192.168.1.1)") from None
+
+
+def check_dns(value: str) -> list[str]:
+    """Name servers separated by spaces or commas (Armbian Imager writes "8.8.8.8, 1.1.1.1")."""
+    servers = [s for s in re.split(r"[\s,;]+", value.strip()) if s]
+    if not servers:
+        raise ValueError("names no server (e.g. 1.1.1.1 9.9.9.9)")
+    return [check_ip(server) for server in servers]
 
 
 def check_wifi_key(value: str) -> str:
@@ -218,8 +285,15 @@ class Answers:
     hostname: str | None = None
     timezone: str | None = None
     ssh_keys: list[str] = field(default_factory=list)
+    ssh_key_urls: list[str] = field(default_factory=list)
     wifi_ssid: str | None = None
     wifi_key: str | None = None
+    wifi_country: str | None = None
+    locale: str | None = None
+    # A static IPv4 address: on the Wi-Fi network when one is given, else on the wired ports.
+    address: str | None = None
+    gateway: str | None = None
+    dns: list[str] = field(default_factory=list)
     # Plain passwords from a preseed, hashed only once the answers are applied.
     login_password: str | None = None
     jupyter_password: str | None = None
@@ -289,6 +363,14 @@ def parse_preseed(data: str | bytes, root: Path,
             problems.append(f"{plain} and {hashed} are both given: keep one")
     if "wifi_key" in seen and "wifi_ssid" not in seen:
         problems.append("wifi_key is given without wifi_ssid")
+    if ("gateway" in seen or "dns" in seen) and "address" not in seen:
+        problems.append("gateway or dns is given without address (the static address they "
+                        "go with)")
+    if answers.address and answers.gateway and \
+            ipaddress.ip_address(answers.gateway) not in \
+            ipaddress.IPv4Interface(answers.address).network:
+        problems.append(f"gateway {answers.gateway} is not in the network of address "
+                        f"{answers.address}")
     return answers, problems
 
 
@@ -310,10 +392,22 @@ def _preseed_value(answers: Answers, key: str, value: str, root: Path,
         answers.timezone = check_timezone(value, root)
     elif key == "ssh_key":
         answers.ssh_keys.append(check_ssh_key(value))
+    elif key == "ssh_key_url":
+        answers.ssh_key_urls.append(check_key_url(value))
     elif key == "wifi_ssid":
         answers.wifi_ssid = check_ssid(value)
     elif key == "wifi_key":
         answers.wifi_key = check_wifi_key(value)
+    elif key == "wifi_country":
+        answers.wifi_country = check_country(value)
+    elif key == "locale":
+        answers.locale = check_locale(value, root)
+    elif key == "address":
+        answers.address = check_address(value)
+    elif key == "gateway":
+        answers.gateway = check_ip(value)
+    elif key == "dns":
+        answers.dns = check_dns(value)
 
 
 def replaced_by(keys: set[str] | frozenset[str]) -> frozenset[str]:

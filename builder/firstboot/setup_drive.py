@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from builder.files import sync_directory
+from builder.firstboot import armbian_preset
 from builder.firstboot.answers import merge_preseed, preseed_keys
 from builder.firstboot.card import PRESEED, RUN_DIR, SETUP_LABEL, SETUP_NAME, SetupError
-from builder.firstboot.system import System, sync_directory, write_atomically
+from builder.firstboot.system import System, write_atomically
 
 SETUP_FILE = "jupyter-firstboot.conf"
 # What the console banner shows about the drive, for this boot only; and that it was looked
@@ -152,23 +154,94 @@ def decode(data: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
 
 
-def take_settings(system: System, name: str, data: bytes) -> str:
-    """The drive's settings into the preseed the wizard reads, over what it held; what to
-    say. An unedited file (every line a comment) changes nothing."""
+def drive_settings(name: str, data: bytes) -> tuple[str | None, str]:
+    """The drive file's setting lines (comments and blank lines dropped), None when it has
+    none or cannot be read; and what to say."""
     try:
         text = decode(data)
     except SetupError as exc:
-        return f"{name} on the setup drive was not used: {exc}"
+        return None, f"{name} on the setup drive was not used: {exc}"
     if not preseed_keys(text):
-        return f"{name} on the setup drive was not filled in: the wizard asks everything"
-    preseed = system.path(PRESEED)
-    old = preseed.read_text(errors="replace") if preseed.exists() else ""
+        return None, f"{name} on the setup drive was not filled in: the wizard asks everything"
     body = "\n".join(line for line in text.splitlines()
                      if line.strip() and not line.strip().startswith("#"))
-    merged = merge_preseed(old, f"# from {name} on the setup drive\n{body}\n")
-    write_atomically(preseed, merged.encode(), 0o600)
-    return (f"{name} on the setup drive: {', '.join(sorted(preseed_keys(text)))} taken "
+    return (f"# from {name} on the setup drive\n{body}\n",
+            f"{name} on the setup drive: {', '.join(sorted(preseed_keys(text)))} taken "
             f"into /{PRESEED}")
+
+
+def read_presets(system: System) -> tuple[armbian_preset.Taken | None, list[str]]:
+    """Armbian's presets in /root/.not_logged_in_yet (Armbian Imager writes them there), as
+    preseed lines; None when there are none."""
+    path = system.path(armbian_preset.PRESET_FILE)
+    try:
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+    except OSError:
+        data = b""
+    return presets_from(data, system.settings.user, system.settings.root_password == "same")
+
+
+def presets_from(data: bytes, user: str,
+                 root_same: bool) -> tuple[armbian_preset.Taken | None, list[str]]:
+    """The presets file's bytes as preseed lines, and what to say; None for an empty file."""
+    if not data.strip():
+        return None, []
+    where = f"Armbian presets (/{armbian_preset.PRESET_FILE})"
+    try:
+        text = decode(data)
+    except SetupError as exc:
+        return None, [f"{where}: not read: {exc}"]
+    values, problems = armbian_preset.parse(text)
+    taken = armbian_preset.take(values, user, root_same)
+    said = [f"{where}: {p}" for p in [*problems, *taken.said]]
+    if taken.lines:
+        keys = ", ".join(dict.fromkeys(k for k, _ in taken.lines))
+        said.insert(0, f"{where}: {keys} taken into /{PRESEED}")
+    return taken, said
+
+
+def assemble(old: str, presets: armbian_preset.Taken | None,
+             drive_lines: str | None) -> tuple[str, list[str]]:
+    """The preseed the wizard reads, from what the presets and the drive say: the image's
+    preseed `old` (every card shares it) first, Armbian's presets over it, the drive's file
+    over both. The presets' user password is Jupyter's too, unless the drive gives Jupyter
+    one. The text, and what to say. try-image assembles it the same way on the host."""
+    said: list[str] = []
+    merged = old
+    if presets is not None and presets.lines:
+        jupyter_given = bool(preseed_keys(drive_lines or "") &
+                             {"jupyter_password", "jupyter_password_hash"})
+        merged = merge_preseed(merged, f"# from Armbian's presets\n"
+                                       f"{presets.preseed(jupyter_given)}")
+        if presets.password is not None and not jupyter_given:
+            said.append("Armbian presets: the user password is Jupyter's password too (no "
+                        "jupyter_password on the setup drive)")
+    if drive_lines:
+        merged = merge_preseed(merged, drive_lines)
+    return merged, said
+
+
+def take_settings(system: System, presets: armbian_preset.Taken | None,
+                  drive_lines: str | None) -> list[str]:
+    """assemble()'s preseed written where the wizard reads it; what to say."""
+    preseed = system.path(PRESEED)
+    old = preseed.read_text(errors="replace") if preseed.exists() else ""
+    merged, said = assemble(old, presets, drive_lines)
+    if merged != old:
+        write_atomically(preseed, merged.encode(), 0o600)
+    return said
+
+
+def forget_presets(system: System) -> None:
+    """The presets file overwritten and removed: its passwords are in plain text."""
+    path = system.path(armbian_preset.PRESET_FILE)
+    if path.is_file() and not path.is_symlink():
+        with open(path, "r+b") as f:
+            f.write(bytes(f.seek(0, os.SEEK_END)))
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        sync_directory(path.parent)
 
 
 def wipe(drive: Drive) -> None:
@@ -219,25 +292,40 @@ def remove(drive: Drive) -> None:
                          f"{drive.disk}: {result.stderr.strip()}")
 
 
-def take_setup_drive(system: System, disk: Path, root_number: int) -> list[str]:
-    """The whole of it, in the order above; what to show on the consoles."""
-    drive = find_drive(disk, root_number)
-    if drive is None:
-        return []
-    said = [f"setup drive found ({SETUP_LABEL}, partition {drive.number})"]
-    files, problem = read_setup_files(drive)
-    if problem:
-        said.append(problem)
-    if files:
-        name = choose(files)
-        said.append(take_settings(system, name, files[name]))
-        said += [f"{other} on the setup drive was not used (only one file is: {name})"
-                 for other in files if other != name]
-    held = forget(drive)
-    wipe(drive)
-    remove(drive)
-    said.append(held or "the setup drive was wiped and removed: the root filesystem grows "
-                        "into it")
+def take_first_settings(system: System, disk: Path | None,
+                        root_number: int | None) -> list[str]:
+    """The whole of it, in the order above; what to show on the consoles. The preseed is
+    written before either source goes, so that a power cut in between reads both again.
+    Without a disk (the root is not on a partition) only the presets."""
+    presets, said = read_presets(system)
+    drive, lines = None, None
+    try:
+        drive = find_drive(disk, root_number) if disk and root_number else None
+    except (SetupError, OSError, subprocess.SubprocessError, ValueError) as exc:
+        said.append(f"the setup drive could not be looked for ({exc}): the wizard asks "
+                    f"instead")
+    if drive is not None:
+        said.append(f"setup drive found ({SETUP_LABEL}, partition {drive.number})")
+        files, problem = read_setup_files(drive)
+        if problem:
+            said.append(problem)
+        if files:
+            name = choose(files)
+            lines, what = drive_settings(name, files[name])
+            said.append(what)
+            said += [f"{other} on the setup drive was not used (only one file is: {name})"
+                     for other in files if other != name]
+    said += take_settings(system, presets, lines)
+    # Always: while it exists, a root login shell (sudo -i) would start Armbian's first login.
+    forget_presets(system)
+    if presets is not None:
+        said.append(f"/{armbian_preset.PRESET_FILE}: taken and removed (it held passwords)")
+    if drive is not None:
+        held = forget(drive)
+        wipe(drive)
+        remove(drive)
+        said.append(held or "the setup drive was wiped and removed: the root filesystem grows "
+                            "into it")
     return said
 
 
@@ -269,8 +357,11 @@ def boot_step(system: System, say: Callable[[str], None], disk: Path | None = No
     boot: a problem is said, and the wizard asks what is missing."""
     try:
         if disk is None or root_number is None:
-            disk, root_number = root_disk()
-        lines = take_setup_drive(system, disk, root_number)
+            try:
+                disk, root_number = root_disk()
+            except SetupError:
+                disk = root_number = None
+        lines = take_first_settings(system, disk, root_number)
     except (SetupError, OSError, subprocess.SubprocessError, ValueError) as exc:
         lines = [f"the setup drive could not be taken ({exc}): the wizard asks instead"]
     for line in lines:

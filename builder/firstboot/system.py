@@ -12,18 +12,24 @@ import base64
 import datetime as dt
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from builder.firstboot import network, tls
-from builder.firstboot.answers import Answers, hash_jupyter_password, hash_login_password
+from builder.files import sync_directory
+from builder.firstboot import netconf, network, tls
+from builder.firstboot.answers import (
+    Answers,
+    check_ssh_key,
+    hash_jupyter_password,
+    hash_login_password,
+)
 from builder.firstboot.card import (
     CLOCK_EPOCH,
     COOKIE_SECRET,
@@ -45,7 +51,8 @@ from builder.firstboot.card import (
 )
 
 # What the unit of a step is called in progress lines; also the names fault injection uses.
-STEP_NAMES = ("login-password", "root-password", "hostname", "timezone", "ssh-key", "wifi",
+STEP_NAMES = ("login-password", "root-password", "hostname", "timezone", "locale", "ssh-key",
+              "network",
               "tls-certificate", "jupyter-credentials", "stamp", "remove-preseed",
               "start-jupyter")
 # Tests only: `ORANGEPI_JUPYTER_KILL_AFTER=<step>` makes the wizard SIGKILL itself right
@@ -150,14 +157,6 @@ def write_atomically(path: Path, data: bytes, mode: int,
     sync_directory(path.parent)
 
 
-def sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # Applying answers.
 
 
@@ -223,15 +222,27 @@ def apply(system: System, answers: Answers, say: Callable[[str], None], first_bo
         set_timezone(system, answers.timezone)
         say(f"time zone: {answers.timezone}")
     step_done("timezone")
-    if answers.ssh_keys:
-        added = add_ssh_keys(system, answers.ssh_keys, (uid, gid), home)
+    if answers.locale:
+        say(netconf.set_locale(system, answers.locale, say))
+    step_done("locale")
+    keys = list(answers.ssh_keys)
+    for url in answers.ssh_key_urls:
+        found, said = fetch_ssh_keys(url)
+        keys += found
+        say(said)
+    if keys:
+        added = add_ssh_keys(system, keys, (uid, gid), home)
         say(f"SSH keys for {user}: {added} added")
         if s.ssh_passwords == "off_with_key":
             say(ssh_keys_only(system))
     step_done("ssh-key")
-    if answers.wifi_ssid:
-        say(set_wifi(system, answers.wifi_ssid, answers.wifi_key))
-    step_done("wifi")
+    for line in netconf.set_network(system, wifi_ssid=answers.wifi_ssid,
+                                    wifi_key=answers.wifi_key,
+                                    wifi_country=answers.wifi_country,
+                                    address=answers.address, gateway=answers.gateway,
+                                    dns=answers.dns):
+        say(line)
+    step_done("network")
     # After the hostname, which the certificate names; before the stamp, so that a card
     # marked done has one (and jupyter.service checks it again at every start anyway).
     fingerprint = certificate(system, hostname, say, (uid, gid))
@@ -454,6 +465,38 @@ def add_ssh_keys(system: System, keys: Sequence[str], owner: tuple[int, int],
     return len(new)
 
 
+def fetch_ssh_keys(url: str, wait: float = 60) -> tuple[list[str], str]:
+    """The SSH public keys published at `url` (https://github.com/NAME.keys: one per line),
+    tried for up to `wait` seconds, since at first boot the network may still be coming up;
+    and what to say. Lines that are not keys are skipped; never fails the setup."""
+    deadline = time.monotonic() + wait
+    problem = ""
+    while True:
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "jupyter-setup"})
+            with urllib.request.urlopen(request, timeout=15) as response:
+                text = response.read(1 << 16).decode("utf-8", errors="replace")
+            break
+        except urllib.error.HTTPError as exc:
+            # The server answered: waiting for the network would not change its answer.
+            problem, deadline = f"HTTP {exc.code} {exc.reason}", 0
+        except (OSError, ValueError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if time.monotonic() + 5 > deadline:
+            return [], (f"SSH keys from {url}: NOT fetched ({problem}); add one later with "
+                        f"sudo jupyter-setup (ssh_key)")
+        time.sleep(5)
+    keys = []
+    for line in text.splitlines():
+        try:
+            keys.append(check_ssh_key(line))
+        except ValueError:
+            continue
+    if not keys:
+        return [], f"SSH keys from {url}: none there (it holds no SSH public key line)"
+    return keys, f"SSH keys from {url}: {len(keys)} fetched"
+
+
 def ssh_keys_only(system: System) -> str:
     """With a key to log in with, a password guessed or seen over a shoulder no longer opens
     SSH: password and keyboard-interactive logins off (root never logs in over SSH anyway)."""
@@ -467,39 +510,6 @@ def ssh_keys_only(system: System) -> str:
         subprocess.run(["systemctl", "try-reload-or-restart", "ssh.service"],
                        capture_output=True, timeout=60, check=False)
     return "SSH: keys only from now on, passwords no longer log in over SSH"
-
-
-def set_wifi(system: System, ssid: str, key: str | None) -> str:
-    """Whichever network manager the image has: Armbian's netplan, else NetworkManager."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", ssid)
-    if system.path("usr/sbin/netplan").exists():
-        network: dict[str, Any] = {"access-points": {ssid: {"password": key} if key else {}},
-                                   "dhcp4": True, "dhcp6": True}
-        plan = {"network": {"version": 2, "wifis": {"wlan0": network}}}
-        system.write("etc/netplan/30-jupyter-wifi.yaml", json.dumps(plan, indent=2), 0o600)
-        if system.live:
-            subprocess.run(["netplan", "apply"], capture_output=True, timeout=120, check=False)
-        return f"Wi-Fi {ssid}: configured (netplan)"
-    if system.path("usr/sbin/NetworkManager").exists():
-        security = (f"\n[wifi-security]\nkey-mgmt=wpa-psk\npsk={_keyfile(key)}\n" if key
-                    else "")
-        system.write(f"etc/NetworkManager/system-connections/{name}.nmconnection",
-                     f"[connection]\nid={_keyfile(ssid)}\ntype=wifi\nautoconnect=true\n\n"
-                     f"[wifi]\nmode=infrastructure\nssid={_keyfile(ssid)}\n{security}\n"
-                     f"[ipv4]\nmethod=auto\n\n[ipv6]\nmethod=auto\n", 0o600)
-        if system.live:
-            subprocess.run(["nmcli", "connection", "reload"], capture_output=True, timeout=60,
-                           check=False)
-        return f"Wi-Fi {ssid}: configured (NetworkManager)"
-    return f"Wi-Fi {ssid}: NOT configured: this image has neither netplan nor NetworkManager"
-
-
-def _keyfile(value: str) -> str:
-    """A value as NetworkManager's keyfile (GKeyFile) reads it back unchanged."""
-    escaped = value.replace("\\", "\\\\")
-    if escaped.startswith(" "):
-        escaped = "\\s" + escaped[1:]
-    return escaped
 
 
 def start_jupyter(system: System, boot: bool) -> str:
