@@ -9,6 +9,11 @@ The filesystem is made in a file of its own (mkfs.fat -C), filled with mtools (n
 mounted) and copied into the image after the root partition, which shrink-image has just
 made the last one. The partition table gets an entry for it: MBR type 0x0e (FAT16, LBA), or
 on GPT a Microsoft basic data partition named SETUP_NAME, which Windows also mounts.
+
+After that, on a finished image or a flashed card, find_setup_drive, read_setup_file and
+write_setup_file reach the file through mtools at the partition's offset: a card's partitions
+need not be known to the kernel (a loop device without partition scanning, a card held
+exclusively by flash-image), and nothing is mounted.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from builder import log
-from builder.customize import render_templates
 from builder.errors import BuildError
-from builder.firstboot.card import SETUP_LABEL, SETUP_NAME
+from builder.ext4 import find_root_fs
+from builder.firstboot.card import SETUP_LABEL, SETUP_NAME, SetupError
+from builder.firstboot.setup_drive import SETUP_FILE, find_drive
 from builder.image import GPT_BACKUP_SECTORS, SECTOR, Partition, read_table
-from builder.run import host_env, run
+from builder.run import host_env, last_line, run
 
 LABEL = SETUP_LABEL
 SIZE = 8 << 20
@@ -36,6 +42,10 @@ TEMPLATES = Path(__file__).parent / "setup-partition"
 
 def contents(context: Mapping[str, Any]) -> dict[str, bytes]:
     """The files of the setup partition, rendered, with the line ends Notepad expects."""
+    # Here, not at the top: flash-image and try-image use this module's readers and writer
+    # and must not load the build's templating (tests/test_imports.py).
+    from builder.customize import render_templates
+
     rendered = render_templates([TEMPLATES], context)
     return {path.name.removesuffix(".j2"): text.replace("\r\n", "\n").replace("\n", "\r\n")
             .encode() for path, text in rendered.items()}
@@ -93,10 +103,74 @@ def make_fat(path: Path, files: Mapping[str, bytes], volume_id: str, hidden: int
     for name, data in files.items():
         (source / name).write_bytes(data)
         run(["mcopy", "-i", str(path), "-o", str(source / name), f"::{name}"], capture=True,
-            env={**host_env(), "MTOOLS_SKIP_CHECK": "1"},
-            what=f"copy {name} onto the setup partition")
+            env=_mtools_env(), what=f"copy {name} onto the setup partition")
 
 
 def volume_id_for(name: str) -> str:
     """A FAT volume serial of the image's own (Windows shows it; nothing depends on it)."""
     return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+# On a finished image or a flashed card.
+
+
+def find_setup_drive(disk: Path, root_number: int | None = None) -> tuple[int, int] | None:
+    """Where the setup partition of `disk` (an image file, or a whole card) is: its start and
+    size in bytes. None when there is none: an image built with image.setup_partition: false
+    or before there was a setup drive, or a card that has booted. The card's own rule decides
+    (setup_drive.find_drive), so host and card never disagree on what the drive is.
+    `root_number`, the root partition's number, when the caller has found it already."""
+    if root_number is None:
+        root_number = find_root_fs(disk, read_table(disk)).partition.number
+    try:
+        drive = find_drive(disk, root_number)
+    except SetupError as exc:
+        raise BuildError(f"{exc}: is {disk} a disk image or a card?") from None
+    return (drive.start, drive.size) if drive is not None else None
+
+
+def read_setup_file(disk: Path, start: int) -> bytes | None:
+    """The bytes of jupyter-firstboot.conf on the setup partition at byte `start` of `disk`,
+    as they are (line ends, encoding); None when the partition has no such file."""
+    listing = run(["mdir", "-b", "-i", _on(disk, start), "::/"], capture=True, check=False,
+                  env=_mtools_env())
+    if listing.returncode != 0:
+        raise BuildError(f"the setup partition of {disk} (at byte {start}) cannot be read as "
+                         f"FAT ({last_line(listing.stderr) or 'mdir failed'}): write the "
+                         f"image again, or build it again if this persists")
+    # FAT names are case-insensitive: an editor may have saved it as JUPYTER-FIRSTBOOT.CONF.
+    names = [line.removeprefix("::/") for line in
+             listing.stdout.decode(errors="replace").splitlines()]
+    name = next((n for n in names if n.lower() == SETUP_FILE), None)
+    if name is None:
+        return None
+    return run(["mcopy", "-n", "-i", _on(disk, start), f"::/{name}", "-"], capture=True,
+               env=_mtools_env(), what=f"read {SETUP_FILE} from the setup partition of "
+                                       f"{disk}").stdout
+
+
+def write_setup_file(disk: Path, start: int, data: bytes) -> None:
+    """Replace jupyter-firstboot.conf on the setup partition at byte `start` of `disk` with
+    `data` (bytes as given: the caller chooses the line ends), and read it back."""
+    # The file may hold passwords: on the host it exists only in a directory of mode 0700,
+    # while mcopy copies it.
+    with tempfile.TemporaryDirectory(prefix="setup-file.") as work:
+        source = Path(work) / SETUP_FILE
+        source.write_bytes(data)
+        run(["mcopy", "-o", "-i", _on(disk, start), str(source), f"::/{SETUP_FILE}"],
+            capture=True, env=_mtools_env(),
+            what=f"write {SETUP_FILE} onto the setup partition of {disk}")
+    if read_setup_file(disk, start) != data:
+        raise BuildError(f"{SETUP_FILE} on the setup partition of {disk} does not read back "
+                         f"as written: the disk may be failing (write it again)")
+
+
+def _on(disk: Path, start: int) -> str:
+    """mtools' name for the filesystem at byte `start` of `disk`."""
+    return f"{disk}@@{start}"
+
+
+def _mtools_env() -> dict[str, str]:
+    # As on the card (setup_drive): mtools' checks of a floppy's geometry are for floppies, and
+    # a FAT that another system wrote on a card's partition need not pass them.
+    return {**host_env(), "MTOOLS_SKIP_CHECK": "1"}

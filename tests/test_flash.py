@@ -2,7 +2,8 @@
 verification against the medium, per-card preseeds and TLS certificates, and every refusal.
 
 Images are small ones made without root (an MBR, an Allwinner boot header at 8 KiB, an ext4
-root from 4 MiB filled with mkfs.ext4 -d), with a real bmap from bmaptool.
+root from 4 MiB filled with mkfs.ext4 -d, and when asked the setup drive build-image adds
+after it), with a real bmap from bmaptool.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ import pexpect
 import pytest
 from conftest import leftover_resources
 
+from builder import setup_partition
+from builder.boards import load_catalog
+from builder.config import load_config
+from builder.customize import template_context
 from builder.errors import BuildError
 from builder.firstboot import tls
 from builder.firstboot.answers import hash_login_password, parse_preseed
-from builder.firstboot.card import Settings
+from builder.firstboot.card import PRESEED, Settings
+from builder.firstboot.setup_drive import boot_step
+from builder.firstboot.system import System
 from builder.flash.cli import check_request, finish_card, parser
 from builder.flash.device import inspect_target, opened
 from builder.flash.write import Mismatch, write_card
@@ -41,10 +48,17 @@ KEY_B = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnCcbEq2L1ZB3C3X4b1g3rR5pLCpDGuGq
          "b@laptop")
 
 
+def template_files() -> dict[str, bytes]:
+    """The setup drive's files as build-image makes them."""
+    board, _ = load_catalog().lookup("orangepipc")
+    return setup_partition.contents(template_context(load_config(), board))
+
+
 def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
                files: dict[str, bytes] | None = None, boot_partition: bool = False,
-               tail: int = 0) -> Path:
-    """X.img with X.img.bmap, X.img.zst (+ .sha256, as build-image writes) and X.img.xz."""
+               tail: int = 0, setup_drive: bool = False) -> Path:
+    """X.img with X.img.bmap, X.img.zst (+ .sha256, as build-image writes) and X.img.xz. With
+    `setup_drive`, the 8 MiB setup partition follows the root (from 24 MiB on)."""
     tree = directory / f"{name}.tree"
     files = {"etc/os-release": b"ID=debian\n", "boot/.keep": b"", "etc/hostname": b"orangepi\n",
              "etc/orangepi-jupyter-release": b"BOARD=orangepipc\nJUPYTER_USER=jupyter\n"
@@ -79,6 +93,8 @@ def make_image(directory: Path, name: str = "card", *, size_mib: int = 24,
         if tail:
             f.seek(0, os.SEEK_END)
             f.write(os.urandom(tail))            # a size that is no multiple of a block
+    if setup_drive:
+        setup_partition.add_setup_partition(image, template_files(), "12345678")
     shutil.rmtree(tree)
     subprocess.run(["bmaptool", "-q", "create", "-o", f"{image}.bmap", str(image)], check=True)
     subprocess.run(["zstd", "-q", "-f", "-k", str(image)], check=True)
@@ -252,6 +268,7 @@ def test_each_card_gets_its_own_preseed(tmp_path: Path, cards: Cards) -> None:
                      "--preseed", own, "--ssh-key", keys, "--wifi", "Lab WLAN #2",
                      stdin="correct horse battery\n")
         assert proc.returncode == 0, proc.stderr
+        assert "are in /boot/jupyter-firstboot.conf, readable by root only" in proc.stderr
         text, info = preseed_on(device)
         assert re.search(r"Mode:\s+0600", info) and re.search(r"User:\s+0\s+Group:\s+0", info)
         answers, problems = parse_preseed(text, Path("/"), Settings())
@@ -264,6 +281,107 @@ def test_each_card_gets_its_own_preseed(tmp_path: Path, cards: Cards) -> None:
         assert "correct horse" not in proc.stderr + proc.stdout
         hostnames.append(answers.hostname)
     assert hostnames == ["lab-pi-01", "lab-pi-02"]
+    assert setup_partition.find_setup_drive(image) is None, "an image without the drive"
+
+
+IMAGE_PRESEED = "hostname = from-the-image\nssh_key = {key}\ntimezone = Europe/Berlin\n" \
+                "login_password_hash = {hash}\n"
+
+
+@pytest.fixture(scope="module")
+def drive_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An image with a setup drive and a preseed of its own; and that preseed."""
+    preseed = IMAGE_PRESEED.format(key=KEY_A, hash=hash_login_password("image password"))
+    image = make_image(tmp_path_factory.mktemp("drive"), "drive", setup_drive=True,
+                       files={"boot/jupyter-firstboot.conf": preseed.encode()})
+    return image, preseed
+
+
+def test_the_setup_drive_gets_this_cards_settings_and_the_card_takes_them(
+        drive_image: tuple[Path, str], tmp_path: Path, cards: Cards) -> None:
+    """With a setup drive, this card's lines go into its file after the template's comments,
+    as if someone had filled it in on Windows; /boot keeps the image's preseed as it was. The
+    card's own first-boot step, on a copy of the flashed card, then merges them over the
+    image's: the card's lines win (the hostname), the image's others stay, SSH keys add up."""
+    image, image_preseed = drive_image
+    own = tmp_path / "own.conf"
+    own.write_text("jupyter_password = 'a long jupyter password'\nhostname = overridden\n")
+    keys = tmp_path / "id_ed25519.pub"
+    keys.write_text(f"{KEY_B}\n")
+    device, backing = cards.new(40)
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--hostname", "lab-pi-05",
+                 "--preseed", own, "--ssh-key", keys, "--wifi", "Lab WLAN #2",
+                 stdin="correct horse battery\n")
+    assert proc.returncode == 0, proc.stderr
+    assert ("are in jupyter-firstboot.conf on the card's setup drive (JUPYTER-CFG), read and "
+            "wiped at its first boot; until then they are plain text there, which anyone "
+            "holding the card can read") in proc.stderr, proc.stderr
+    assert "correct horse" not in proc.stderr + proc.stdout
+    assert preseed_on(device)[0] == image_preseed
+    drive = setup_partition.find_setup_drive(backing)
+    assert drive == (24 * MIB, setup_partition.SIZE)
+    data = setup_partition.read_setup_file(backing, drive[0])
+    assert data is not None
+    assert data.startswith(template_files()["jupyter-firstboot.conf"] + b"\r\n# flash-image ")
+    assert data.count(b"\n") == data.count(b"\r\n") and data.endswith(b"\r\n")
+    assert not data.startswith(b"\xef\xbb\xbf")
+    answers, problems = parse_preseed(data, Path("/"), Settings())
+    assert problems == []
+    assert (answers.hostname, answers.jupyter_password, answers.ssh_keys, answers.wifi_ssid,
+            answers.wifi_key) == ("lab-pi-05", "a long jupyter password", [KEY_B],
+                                  "Lab WLAN #2", "correct horse battery")
+    assert (answers.login_hash, answers.timezone) == (None, None), "the image's stay in /boot"
+    # The first boot: the card's root as a directory holding the image's preseed, its disk a
+    # copy of the card.
+    card = tmp_path / "booted.img"
+    shutil.copyfile(backing, card)
+    root = tmp_path / "root"
+    (root / "boot").mkdir(parents=True)
+    (root / PRESEED).write_text(image_preseed)
+    said: list[str] = []
+    assert boot_step(System(root, Settings(), sys.executable), said.append, card, 1) == 0
+    assert any("taken into /boot/jupyter-firstboot.conf" in line for line in said), said
+    answers, problems = parse_preseed((root / PRESEED).read_bytes(), Path("/"), Settings())
+    assert problems == []
+    assert (answers.hostname, answers.jupyter_password, answers.ssh_keys, answers.wifi_ssid,
+            answers.wifi_key) == ("lab-pi-05", "a long jupyter password", [KEY_A, KEY_B],
+                                  "Lab WLAN #2", "correct horse battery")
+    assert answers.login_hash and answers.login_hash in image_preseed
+    assert answers.timezone == "Europe/Berlin"
+    assert setup_partition.find_setup_drive(card) is None
+    with open(card, "rb") as f:
+        f.seek(drive[0])
+        assert f.read(drive[1]) == bytes(drive[1]), "no password outlives the drive"
+
+
+def test_the_setup_file_is_read_and_replaced_at_the_partitions_offset(
+        drive_image: tuple[Path, str], image: Path, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(drive_image[0], disk)
+    assert setup_partition.find_setup_drive(image) is None
+    start, _ = setup_partition.find_setup_drive(disk) or (0, 0)
+    assert start == 24 * MIB
+    assert setup_partition.read_setup_file(disk, start) == \
+        template_files()["jupyter-firstboot.conf"]
+    setup_partition.write_setup_file(disk, start, b"hostname = lab-pi-06\r\n")
+    assert setup_partition.read_setup_file(disk, start) == b"hostname = lab-pi-06\r\n"
+    # Saved under an upper-case name (FAT does not tell them apart), then deleted.
+    mtools = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    saved = tmp_path / "saved"
+    saved.write_bytes(b"hostname = lab-pi-07\r\n")
+    for argv in (["mdel", "-i", f"{disk}@@{start}", "::/jupyter-firstboot.conf"],
+                 ["mcopy", "-i", f"{disk}@@{start}", str(saved), "::/JUPYTER-FIRSTBOOT.CONF"]):
+        subprocess.run(argv, check=True, capture_output=True, env=mtools)
+    assert setup_partition.read_setup_file(disk, start) == b"hostname = lab-pi-07\r\n"
+    subprocess.run(["mdel", "-i", f"{disk}@@{start}", "::/JUPYTER-FIRSTBOOT.CONF"],
+                   check=True, capture_output=True, env=mtools)
+    assert setup_partition.read_setup_file(disk, start) is None
+    with open(disk, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(4096))                    # its boot sector gone: not FAT any more
+    with pytest.raises(BuildError, match=r"setup partition of .*disk\.img \(at byte 25165824\) "
+                                         r"cannot be read as FAT"):
+        setup_partition.read_setup_file(disk, start)
 
 
 def test_a_separate_boot_partition_gets_the_preseed(tmp_path: Path, cards: Cards) -> None:

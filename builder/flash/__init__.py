@@ -11,8 +11,9 @@ The package's map:
   writeback (Card).
 - write: the streaming writer (write_card) and the O_DIRECT verifier (verify_card).
 - personalise: this card's preseed lines, assembled and checked (check_preseed), and
-  written into its ext4 root with debugfs (personalise_card), with the user's own TLS
-  certificate and key beside them.
+  written onto the card (personalise_card): into the setup drive's jupyter-firstboot.conf with
+  mtools (builder/setup_partition.py), or, on an image without that drive, into its ext4 root
+  with debugfs; the user's own TLS certificate and key into /boot.
 - certificate: the user's own TLS certificate and key for this card (--tls-cert, --tls-key),
   read and checked with the card's own rules (check_given_tls) and shown by fingerprint.
 
@@ -35,8 +36,12 @@ The steps, in order; everything that can be refused is refused before the card i
    has no partition table and cannot boot as a half-written system.
 7. finish_card: verify_card reads what was written back from the card itself (O_DIRECT, not
    the page cache) and compares it with the bmap's checksums or digests taken while writing;
-   personalise_card writes the preseed into the card's ext4 root with debugfs, merged with any
-   the image carries, and the user's certificate and key beside it (jupyter-tls.crt, 0644;
+   personalise_card writes this card's preseed lines into jupyter-firstboot.conf on the card's
+   setup drive (the FAT partition after the root), after the template's comments, CRLF, read
+   back: at first boot the card merges them over the image's preseed, as it does a file
+   someone filled in on Windows. An image without a setup drive gets them in the
+   ext4 root's /boot/jupyter-firstboot.conf with debugfs, merged here with any the image
+   carries. The user's certificate and key go into /boot either way (jupyter-tls.crt, 0644;
    jupyter-tls.key, 0600). If any of it fails, the first MiB is zeroed again; so too when
    the image turns out to serve plain HTTP, which --tls-cert cannot change (an image's
    settings are known only once it is on the card).

@@ -61,8 +61,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--verify-only", action="store_true",
                        help="write nothing: compare the card with the image (a card that has "
                             "booted, or was personalised, differs)")
-    card = p.add_argument_group("this card's settings (written as its first-boot preseed "
-                                "file, /boot/jupyter-firstboot.conf)")
+    card = p.add_argument_group(
+        "this card's settings (written into jupyter-firstboot.conf on the card's setup drive, "
+        "JUPYTER-CFG, which the card reads and wipes at its first boot; on an image without "
+        "that drive, into /boot/jupyter-firstboot.conf)")
     card.add_argument("--hostname", help="the card's hostname")
     card.add_argument("--preseed", type=Path, metavar="FILE",
                       help="a preseed file (passwords, time zone, ...); the flags above win "
@@ -152,6 +154,9 @@ def check_request(args: argparse.Namespace) -> Request:
     programs = [COMPRESSIONS[suffix][0], "blkid"]
     if preseed or tls:
         programs += ["sfdisk", "debugfs", "dumpe2fs"]
+    if preseed:
+        # Whether the image has a setup drive is known only once it is on the card.
+        programs += ["mcopy", "mdir"]
     require_programs(*programs)
     return Request(image=image, suffix=suffix, size=bmap.image_size if bmap else size,
                    bmap=bmap, preseed=preseed, verify=not args.no_verify,
@@ -210,8 +215,13 @@ def finish_card(request: Request, card: Card, written: Written) -> None:
             card.sync()
             if done.preseed:
                 keys = ", ".join(dict.fromkeys(k for k, _ in request.preseed.lines))
-                log.info(f"this card's settings ({keys}) are in {done.preseed}, readable by "
-                         f"root only, and are applied at its first boot")
+                if done.on_setup_drive:
+                    log.info(f"this card's settings ({keys}) are in {done.preseed}, read and "
+                             f"wiped at its first boot; until then they are plain text there, "
+                             f"which anyone holding the card can read (FAT has no owners)")
+                else:
+                    log.info(f"this card's settings ({keys}) are in {done.preseed}, readable "
+                             f"by root only, and are applied at its first boot")
             if request.tls and done.tls:
                 cert, key = done.tls
                 log.info(f"your certificate {request.tls.cert_path.name} is in {cert} and its "

@@ -1,8 +1,11 @@
 """This card's own settings: the preseed lines assembled from --preseed, --hostname,
 --ssh-key and --wifi and checked with the wizard's own rules before the card is touched
-(check_preseed), then written into the card's ext4 root with debugfs, nothing mounted, merged
-with the preseed the image carries, and beside it the user's own TLS certificate and key, if
-any (personalise_card)."""
+(check_preseed), then written onto the card, nothing mounted (personalise_card): into
+jupyter-firstboot.conf on its setup drive (mtools), after the template's comments, where a
+card someone filled in on Windows has its settings too and the card takes them the same way
+at first boot; on an image without a setup drive into its ext4 root with debugfs, merged with
+the preseed the image carries. The user's own TLS certificate and key, if any, go into /boot
+(ext4) either way."""
 
 from __future__ import annotations
 
@@ -27,10 +30,22 @@ from builder.firstboot.answers import (
     parse_preseed,
     replaced_by,
 )
-from builder.firstboot.card import PRESEED, TLS_GIVEN_CERT, TLS_GIVEN_KEY, Settings
+from builder.firstboot.card import (
+    PRESEED,
+    SETUP_LABEL,
+    TLS_GIVEN_CERT,
+    TLS_GIVEN_KEY,
+    Settings,
+)
+from builder.firstboot.setup_drive import SETUP_FILE
 from builder.flash.certificate import GivenTls
 from builder.image import Table, read_table
 from builder.preseed import load_preseed
+from builder.setup_partition import (
+    find_setup_drive,
+    read_setup_file,
+    write_setup_file,
+)
 
 RELEASE = "/etc/orangepi-jupyter-release"
 
@@ -50,9 +65,9 @@ class Preseed:
         answers, _ = parse_preseed(self.text(), Path("/"), Settings())
         return answers.hostname
 
-    def text(self) -> str:
+    def text(self, heading: str = "this card's own settings") -> str:
         stamp = time.strftime("%Y-%m-%d %H:%M")
-        return "\n".join([f"# flash-image {__version__}, {stamp}: this card's own settings",
+        return "\n".join([f"# flash-image {__version__}, {stamp}: {heading}",
                           *(f"{key} = {value}" for key, value in self.lines)]) + "\n"
 
 
@@ -146,19 +161,29 @@ def _ask_wifi_key(ssid: str) -> str:
 
 @dataclass(frozen=True)
 class Personalised:
-    """What personalise_card wrote (paths as the running card sees them), and the hostname
-    the card will have at first boot as far as the card's files say."""
+    """What personalise_card wrote: where this card's settings are, said for a person
+    ("/boot/jupyter-firstboot.conf", or the file on the setup drive), and whether that is the
+    setup drive; the certificate and key (paths as the running card sees them); and the
+    hostname the card will have at first boot as far as the card's files say."""
 
     preseed: str | None
     tls: tuple[str, str] | None
     hostname: str | None
+    on_setup_drive: bool = False
+
+
+# Where the settings are when they go onto the setup drive, as the log says it.
+ON_SETUP_DRIVE = f"{SETUP_FILE} on the card's setup drive ({SETUP_LABEL})"
 
 
 def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = None
                      ) -> Personalised:
-    """Write this card's preseed into its ext4 root (where the wizard reads it at first boot),
-    merged with the one the image carries, and the user's certificate and key beside it;
-    `card` opens the card (Card.handle)."""
+    """Write this card's preseed where the card reads it at first boot, and the user's
+    certificate and key into /boot; `card` opens the card (Card.handle). With a setup drive,
+    the lines go into its file, alone: the card merges them over the image's preseed at first
+    boot, as it merges a file someone filled in. Without one (an image built with
+    image.setup_partition: false, or before the drive), into /boot/jupyter-firstboot.conf,
+    merged here with the preseed the image carries."""
     table = read_table(card)
     root = find_root_fs(card, table)
     boot = _boot_location(card, table, root)
@@ -166,10 +191,19 @@ def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = 
         _check_serves_https(root)
     old = boot.fs.read(boot.path(PRESEED)) or b""
     text = old.decode("utf-8-sig", errors="replace")
+    drive = find_setup_drive(card, root.partition.number) if preseed else None
+    where = None
     with tempfile.TemporaryDirectory(prefix="flash-image.") as work:
         if preseed:
+            # Merged here either way: checked as the card will have it after its own merge, and
+            # for the hostname the card will have.
             text = _merged(text, preseed)
-            boot.fs.write(boot.path(PRESEED), text.encode(), 0o600, Path(work))
+            if drive is not None:
+                _write_on_setup_drive(card, drive[0], preseed)
+                where = ON_SETUP_DRIVE
+            else:
+                boot.fs.write(boot.path(PRESEED), text.encode(), 0o600, Path(work))
+                where = "/" + PRESEED
         if given_tls is not None:
             # The key last, so that no card holds a key without its certificate.
             boot.fs.write(boot.path(TLS_GIVEN_CERT), given_tls.cert_pem, 0o644, Path(work))
@@ -177,9 +211,9 @@ def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = 
     answers, _ = parse_preseed(text.encode(), Path("/"), Settings())
     hostname = answers.hostname or \
         (root.read("/etc/hostname") or b"").decode(errors="replace").strip() or None
-    return Personalised(preseed="/" + PRESEED if preseed else None,
+    return Personalised(preseed=where,
                         tls=("/" + TLS_GIVEN_CERT, "/" + TLS_GIVEN_KEY) if given_tls else None,
-                        hostname=hostname)
+                        hostname=hostname, on_setup_drive=drive is not None)
 
 
 def _merged(old: str, preseed: Preseed) -> str:
@@ -190,6 +224,19 @@ def _merged(old: str, preseed: Preseed) -> str:
         raise BuildError(f"the preseed for the card does not check out ({problems[0]}); the "
                          f"image was written and verified, but the card has no preseed")
     return text
+
+
+def _write_on_setup_drive(card: Path, start: int, preseed: Preseed) -> None:
+    """This card's lines after the template's comments in the setup drive's file, so that
+    whoever opens the drive still reads what each key does; the whole file with Notepad's
+    line ends, UTF-8 without a byte-order mark."""
+    template = (read_setup_file(card, start) or b"").decode("utf-8-sig", errors="replace")
+    # Merged, not appended: a key the template gave (it gives none now) would otherwise be
+    # there twice, which the card refuses.
+    text = merge_preseed(template.replace("\r\n", "\n"), preseed.text(
+        "this card's own settings (change a value here, not above: a key given twice is "
+        "an error)"))
+    write_setup_file(card, start, text.replace("\n", "\r\n").encode())
 
 
 def _check_serves_https(root: Ext4) -> None:
