@@ -56,16 +56,22 @@ class Drive:
     number: int         # its partition number
     start: int          # bytes
     size: int
+    device: Path | None = None  # the partition's own node, where the kernel has one
 
     @property
     def image(self) -> str:
-        """mtools' name for a filesystem at an offset of a disk."""
-        return f"{self.disk}@@{self.start}"
+        """mtools' name for the drive's filesystem: the partition's node on the card, else
+        the disk at the partition's offset. The node first, because armhf's mtools reads an
+        @@offset past 2 GiB wrongly ("non DOS media"), and on a card the drive lies after
+        the root, gigabytes in."""
+        return str(self.device) if self.device else f"{self.disk}@@{self.start}"
 
 
-def find_drive(disk: Path, root_number: int) -> Drive | None:
+def find_drive(disk: Path, root_number: int, running: bool = False) -> Drive | None:
     """The setup drive of `disk`: the partition right after the root, the last one, small,
-    with a FAT (or Windows) partition type. None when there is none (never made, deleted)."""
+    with a FAT (or Windows) partition type. None when there is none (never made, deleted).
+    `running`: on the booted card, whose kernel read this very table, the partition's own
+    node may be used (a host's view of a card just written may be stale)."""
     table = _table(disk)
     sector = int(table.get("sectorsize", 512))
     parts = sorted(({"number": int(re.sub(r".*?(\d+)$", r"\1", p["node"])),
@@ -79,7 +85,23 @@ def find_drive(disk: Path, root_number: int) -> Drive | None:
     if last["size"] > MAX_SIZE or not (last["type"] in FAT_TYPES or
                                        last["name"] == SETUP_NAME):
         return None
-    return Drive(disk, last["number"], last["start"], last["size"])
+    return Drive(disk, last["number"], last["start"], last["size"],
+                 _partition_node(disk, last["number"]) if running else None)
+
+
+def _partition_node(disk: Path, number: int) -> Path | None:
+    """/dev/<disk>p<number> (or however the kernel named it), when `disk` is a block device
+    whose partitions the kernel knows."""
+    try:
+        if not stat.S_ISBLK(os.stat(disk).st_mode):
+            return None
+    except OSError:
+        return None
+    sysfs = Path("/sys/class/block") / Path(os.path.realpath(disk)).name
+    for part in sysfs.glob("*/partition"):
+        if part.read_text().strip() == str(number) and (Path("/dev") / part.parent.name).exists():
+            return Path("/dev") / part.parent.name
+    return None
 
 
 def _table(disk: Path) -> dict[str, Any]:
@@ -300,7 +322,7 @@ def take_first_settings(system: System, disk: Path | None,
     presets, said = read_presets(system)
     drive, lines = None, None
     try:
-        drive = find_drive(disk, root_number) if disk and root_number else None
+        drive = find_drive(disk, root_number, running=True) if disk and root_number else None
     except (SetupError, OSError, subprocess.SubprocessError, ValueError) as exc:
         said.append(f"the setup drive could not be looked for ({exc}): the wizard asks "
                     f"instead")
