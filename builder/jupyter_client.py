@@ -235,8 +235,15 @@ figure.savefig(png, format="png")
 frame = geopandas.GeoDataFrame({"name": ["a", "b"]}, geometry=[box(0, 0, 2, 3), box(0, 0, 1, 1)])
 root = os.statvfs("/")
 device = os.stat("/").st_dev
-with open(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/size") as size:
+block = f"/sys/dev/block/{os.major(device)}:{os.minor(device)}"
+with open(f"{block}/size") as size:
     partition = int(size.read()) * 512
+def start(name):
+    with open(f"{name}/start") as f:
+        return int(f.read())
+disk = os.path.realpath(f"{block}/..")
+after = sorted(n for n in os.listdir(disk) if os.path.exists(f"{disk}/{n}/start")
+               and start(f"{disk}/{n}") > start(block))
 print("TRY-IMAGE " + json.dumps({
     "user": pwd.getpwuid(os.getuid()).pw_name,
     "det": float(numpy.linalg.det(numpy.array([[2.0, 1.0], [1.0, 3.0]]))),
@@ -247,6 +254,7 @@ print("TRY-IMAGE " + json.dumps({
     "png": png.getvalue()[:4].hex(),
     "root_bytes": root.f_frsize * root.f_blocks,
     "root_partition_bytes": partition,
+    "partitions_after_root": after,
     "versions": {m.__name__: m.__version__
                  for m in (numpy, scipy, pandas, matplotlib, sympy, geopandas)},
 }))

@@ -38,7 +38,6 @@ ALLWINNER_MAGIC = b"eGON.BT0"
 SLOW_MACHINE_CONF = ("# try-image: emulation is slow; never in an image for a board\n"
                      "[Manager]\nDefaultDeviceTimeoutSec=900s\nDefaultTimeoutStartSec=900s\n")
 SLOW_MACHINE_PATH = "/etc/systemd/system.conf.d/90-try-image-slow-machine.conf"
-PRESEED_PATH = "/boot/jupyter-firstboot.conf"
 # Written into the trial disk's boot configuration only. QEMU's orangepi-pc always has the H3's
 # four cores, each a host thread. On a host with two cores and other work beside it, the guest
 # spends its time waiting on descheduled vCPUs: every TLB invalidation a kernel broadcasts to
@@ -275,8 +274,7 @@ def kernel_arguments(append: str, machine: Machine) -> str:
                      "systemd.default_device_timeout_sec=900"])
 
 
-def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
-                          preseed: bytes | None) -> list[str]:
+def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path) -> list[str]:
     """What the trial disk needs that a board does not; returns what was changed, to report."""
     changes = []
     fs.write(SLOW_MACHINE_PATH, SLOW_MACHINE_CONF.encode(), 0o644, work)
@@ -289,14 +287,6 @@ def prepare_for_emulation(fs: Ext4, machine: Machine, work: Path,
         changes.append(f"setup wizard also on {machine.console}, virt's serial console")
     if machine.boots_uboot and (change := _boot_for_emulation(fs, work)):
         changes.append(change)
-    if preseed is not None:
-        fs.write(PRESEED_PATH, preseed, 0o600, work)
-        changes.append(f"{PRESEED_PATH}: from --preseed")
-    elif fs.exists(PRESEED_PATH):
-        # Its answers are unknown here (hashes): set it aside so the wizard asks, and answer.
-        fs.remove(PRESEED_PATH)
-        changes.append(f"{PRESEED_PATH}: the image's own preseed set aside (its passwords are "
-                       f"unknown here); pass --preseed to try one")
     return changes
 
 

@@ -407,6 +407,12 @@ def check_jupyter(trial: Trial, creds: Credentials, report: Report,
     report.passed(f"the root filesystem grew at first boot (partition "
                   f"{log.human_size(trial.root_partition)} → "
                   f"{log.human_size(got['root_partition_bytes'])})")
+    # The setup drive came after the root: first boot takes it and removes it.
+    if got.get("partitions_after_root"):
+        raise SmokeFailure("cell", f"partitions still follow the root on the card "
+                                   f"({', '.join(got['partitions_after_root'])}): the setup "
+                                   f"drive was not removed")
+    report.passed("no partition follows the root: the setup drive is gone")
 
 
 def check_browser(trial: Trial, token: str, report: Report, pin: pinning.Pin | None) -> None:

@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import log, qemu, smoke, smoke_report
+from builder import log, qemu, smoke, smoke_report, trial_settings
 from builder.boards import Board, load_catalog
 from builder.compression import built_image_suffix, image_suffix
 from builder.entry import add_common_options, run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
+from builder.firstboot import armbian_preset
 from builder.guest_shell import Credentials
 from builder.image import copy_sparse, read_table
 from builder.preseed import load_preseed
@@ -50,8 +51,13 @@ def parser() -> argparse.ArgumentParser:
                    help="answer the wizard, check Jupyter, the stack, a browser, a second "
                         "boot; exit non-zero on any failure")
     p.add_argument("--preseed", metavar="FILE", type=Path,
-                   help="put FILE on the trial card as /boot/jupyter-firstboot.conf (with "
-                        "--smoke it must hold plain login_password and jupyter_password)")
+                   help="FILE's settings onto the trial card's setup drive, as someone on "
+                        "Windows saves them (or as /boot/jupyter-firstboot.conf when the image "
+                        "has no drive); with --smoke, plain login_password and "
+                        "jupyter_password, or neither (the smoke answers the wizard)")
+    p.add_argument("--armbian-preset", metavar="FILE", type=Path,
+                   help="Armbian's first-login presets (PRESET_* lines, as Armbian Imager "
+                        "writes them) onto the trial card as /root/.not_logged_in_yet")
     p.add_argument("--port", type=int, default=8888,
                    help="host port forwarded to Jupyter on 127.0.0.1 (default 8888; another "
                         "free one when it is taken; 0: any free one)")
@@ -83,7 +89,7 @@ class Request:
     board: str | None
     smoke: bool
     preseed: bytes | None
-    credentials: Credentials | None      # from the preseed, for --smoke
+    armbian_preset: bytes | None
     port: int
     memory: int | None
     timeouts: dict[str, float]
@@ -114,17 +120,15 @@ def check_request(args: argparse.Namespace) -> Request:
             raise BuildError(f"--timeout {item}: give a number of seconds more than 0")
     if not 0 <= args.port <= 65535:
         raise BuildError(f"--port {args.port}: give a TCP port, 1 to 65535 (0: any free one)")
-    preseed = credentials = None
+    preseed = preset = None
     if args.preseed:
         preseed, answers = load_preseed(args.preseed)
-        if args.smoke:
-            if not (answers.login_password and answers.jupyter_password):
-                raise BuildError(f"--preseed {args.preseed}: --smoke logs in with the "
-                                 f"passwords, so it needs plain login_password and "
-                                 f"jupyter_password (not hashes)")
-            token = answers.token if answers.token not in (None, "generate", "none") else None
-            credentials = Credentials("", answers.login_password, answers.jupyter_password,
-                                      token)
+        if args.smoke and (answers.login_hash or answers.jupyter_hash):
+            raise BuildError(f"--preseed {args.preseed}: --smoke logs in with the passwords, "
+                             f"so they must be plain (login_password, jupyter_password), not "
+                             f"hashes")
+    if args.armbian_preset:
+        preset = _load_armbian_preset(args.armbian_preset)
     if args.memory is not None and not 256 <= args.memory <= 16384:
         raise BuildError(f"--memory {args.memory}: give MiB, 256 to 16384")
     if args.keep_disk:
@@ -145,12 +149,27 @@ def check_request(args: argparse.Namespace) -> Request:
     if board:
         qemu.require_qemu(qemu.machine_for(load_catalog().lookup(board)[0], args.memory))
     return Request(image=image, board=args.board, smoke=args.smoke, preseed=preseed,
-                   credentials=credentials, port=args.port, memory=args.memory,
+                   armbian_preset=preset, port=args.port, memory=args.memory,
                    timeouts=timeouts,
                    timeouts_given=frozenset(i.partition("=")[0] for i in args.timeout),
                    report=report,
                    browser=not args.no_browser, workdir=args.workdir,
                    keep_disk=args.keep_disk.absolute() if args.keep_disk else None)
+
+
+def _load_armbian_preset(path: Path) -> bytes:
+    """The presets file, refused when the card would not read all of it."""
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise BuildError(f"--armbian-preset {path}: {exc.strerror}: give the path of an "
+                         f"existing file") from None
+    values, problems = armbian_preset.parse(data.decode("utf-8", errors="replace"))
+    if problems or not values:
+        raise BuildError(f"--armbian-preset {path}: "
+                         f"{problems[0] if problems else 'no PRESET_ line in it'}: fix the "
+                         f"file (PRESET_NAME=\"value\" lines)")
+    return data
 
 
 def _check_writable(directory: Path, option: str) -> None:
@@ -203,6 +222,7 @@ class TrialDisk:
     guest_port: int
     root_partition: int             # the root partition's size in the image, before boot
     tls: bool                       # Jupyter serves HTTPS only (JUPYTER_TLS=yes)
+    credentials: Credentials | None  # the passwords the card will take, for --smoke
 
 
 def _port(value: str) -> int:
@@ -229,10 +249,13 @@ def prepare_trial(request: Request, work: Path) -> TrialDisk:
     size = qemu.grow_to_power_of_two(disk)
     log.info(f"{board.name} ({board.soc}) on QEMU's {machine.name} machine; trial disk "
              f"{log.human_size(size)}")
-    for change in qemu.prepare_for_emulation(fs, machine, work, request.preseed):
+    user = release.get("JUPYTER_USER", "jupyter")
+    placed = trial_settings.place(disk, fs, work, user, request.preseed,
+                                  request.armbian_preset, request.smoke)
+    for change in [*qemu.prepare_for_emulation(fs, machine, work), *placed.changes]:
         log.info(f"trial disk: {change}")
     return TrialDisk(request=request, work=work, disk=disk, board=board, machine=machine,
-                     kernel=kernel, user=release.get("JUPYTER_USER", "jupyter"),
+                     kernel=kernel, user=user, credentials=placed.credentials,
                      guest_port=_port(release.get("JUPYTER_PORT", "")),
                      root_partition=fs.partition.size,
                      # Images from before HTTPS have no such line: they serve plain HTTP.
@@ -279,7 +302,7 @@ def run_smoke(trial: TrialDisk) -> int:
         kernel=trial.kernel, work=trial.work, user=trial.user, guest_port=trial.guest_port,
         host_port=qemu.free_port(request.port), root_partition=trial.root_partition,
         timeouts=request.timeouts, timeouts_given=request.timeouts_given,
-        credentials=request.credentials, browser=request.browser, report=report, tls=trial.tls))
+        credentials=trial.credentials, browser=request.browser, report=report, tls=trial.tls))
 
 
 def keep_disk(disk: Path, target: Path) -> None:

@@ -120,9 +120,21 @@ class Smoke:
     shown: threading.Thread     # showing try-image's log as it grows
 
 
-# What the armhf smoke test puts on the trial card: try-image must know the passwords.
-SMOKE_PRESEED = ("login_password = smoke login pässword\njupyter_password = smoke jupyter pw\n"
-                 "jupyter_token = smoke-test-token-0123456789abcdef\nhostname = smoke-pc\n")
+# The armhf smoke's card: flash-image puts the Jupyter password and token (and its
+# --hostname) onto the setup drive; Armbian Imager's presets give the login password, a time
+# zone and a locale, and what this image ignores (quoted as Imager quotes: the password is
+# `smoke login pässword "$5"`); the image's preseed has the rest. Every password is known, so
+# nobody answers the wizard.
+SMOKE_PRESEED = ("jupyter_password = smoke jupyter pw\n"
+                 "jupyter_token = smoke-test-token-0123456789abcdef\n")
+SMOKE_PRESET = ('PRESET_LOCALE="en_GB.UTF-8"\nPRESET_TIMEZONE="Europe/Paris"\n'
+                'SET_LANG_BASED_ON_LOCATION="n"\nPRESET_ROOT_PASSWORD="1234"\n'
+                'PRESET_USER_NAME="jupyter"\n'
+                'PRESET_USER_PASSWORD="smoke login pässword \\"\\$5\\""\n'
+                'PRESET_USER_SHELL="bash"\nPRESET_DEFAULT_REALNAME="Smoke"\n')
+# The arm64 smoke's setup drive, filled in as on Windows (try-image --preseed): no
+# passwords, so the smoke answers the wizard for them.
+ARM64_DRIVE = "hostname = lab-arm64\ntimezone = Asia/Tokyo\n"
 
 
 # The armhf image is flashed onto a card (a loop device) with flash-image first, with this
@@ -306,10 +318,13 @@ class Builds:
             preseed = work / "smoke.conf"
             preseed.write_text(SMOKE_PRESEED)
             progress(f"flash-image {arch}: the image onto a card (a loop device)")
-            boot, on_card = self.flash_card(image, work, preseed)
-            # try-image writes back exactly the preseed flash-image left on the card: it boots
-            # the card as flashed (it needs a --preseed to know the passwords).
-            extra = ["--preseed", str(on_card)]
+            boot, _ = self.flash_card(image, work, preseed)
+            # The card as flashed, with Armbian Imager's presets where Imager writes them.
+            (work / "preset.txt").write_text(SMOKE_PRESET)
+            extra = ["--armbian-preset", str(work / "preset.txt")]
+        else:
+            (work / "drive.conf").write_text(ARM64_DRIVE)
+            extra = ["--preseed", str(work / "drive.conf")]
         limits = [f"--timeout={phase}={seconds}" for phase, seconds in SMOKE_TIMEOUTS.items()]
         argv = [*TRY_IMAGE, str(boot), "--smoke", "--report", str(work / "report"),
                 "--workdir", str(work), *limits, *extra]
@@ -1111,16 +1126,29 @@ def test_try_image_smoke_boots_the_image(arch: str, builds: Builds) -> None:
                                     serial))
     assert fingerprint.decode() in checks
     assert fingerprint in (report / "serial-boot2.log").read_bytes()
-    hostname = {"armhf": FLASHED_HOSTNAME, "arm64": "orangepi"}[arch]
+    hostname = {"armhf": FLASHED_HOSTNAME, "arm64": "lab-arm64"}[arch]
     assert f"https://{hostname}.local:" in checks, checks
+    assert "no partition follows the root: the setup drive is gone" in checks
     assert b"=== Jupyter workstation setup" not in (report / "serial-boot2.log").read_bytes()
+    said = serial.decode(errors="replace")
+    assert "the setup drive was wiped and removed" in said
     if arch == "armhf":
-        # The card flash-image wrote: its own hostname, the smoke's passwords (with which the
-        # smoke logged in) over the image's hashes, and the image's time zone, kept.
+        # The card flash-image wrote, with Armbian Imager's presets: its own hostname and
+        # Jupyter password from the drive, the login password (the smoke logged in with it),
+        # time zone and locale from the presets, over the image's hashes; the ignored said.
         assert b"Starting kernel" in serial and f"{FLASHED_HOSTNAME} login:".encode() in serial
-        # (The image's time zone and hashes stay in its own preseed, under the card's lines.)
-        on_card = (smoke.work / "card-preseed.conf").read_text()
-        assert f"hostname = {FLASHED_HOSTNAME}" in on_card.splitlines()
+        assert "jupyter-firstboot.conf on the setup drive: hostname, jupyter_password, " \
+               "jupyter_token taken" in said, said[-4000:]
+        assert "Armbian presets (/root/.not_logged_in_yet): login_password, timezone, " \
+               "locale taken" in said
+        assert "PRESET_ROOT_PASSWORD ignored: root stays locked" in said
+        assert "PRESET_DEFAULT_REALNAME ignored" in said
+        assert "time zone: Europe/Paris" in said and "locale: en_GB.UTF-8" in said
+        assert "the user password is Jupyter's password too" not in said
+    else:
+        # Filled in as on Windows: a BOM, CRLF; the wizard asked only for the passwords.
+        assert "jupyter-firstboot.conf on the setup drive: hostname, timezone taken" in said
+        assert "time zone: Asia/Tokyo" in said
     # The image is untouched, and nothing is left running or lying around.
     assert hashlib.sha256(smoke.image.read_bytes()).hexdigest() == smoke.sha256
     assert list(smoke.work.glob("try-image-*")) == []
