@@ -180,7 +180,7 @@ def test_in_root_follows_links_inside_the_image(tmp_path: Path) -> None:
 def test_build_only_files_are_found_through_the_images_links(tmp_path: Path) -> None:
     """finalize's globs ("home/*/.bash_history") follow links the way the image does: a home
     that is an absolute link lands in the image, never on the host."""
-    from builder.pipeline import _image_glob
+    from builder.finish import image_glob
     root = tmp_path / "root"
     (root / "home/ann").mkdir(parents=True)
     (root / "home/ann/.bash_history").write_text("secret\n")
@@ -191,7 +191,7 @@ def test_build_only_files_are_found_through_the_images_links(tmp_path: Path) -> 
     host.mkdir()
     (host / ".bash_history").write_text("the host's own\n")
     os.symlink(str(host), root / "home/eve")            # would be the host's, read naively
-    found = sorted(_image_glob(root, "home/*/.bash_history"))
+    found = sorted(image_glob(root, "home/*/.bash_history"))
     assert found == [root / "home/ann/.bash_history", root / "srv/bob/.bash_history"]
 
 
