@@ -1143,7 +1143,9 @@ def test_try_image_smoke_boots_the_image(arch: str, builds: Builds) -> None:
                "locale taken" in said
         assert "PRESET_ROOT_PASSWORD ignored: root stays locked" in said
         assert "PRESET_DEFAULT_REALNAME ignored" in said
-        assert "time zone: Europe/Paris" in said and "locale: en_GB.UTF-8" in said
+        # (Unattended, setup runs on whichever console takes the lock first, often the
+        # screen: its progress lines, time zone and locale among them, need not reach the
+        # serial line. tests/test_armbian_preset.py checks what they set.)
         assert "the user password is Jupyter's password too" not in said
     else:
         # Filled in as on Windows: a BOM, CRLF; the wizard asked only for the passwords.
