@@ -8,6 +8,7 @@ after it), with a real bmap from bmaptool.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -728,20 +729,66 @@ def test_an_interrupted_write_leaves_a_card_that_cannot_boot(big_image: Path, im
     assert subprocess.run(["sfdisk", "--dump", str(backing)], capture_output=True).returncode != 0
 
 
-def test_a_corrupt_image_without_checksum_leaves_an_unbootable_card(image: Path, tmp_path: Path,
-                                                                    cards: Cards) -> None:
+def damaged_copy(source: Path, directory: Path, damage: str, *, sums: bool) -> Path:
+    """A copy of `source` truncated, with a flipped byte in the middle, or empty; with `sums`,
+    beside it the .sha256 of the undamaged file (a download that went wrong)."""
+    data = bytearray(source.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    elif damage == "corrupt":
+        for at in range(len(data) // 3, len(data) * 2 // 3, 4096):
+            data[at] ^= 0xFF
+    else:
+        data = bytearray()
+    suffix = "".join(source.suffixes[-2:])
+    copy = directory / f"{damage}-{'sums' if sums else 'bare'}{suffix}"
+    copy.write_bytes(data)
+    if sums:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        Path(f"{copy}.sha256").write_text(f"{digest}  {copy.name}\n")
+    return copy
+
+
+@pytest.mark.parametrize("sums", [True, False], ids=["with-sha256", "without-sha256"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+@pytest.mark.parametrize("suffix", [".xz", ".zst", ".gz"])
+def test_a_damaged_image_leaves_the_card_as_it_was(image: Path, tmp_path: Path, cards: Cards,
+                                                   suffix: str, damage: str,
+                                                   sums: bool) -> None:
+    """Every refusal comes before the card is opened: with a .sha256 the digest finds the
+    damage; without one the file is decompressed whole first, with or without a bmap (whose
+    size would otherwise let the write start)."""
+    source = Path(f"{image}{suffix}")
+    if not source.exists():
+        subprocess.run(["gzip", "-k", "-f", "-1", str(image)], check=True)
+    damaged = damaged_copy(source, tmp_path, damage, sums=sums)
+    device, backing = cards.new(fill=b"old card")
+    before = backing.read_bytes()
+    for bmap in (["--bmap", f"{image}.bmap"], ["--no-bmap"]):
+        proc = flash(damaged, device, "--yes", "--force", *bmap)
+        assert proc.returncode == 1, (bmap, proc.stderr)
+        error = error_of(proc)
+        if damage == "empty":
+            assert f"{damaged.name} is empty: download or build it again" in error, error
+        elif suffix == ".xz" and damage == "truncated":      # its index is gone: found first
+            assert "not a complete .xz file" in error, error
+        elif sums:
+            assert f"does not match {damaged.name}.sha256" in error, error
+        else:
+            assert re.search(r"the file is corrupt or truncated|it is truncated", error), error
+        assert backing.read_bytes() == before, (bmap, proc.stderr)
+
+
+def test_a_corrupt_write_still_leaves_an_unbootable_card(image: Path, tmp_path: Path,
+                                                         cards: Cards) -> None:
+    """A file its .sha256 vouches for is not decompressed twice: should it still be damaged
+    (a .sha256 made from the damaged file), the decompressor finds it halfway through the
+    write, and the card is left without its first MiB."""
     device, backing = cards.new()
     assert flash(f"{image}.zst", device, "--yes", "--force", "--no-verify").returncode == 0
-    corrupt = tmp_path / "corrupt.img.zst"
-    data = Path(f"{image}.zst").read_bytes()
-    corrupt.write_bytes(data[: len(data) * 2 // 3])             # a truncated download
-    # Without a bmap its size is measured first, which finds it before the card is touched.
-    before = backing.read_bytes()
-    proc = flash(corrupt, device, "--yes", "--force", "--no-bmap")
-    assert proc.returncode == 1
-    assert "corrupt or truncated" in error_of(proc)
-    assert backing.read_bytes() == before
-    # With the bmap the size is known: the decompressor finds it halfway through the write.
+    corrupt = damaged_copy(Path(f"{image}.zst"), tmp_path, "truncated", sums=False)
+    digest = hashlib.sha256(corrupt.read_bytes()).hexdigest()
+    Path(f"{corrupt}.sha256").write_text(f"{digest}  {corrupt.name}\n")
     proc = flash(corrupt, device, "--yes", "--force", "--bmap", f"{image}.bmap")
     assert proc.returncode == 1
     assert "corrupt or truncated" in error_of(proc)

@@ -4,8 +4,8 @@ The package's map:
 
 - cli: the command line and the steps in their order (check_request, confirm, finish_card).
 - bmap: the .bmap format (bmaptool's 1.0 to 2.x): the ranges in use and their checksums.
-- source: the image file: its .sha256, its raw size (raw_size, measure_raw_size) and its
-  raw bytes streamed through the decompressor.
+- source: the image file: its .sha256, its raw size (raw_size, measure_raw_size), whether it
+  is whole (check_whole) and its raw bytes streamed through the decompressor.
 - device: the card: what DEVICE is and every reason not to write to it (inspect_target),
   opening it exclusively and checked to be the one shown (opened), writes with bounded
   writeback (Card).
@@ -25,8 +25,11 @@ The steps, in order; everything that can be refused is refused before the card i
    days) and the programs needed.
 2. inspect_target: what DEVICE is, and every reason not to write to it (a partition, mounted,
    the running system's disk, swap, in use, read-only, no medium, not removable).
-3. check_image_checksum, measure_raw_size and check_fits: the image against its .sha256, and
-   its size against the card's (a .zst without bmap is decompressed once to learn it).
+3. check_image_checksum, check_whole and check_fits: the image against its .sha256; an image
+   nothing vouches for (no .sha256) decompressed once, front to back, so that a truncated,
+   corrupt or empty file, or one whose size is not its bmap's or index's, is refused before
+   the card is opened (a .zst or .gz without bmap is decompressed once to learn its size);
+   the size against the card's.
 4. confirm: the card's model, size and partitions, the user's certificate (its names and
    SHA-256 fingerprint, to compare with the browser's later), and a typed "yes".
 5. opened: the card, exclusively, checked to be the one shown.

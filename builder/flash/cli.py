@@ -5,7 +5,6 @@ An error is one line and exit 1, a card that does not hold the image exit 2."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from builder.flash.bmap import bmap_beside, read_bmap
 from builder.flash.certificate import GivenTls, check_given_tls, warn_about, warn_unnamed
 from builder.flash.device import Card, Target, check_fits, inspect_target, opened
 from builder.flash.personalise import Preseed, check_preseed, personalise_card
-from builder.flash.source import Source, check_image_checksum, measure_raw_size, raw_size
+from builder.flash.source import Source, check_image_checksum, check_whole, raw_size
 from builder.flash.write import (
     CARD_LEFT_INVALID,
     Mismatch,
@@ -183,11 +182,10 @@ def confirm(request: Request, target: Target) -> None:
 def _main(args: argparse.Namespace) -> int:
     request = check_request(args)
     target = inspect_target(args.device, force=args.force, writing=not request.verify_only)
-    check_image_checksum(request.image)
+    vouched = check_image_checksum(request.image)
     if request.verify_only:
         return _verify_only(request, target)
-    if request.size is None:
-        request = dataclasses.replace(request, size=measure_raw_size(request))
+    request = check_whole(request, vouched)
     check_fits(target, request.size)
     if not args.yes:
         confirm(request, target)

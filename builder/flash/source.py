@@ -1,17 +1,20 @@
 """The image file flash-image reads: its .sha256 checked, its raw (decompressed) size learnt,
-and its raw bytes streamed front to back, through a decompressor when it is compressed.
+the whole of it checked before the card is opened, and its raw bytes streamed front to back,
+through a decompressor when it is compressed.
 
-The raw size has one home here: raw_size reads what the file says (a raw image's length, an
-.xz's index), measure_raw_size decompresses what does not say it (.zst, .gz)."""
+The raw size has one home here: raw_size reads what the file says (a raw image's length, a
+complete .xz's index), measure_raw_size decompresses what does not say it (.zst, .gz), and
+check_whole decompresses what nothing vouches for."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from builder import log
 from builder.compression import COMPRESSIONS
@@ -33,14 +36,18 @@ class Source:
     bmap: BlockMap | None
 
 
-def check_image_checksum(image: Path) -> None:
+S = TypeVar("S", bound=Source)     # flash-image's Request is a Source with more
+
+
+def check_image_checksum(image: Path) -> bool:
     """The .sha256 build-image writes beside its image, checked before the card is touched:
-    a corrupt or truncated download is refused without harming the card."""
+    a corrupt or truncated download is refused without harming the card. True when it vouches
+    for the file, False when there is none."""
     sums = image.with_name(image.name + ".sha256")
     if not sums.is_file():
-        log.warn(f"no {sums.name} beside the image: its integrity is checked only by the "
-                 f"decompressor and the bmap")
-        return
+        log.warn(f"no {sums.name} beside the image: it is checked by decompressing it whole "
+                 f"before the card is touched, and by the bmap's checksums as it is written")
+        return False
     words = sums.read_text(errors="replace").split()
     if not words or len(words[0]) != 64:
         raise BuildError(f"{sums}: not a sha256sum line (`<64 hex digits>  <name>`)")
@@ -52,21 +59,50 @@ def check_image_checksum(image: Path) -> None:
         raise BuildError(f"{image} does not match {sums.name} (corrupt or truncated): download "
                          f"or build it again; the card was not touched")
     log.info(f"{image.name}: sha256 matches {sums.name}")
+    return True
 
 
 def raw_size(image: Path, suffix: str) -> int | None:
-    """The decompressed size, where the file says it: a raw image, and xz (its index)."""
+    """The decompressed size, where the file says it: a raw image, and xz (its index). An
+    empty file, or an .xz whose index xz does not accept, is refused here."""
+    if image.stat().st_size == 0:
+        raise BuildError(f"{image} is empty: download or build it again")
     if suffix == ".img":
         return image.stat().st_size
     if suffix == ".img.xz":
+        # A truncated or damaged .xz still gets a totals line, but xz exits 1: only a list
+        # that xz itself accepts says the size.
         proc = run(["xz", "--robot", "--list", image], capture=True, check=False)
         for line in proc.stdout.decode(errors="replace").splitlines():
             fields = line.split("\t")
-            if fields[0] == "totals" and len(fields) > 4 and fields[4].isdigit():
+            if (proc.returncode == 0 and fields[0] == "totals" and len(fields) > 4
+                    and fields[4].isdigit()):
                 return int(fields[4])
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()
         raise BuildError(f"{image}: not a complete .xz file (xz --list: "
-                         f"{proc.stderr.decode(errors='replace').strip()}): download it again")
+                         f"{detail[-1] if detail else 'no index'}): download it again")
     return None
+
+
+def check_whole(source: S, vouched: bool) -> S:
+    """The image's raw size, known, and the file found whole before the card is opened.
+
+    A .sha256 that matches vouches for the file: only a size nothing says is measured. A file
+    nothing vouches for is decompressed once, front to back, here: a truncated or corrupt one
+    is refused now, not halfway through the write with the card's first MiB already gone. A
+    raw .img has nothing to decompress; the bmap's checksums check it as it is written."""
+    if source.suffix == ".img" or (vouched and source.size is not None):
+        return source
+    measured = measure_raw_size(source)
+    if measured == 0:
+        raise BuildError(f"{source.image} holds an empty image: download or build it again")
+    if source.size is not None and measured != source.size:
+        said = (f"its bmap {source.bmap.path.name}" if source.bmap is not None
+                else "its index")
+        raise BuildError(f"{source.image} decompresses to {measured} bytes, but {said} says "
+                         f"{source.size}: it is truncated or not the image the bmap is for; "
+                         f"download or build it again")
+    return dataclasses.replace(source, size=measured)
 
 
 def measure_raw_size(source: Source) -> int:
