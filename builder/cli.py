@@ -14,11 +14,19 @@ from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
 from builder.config import BASE_VERIFY_LEVELS, Config, load_config
 from builder.download import Http
-from builder.entry import add_common_options, run_reporting
-from builder.errors import BuildError
+from builder.entry import (
+    add_common_options,
+    checking_usage,
+    quiet_on_closed_pipe,
+    run_reporting,
+)
+from builder.errors import BuildError, UsageError
+from builder.firstboot.answers import KEYS, preseed_keys
+from builder.firstboot.card import Settings
 from builder.ledger import clean_stale
 from builder.mount import is_root
 from builder.pipeline import Context, Options, run_build, stage_cache_of
+from builder.preseed import load_preseed
 from builder.qemu import machine_for
 
 # Dedicated flags and the settings key each one sets (they win over --config and --set).
@@ -103,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
                      help="print the plan (board, base image, sha256, cache, steps) and stop")
     run.add_argument("--fetch-only", action="store_true",
                      help="stop once the verified base image is in the cache; print its path")
+    run.add_argument("--check-preseed", metavar="FILE", type=Path,
+                     help="check a preseed file with the first-boot wizard's own rules, as "
+                          "the card will read it; print 'ok' or every problem, and exit")
     run.add_argument("--cleanup", action="store_true",
                      help="undo what builds that were killed left behind (loop devices, "
                           "mounts, work files) and exit")
@@ -118,6 +129,7 @@ def _absolute(value: str) -> str:
     return str(Path(value).expanduser().absolute())
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     # Line-buffered stdout keeps results in order with messages on stderr in a shared log.
     if hasattr(sys.stdout, "reconfigure"):
@@ -126,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if args.markdown and not args.list_boards:
         cli.error("--markdown goes with --list-boards")
+    if args.dry_run and args.fetch_only:
+        cli.error("--dry-run and --fetch-only exclude each other: pick one")
     log.setup(quiet=args.quiet, debug=args.debug)
     return run_reporting("build-image", lambda: _main(args), debug=args.debug,
                          after_interrupt="everything started was cleaned up (a partial "
@@ -144,6 +158,23 @@ def _cache_of(config: Config) -> Cache:
     # Absolute, so the path printed by --fetch-only does not depend on the working directory.
     root = Path(config.cache.dir).expanduser() if config.cache.dir else default_cache_dir()
     return Cache(root.absolute())
+
+
+def _check_preseed(path: Path, config: Config) -> int:
+    """`--check-preseed FILE`: the wizard's own parser, with this configuration's rules (the
+    shortest password). The problems found are the check's result: exit 1, not a usage
+    error. Keys only on success: the values may be passwords."""
+    if not path.is_file():
+        raise UsageError(f"--check-preseed {path}: no such file: give the preseed file's path")
+    settings = Settings(min_password_length=config.firstboot.min_password_length)
+    try:
+        data, _ = load_preseed(path, settings=settings, option="--check-preseed")
+    except UsageError as exc:
+        raise BuildError(str(exc), exc.details) from None
+    given = preseed_keys(data.decode("utf-8-sig"))
+    keys = ", ".join(key for key in KEYS if key in given) or "no settings"
+    log.result(f"{path}: ok ({keys})")
+    return 0
 
 
 def _prune(config: Config) -> int:
@@ -173,7 +204,10 @@ def _main(args: argparse.Namespace) -> int:
     for attr, key in LIST_FLAGS.items():
         if getattr(args, attr):
             overrides.append(f"{key}={json.dumps(getattr(args, attr))}")
-    config = load_config(args.config, overrides, flags)
+    with checking_usage():
+        config = load_config(args.config, overrides, flags)
+    if args.check_preseed:
+        return _check_preseed(args.check_preseed, config)
     if config.firstboot.preseed:
         # A path from a --config file, relative to where build-image was started.
         firstboot = dataclasses.replace(config.firstboot,
@@ -182,13 +216,12 @@ def _main(args: argparse.Namespace) -> int:
     if args.cache_prune:
         return _prune(config)
     if not config.board:
-        raise BuildError("no board given: pass --board ID (`build-image --list-boards` shows "
+        raise UsageError("no board given: pass --board ID (`build-image --list-boards` shows "
                          "them; --board orangepi picks the Orange Pi 5)")
-    board, alias = catalog.lookup(config.board)
+    with checking_usage():
+        board, alias = catalog.lookup(config.board)
     if alias:
         log.info(f"board '{alias}' is an alias for {board.id} ({board.name})")
-    if args.dry_run and args.fetch_only:
-        raise BuildError("--dry-run and --fetch-only exclude each other: pick one")
     cache = _cache_of(config)
     http = Http(timeout=config.download.timeout, retries=config.download.retries)
     ctx = Context(

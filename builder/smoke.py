@@ -30,7 +30,7 @@ check of Jupyter, the browser's too, trusts only the certificate pinned in the j
 (builder/pinning.py); without it (JUPYTER_TLS=no, or an image from before HTTPS) they use
 plain HTTP, as the report notes.
 
-The first failure ends the run (exit 2) with its phase, what was awaited and the serial
+The first failure ends the run (exit 3) with its phase, what was awaited and the serial
 console's tail; when Jupyter, the cell or the browser failed while the guest runs, the guest's
 own view is first read from a root shell on its console (builder/guest_shell.py). Each run
 keeps its own report directory (report.json, summary.txt, both boots' serial logs, QEMU's log,
@@ -55,6 +55,7 @@ from typing import Any
 from builder import browser as browser_check
 from builder import jupyter_client as jupyter
 from builder import log, pinning, qemu
+from builder.entry import EXIT_NOT_SOUND
 from builder.guest_shell import (
     Credentials,
     SmokeFailure,
@@ -68,7 +69,7 @@ from builder.guest_shell import (
 from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, tail
 from builder.smoke_report import Report, last_serial_log, summary, write_report
 
-EXIT_FAILED = 2
+EXIT_FAILED = EXIT_NOT_SOUND
 # Generous, because emulation is slow (measured figures are in README "Trying an image").
 TIMEOUTS: dict[str, float] = {
     "u-boot": 180,          # QEMU start to "Starting kernel"

@@ -24,7 +24,7 @@ from pathlib import Path
 from builder import log, qemu, smoke, smoke_report, trial_settings
 from builder.boards import Board, load_catalog
 from builder.compression import built_image_suffix, image_suffix
-from builder.entry import add_common_options, run_reporting
+from builder.entry import add_common_options, quiet_on_closed_pipe, run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
 from builder.firstboot import armbian_preset
@@ -317,6 +317,7 @@ def keep_disk(disk: Path, target: Path) -> None:
              f"looking into, not for flashing)")
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)

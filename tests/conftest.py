@@ -303,9 +303,10 @@ def leftovers(cache: Path) -> list[str]:
     return found
 
 
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The one-line error a failed run must end with: no traceback, exit status 1."""
-    assert result.returncode == 1, (result.returncode, result.stderr)
+def error_line(result: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    """The one-line error a failed run must end with: no traceback, exit status 1 (2 for a
+    usage error: what the command line asks for cannot be)."""
+    assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("build-image: error: "), result.stderr

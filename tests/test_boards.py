@@ -103,5 +103,5 @@ def test_list_boards_prints_the_table() -> None:
 
 
 def test_unknown_board_on_the_command_line() -> None:
-    line = error_line(run_cli("--board", "orangepi-zero", "--dry-run"))
+    line = error_line(run_cli("--board", "orangepi-zero", "--dry-run"), code=2)
     assert "unknown board 'orangepi-zero'" in line and "orangepizero" in line

@@ -9,6 +9,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import termios
 import time
@@ -20,6 +21,7 @@ from conftest import (
     BUILD_IMAGE,
     NOBODY,
     REPO,
+    TRY_IMAGE,
     FakeArmbian,
     cli_env,
     error_line,
@@ -156,25 +158,25 @@ def test_debian_base_plan(cache_dir: Path) -> None:
 
 
 def test_no_board() -> None:
-    assert "no board given: pass --board ID" in error_line(run_cli("--dry-run"))
+    assert "no board given: pass --board ID" in error_line(run_cli("--dry-run"), code=2)
 
 
 def test_dry_run_and_fetch_only_together() -> None:
-    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--fetch-only"))
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--fetch-only"), code=2)
     assert "exclude each other" in line
 
 
 def test_invalid_yaml_on_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "site.yaml"
     path.write_text("jupyter:\n  port: [1\n")
-    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path), code=2)
     assert f"config file {path} is not valid YAML at line" in line
 
 
 def test_unknown_key_on_the_command_line(tmp_path: Path) -> None:
     path = tmp_path / "site.yaml"
     path.write_text("jupyter:\n  token: abc\n")
-    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path), code=2)
     assert line == f"build-image: error: {path}: jupyter.token: unknown key " \
                    "(known: user, ip, port, base_url, groups, cull_idle_minutes, memory_max, tls)"
 
@@ -182,7 +184,7 @@ def test_unknown_key_on_the_command_line(tmp_path: Path) -> None:
 def test_bad_value_is_reported_before_any_network(armbian: FakeArmbian) -> None:
     armbian.publish("orangepi5")
     line = error_line(run_cli("--board", "orangepi5", "--fetch-only", "--armbian-index",
-                              armbian.index_url, "--set", "jupyter.port=abc"))
+                              armbian.index_url, "--set", "jupyter.port=abc"), code=2)
     assert line == "build-image: error: --set jupyter.port: 'abc' is not a port number (1-65535)"
     assert armbian.mirror.requests == []
 
@@ -266,22 +268,31 @@ def preseed_plan(tmp_path: Path, text: str | None, *extra: str) -> subprocess.Co
                    "--cache-dir", tmp_path / "cache", "--preseed", path, *extra)
 
 
-def test_bad_preseed_stops_the_build_with_one_line(tmp_path: Path) -> None:
+def test_bad_preseed_stops_the_build_with_every_problem(tmp_path: Path) -> None:
     result = preseed_plan(tmp_path, "hostname = -x-\njupyter_token = short\n")
-    assert result.returncode == 1
-    assert error_line(result) == (
-        f"build-image: error: --preseed {tmp_path}/jupyter-firstboot.conf: line 1: "
-        f"'hostname': '-x-' is not a host name (letters, digits and '-', at most 63, not "
-        f"starting or ending with '-') (and 1 more): fix the file (README: \"Headless first "
-        f"boot\" lists the keys)")
+    path = tmp_path / "jupyter-firstboot.conf"
+    # Every problem at once, one per line under the error: one run to fix them all.
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-3:] == [
+        f"build-image: error: --preseed {path}: 2 problems: fix the file (the manual's "
+        f"\"First boot\" chapter lists the keys)",
+        "  line 1: 'hostname': '-x-' is not a host name (letters, digits and '-', at most 63, "
+        "not starting or ending with '-')",
+        "  line 2: 'jupyter_token': must be 'generate', 'none', or 16-256 letters, digits, '-' "
+        "and '_'"], result.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.img"))
+    one = preseed_plan(tmp_path, "hostname = lab\njupyter_token = short\n")
+    assert one.returncode == 2
+    assert one.stderr.splitlines()[-1] == (
+        f"build-image: error: --preseed {path}: line 2: 'jupyter_token': must be 'generate', "
+        f"'none', or 16-256 letters, digits, '-' and '_': fix the file (the manual's \"First "
+        f"boot\" chapter lists the keys)")
 
 
 def test_missing_preseed(tmp_path: Path) -> None:
     result = preseed_plan(tmp_path, None)
-    assert result.returncode == 1
     assert "jupyter-firstboot.conf: No such file or directory: give the path of an existing " \
-        "file" in error_line(result)
+        "file" in error_line(result, code=2)
 
 
 def test_plain_passwords_in_a_preseed_are_warned_about(tmp_path: Path) -> None:
@@ -297,3 +308,82 @@ def test_preseed_needs_the_builtin_wizard(tmp_path: Path) -> None:
     result = preseed_plan(tmp_path, "hostname = lab\n", "--set", "customize.builtin=false")
     assert result.returncode == 1
     assert "the first-boot wizard is part of the built-in customize.d" in error_line(result)
+
+
+# --check-preseed: the host's way to check a preseed file before a build or a flash.
+
+
+def test_check_preseed_says_ok_or_every_problem(tmp_path: Path) -> None:
+    good = tmp_path / "lab.conf"
+    good.write_text("timezone = Europe/Paris\nhostname = lab-07\n"
+                    "jupyter_password = \"correct horse battery\"\n")
+    checked = run_cli("--check-preseed", good)
+    assert checked.returncode == 0, checked.stderr
+    # The keys, in the wizard's order, and never a value: the file may hold passwords.
+    assert checked.stdout == f"{good}: ok (jupyter_password, hostname, timezone)\n"
+    assert "correct horse" not in checked.stdout + checked.stderr
+    bad = tmp_path / "bad.conf"
+    bad.write_text("hostname = -x-\nfoo = 1\njupyter_password = tiny7\n")
+    checked = run_cli("--check-preseed", bad)
+    assert checked.returncode == 1 and checked.stdout == ""
+    lines = checked.stderr.splitlines()
+    assert lines[0] == (f"build-image: error: --check-preseed {bad}: 3 problems: fix the file "
+                        f"(the manual's \"First boot\" chapter lists the keys)")
+    assert [line.split(":")[0] for line in lines[1:]] == ["  line 1", "  line 2", "  line 3"]
+    assert "tiny7" not in checked.stderr          # a password is never repeated
+    missing = run_cli("--check-preseed", tmp_path / "nothing.conf")
+    assert "nothing.conf: no such file: give the preseed file's path" in \
+        error_line(missing, code=2)
+
+
+def test_the_shortest_password_comes_from_the_configuration(tmp_path: Path) -> None:
+    preseed = tmp_path / "lab.conf"
+    preseed.write_text("login_password = twelve chars\n")
+    assert run_cli("--check-preseed", preseed).returncode == 0
+    strict = run_cli("--check-preseed", preseed, "--set", "firstboot.min_password_length=16")
+    assert strict.returncode == 1 and "shorter than 16 characters" in strict.stderr, strict.stderr
+
+
+# Exit codes: 2 for what the command line asks, 1 for a failure, 141 for a reader gone.
+
+
+@pytest.mark.parametrize("argv", [
+    [*BUILD_IMAGE, "--list-boards"],
+    [*BUILD_IMAGE, "--help"],
+    [*TRY_IMAGE, "--help"],
+    [sys.executable, "-m", "builder.flash", "--help"],
+], ids=["build-image-list", "build-image-help", "try-image-help", "flash-image-help"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(argv: list[str]) -> None:
+    """`build-image --list-boards | head -1`: a pipe whose reader is gone before the command
+    writes (the worst case of head ending early)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO, env=cli_env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["--board", "orangepi5", "--dry-run", "--fetch-only"], 2, "exclude each other"),
+    (["--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
+    (["--dry-run"], 2, "no board given"),
+    (["--board", "nosuch", "--dry-run"], 2, "unknown board 'nosuch'"),
+    (["--board", "orangepi5", "--dry-run", "--set", "jupyter.port=abc"], 2,
+     "'abc' is not a port number"),
+    (["--board", "orangepi5", "--dry-run", "--set", "nosuch.key=1"], 2, "unknown key"),
+    (["--board", "orangepi5", "--dry-run", "--offline", "--armbian-index",
+      "http://127.0.0.1:9/armbian-images.json"], 1, "error"),
+])
+def test_usage_errors_exit_2_and_failures_1(tmp_path: Path, argv: list[str], code: int,
+                                            message: str) -> None:
+    """Whichever check finds a usage error (argparse, the settings, the board), the exit
+    status is the same; a run that could not do its work (here: offline, with nothing in the
+    cache) is 1."""
+    proc = run_cli(*argv, "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr.splitlines()[-1], proc.stderr
+    assert "Traceback" not in proc.stderr

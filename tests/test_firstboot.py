@@ -490,11 +490,11 @@ def test_check_option_reports_the_problems(tmp_path: Path, wizard_program: Path)
     bad.write_text("hostname = la b\n")
     result = subprocess.run([sys.executable, str(wizard_program), "--check", str(good)],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout == ""
+    assert result.returncode == 0 and result.stdout == f"{good}: ok\n" and result.stderr == ""
     result = subprocess.run([sys.executable, str(wizard_program), "--check", str(bad)],
                             capture_output=True, text=True)
-    assert result.returncode == 1 and "line 1: 'hostname': 'la b' is not a host name" in \
-        result.stdout
+    assert result.returncode == 1 and result.stdout == ""
+    assert "line 1: 'hostname': 'la b' is not a host name" in result.stderr
 
 
 # Armbian's own first login, replaced at build time (customize.d/55-replace-armbian-firstlogin).

@@ -65,12 +65,12 @@ def test_the_bundle_runs_on_the_standard_library_alone(program: Path, tmp_path: 
     bad.write_text("hostname = la b\n")
     checked = card_python(str(program), "--check", str(good), cwd=tmp_path)
     assert checked.returncode == 1
-    assert checked.stdout == (f"{good}: line 2: 'ssh_key': 'ssh-ed25519 AAAA' is not an SSH "
+    assert checked.stderr == (f"{good}: line 2: 'ssh_key': 'ssh-ed25519 AAAA' is not an SSH "
                               f"public key line (e.g. the contents of ~/.ssh/id_ed25519.pub)\n")
     good.write_text("hostname = lab\njupyter_token = generate\n")
     assert card_python(str(program), "--check", str(good), cwd=tmp_path).returncode == 0
     checked = card_python(str(program), "--check", str(bad), cwd=tmp_path)
-    assert checked.returncode == 1 and "'la b' is not a host name" in checked.stdout
+    assert checked.returncode == 1 and "'la b' is not a host name" in checked.stderr
     # Everything the program loads (the whole of it, not only what --check needs) comes from
     # the bundle or the standard library; cryptography (Debian's python3-cryptography on the
     # card) only when a certificate is made or read, not to start.
@@ -103,7 +103,7 @@ def test_the_host_runs_the_package_as_a_module(tmp_path: Path) -> None:
     check.write_text("hostname = lab\n")
     result = subprocess.run([sys.executable, "-m", "builder.firstboot", "--check", str(check)],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert result.returncode == 0 and result.stdout == f"{check}: ok\n", result.stderr
 
 
 def test_the_install_scripts_key_covers_every_file_of_the_bundle() -> None:

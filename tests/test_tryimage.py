@@ -202,7 +202,7 @@ def test_a_hanging_guest_fails_at_its_phase_timeout(tmp_path: Path, work: Path,
     started = time.monotonic()
     proc = try_image(image, "--smoke", "--workdir", work, "--report", report,
                      "--timeout", "kernel=8")
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert time.monotonic() - started < 60
     assert "try-image: kernel failed: no 'systemd' on the serial console in 8 s" in proc.stderr
     assert "last 50 lines of the serial console" in proc.stderr
@@ -251,7 +251,7 @@ def test_every_run_keeps_its_own_report(tmp_path: Path, work: Path) -> None:
     for boot in (image, image, other):
         proc = try_image(boot, "--smoke", "--workdir", work, "--report", report,
                          "--timeout", "kernel=3")
-        assert proc.returncode == 2, proc.stderr
+        assert proc.returncode == 3, proc.stderr
         runs.append(Path(proc.stdout.splitlines()[-1].removeprefix("try-image: report in ")))
         assert (report / "latest").resolve() == runs[-1]
     assert len(set(runs)) == 3 and all(r.parent == report for r in runs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,14 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     system = System.open(args.root, args.settings, args.jupyter_python)
     console = Console(0, 1, args.console or _tty_name())
     if args.check:
-        try:
-            _, problems = parse_preseed(args.check.read_bytes(), system.root, system.settings)
-        except OSError as exc:
-            console.say(f"jupyter-setup: {args.check}: {exc.strerror}")
-            return EXIT_FAILED
-        for problem in problems:
-            console.say(f"{args.check}: {problem}")
-        return EXIT_FAILED if problems else EXIT_OK
+        return _check(args.check, system)
     if args.status:
         return status(system, console)
     if os.geteuid() != 0:
@@ -100,3 +94,16 @@ def _tty_name() -> str:
     except OSError:
         return "stdin"
 
+
+def _check(path: Path, system: System) -> int:
+    """`--check FILE`: 'ok' on stdout, or each problem on stderr, as a linter reports."""
+    try:
+        _, problems = parse_preseed(path.read_bytes(), system.root, system.settings)
+    except OSError as exc:
+        print(f"jupyter-setup: {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    for problem in problems:
+        print(f"{path}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{path}: ok")
+    return EXIT_FAILED if problems else EXIT_OK

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
-from builder.errors import BuildError
+from builder.errors import UsageError
 from builder.firstboot import tls
 
 # A PEM certificate, even with its chain, is a few KiB: anything far larger is the wrong file
@@ -44,21 +44,21 @@ def check_given_tls(cert_path: Path | None, key_path: Path | None,
     if cert_path is None and key_path is None:
         return None
     if key_path is None:
-        raise BuildError(f"--tls-cert {cert_path} needs --tls-key: pass the certificate's "
+        raise UsageError(f"--tls-cert {cert_path} needs --tls-key: pass the certificate's "
                          f"private key too (a PEM file without a passphrase)")
     if cert_path is None:
-        raise BuildError(f"--tls-key {key_path} needs --tls-cert: pass the certificate made "
+        raise UsageError(f"--tls-key {key_path} needs --tls-cert: pass the certificate made "
                          f"for that key too (a PEM file)")
     cert_pem = _read("--tls-cert", cert_path)
     key_pem = _read("--tls-key", key_path)
     if b"PRIVATE KEY-----" in cert_pem:
         if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
             swapped = b"-----BEGIN CERTIFICATE-----" in key_pem
-            raise BuildError(f"--tls-cert {cert_path} holds a private key, not a certificate: "
+            raise UsageError(f"--tls-cert {cert_path} holds a private key, not a certificate: "
                              + ("swap --tls-cert and --tls-key" if swapped else
                                 "pass the certificate the key was made for"))
         # The certificate file is left readable by everyone on the card.
-        raise BuildError(f"--tls-cert {cert_path} holds a private key as well: pass a file "
+        raise UsageError(f"--tls-cert {cert_path} holds a private key as well: pass a file "
                          f"with the certificate alone, and the key with --tls-key")
     try:
         cert = tls.check_pair(cert_pem, key_pem, now)
@@ -66,7 +66,7 @@ def check_given_tls(cert_path: Path | None, key_path: Path | None,
         raise _refusal(str(exc), cert_path, key_path) from None
     except ValueError as exc:
         # cryptography parses extensions only when asked: a damaged one surfaces here.
-        raise BuildError(f"--tls-cert {cert_path}: the certificate cannot be read ({exc}); "
+        raise UsageError(f"--tls-cert {cert_path}: the certificate cannot be read ({exc}); "
                          f"pass an intact PEM certificate") from None
     return GivenTls(cert_path, key_path, cert_pem, key_pem, cert)
 
@@ -76,10 +76,10 @@ def _read(flag: str, path: Path) -> bytes:
         with open(path, "rb") as f:
             data = f.read(MAX_PEM + 1)
     except OSError as exc:
-        raise BuildError(f"{flag} {path}: cannot be read ({exc.strerror}): pass the path of "
+        raise UsageError(f"{flag} {path}: cannot be read ({exc.strerror}): pass the path of "
                          f"a readable PEM file") from None
     if len(data) > MAX_PEM:
-        raise BuildError(f"{flag} {path}: larger than {MAX_PEM >> 20} MiB, so no PEM file: "
+        raise UsageError(f"{flag} {path}: larger than {MAX_PEM >> 20} MiB, so no PEM file: "
                          f"pass the right file")
     return data
 
@@ -99,11 +99,11 @@ _FIXES = (
 )
 
 
-def _refusal(reason: str, cert_path: Path, key_path: Path) -> BuildError:
+def _refusal(reason: str, cert_path: Path, key_path: Path) -> UsageError:
     flag, fix = next(((f, x) for words, f, x in _FIXES if words in reason), ("--tls-cert", ""))
     path = key_path if flag == "--tls-key" else cert_path
     reason = reason.removeprefix("the certificate: ").removeprefix("the key: ")
-    return BuildError(f"{flag} {path}: {reason}" + (f"; {fix}" if fix else ""))
+    return UsageError(f"{flag} {path}: {reason}" + (f"; {fix}" if fix else ""))
 
 
 def warn_about(given: GivenTls, hostname: str | None, now: dt.datetime) -> None:

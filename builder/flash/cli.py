@@ -1,6 +1,7 @@
 """`flash-image IMAGE DEVICE`: the command line, and the steps in their order (the package's
 docstring lists them); everything that can be refused is refused before the card is touched.
-An error is one line and exit 1, a card that does not hold the image exit 2."""
+An error is one line and exit 1 (a usage error exit 2), a card that does not hold the image
+exit 3."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 from builder import log
 from builder.compression import COMPRESSIONS, built_image_suffix
-from builder.entry import add_common_options, run_reporting
-from builder.errors import BuildError, Interrupted
+from builder.entry import EXIT_NOT_SOUND, add_common_options, quiet_on_closed_pipe, run_reporting
+from builder.errors import BuildError, Interrupted, UsageError
 from builder.flash.bmap import bmap_beside, read_bmap
 from builder.flash.certificate import GivenTls, check_given_tls, warn_about, warn_unnamed
 from builder.flash.device import Card, Target, check_fits, inspect_target, opened
@@ -31,7 +32,7 @@ from builder.flash.write import (
 from builder.log import human_size
 from builder.run import require_programs
 
-EXIT_MISMATCH = 2
+EXIT_MISMATCH = EXIT_NOT_SOUND
 
 
 def parser() -> argparse.ArgumentParser:
@@ -88,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@quiet_on_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
@@ -139,7 +141,7 @@ def check_request(args: argparse.Namespace) -> Request:
                                           ("--tls-cert", args.tls_cert),
                                           ("--tls-key", args.tls_key)) if value]
         if given:
-            raise BuildError(f"--verify-only writes nothing: drop {', '.join(given)}")
+            raise UsageError(f"--verify-only writes nothing: drop {', '.join(given)}")
     now = dt.datetime.now(dt.UTC)
     # Before the preseed, which may ask for a Wi-Fi key: a bad file is refused without asking.
     tls = check_given_tls(args.tls_cert, args.tls_key, now)
@@ -171,7 +173,7 @@ def confirm(request: Request, target: Target) -> None:
     if request.tls is not None:
         print(f"and {request.tls.describe()}", file=sys.stderr)
     if not sys.stdin.isatty():
-        raise BuildError("no terminal to confirm on: pass --yes to write without asking")
+        raise UsageError("no terminal to confirm on: pass --yes to write without asking")
     print(f"Everything on {target.path} will be lost. Type yes to go on: ", end="",
           file=sys.stderr, flush=True)
     answer = sys.stdin.readline().strip().lower()

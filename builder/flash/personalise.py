@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import __version__
-from builder.errors import BuildError
+from builder.errors import BuildError, UsageError
 from builder.ext4 import Ext4, find_root_fs, superblock
 from builder.firstboot.answers import (
     check_hostname,
@@ -90,7 +90,7 @@ def check_preseed(*, preseed_file: Path | None, hostname: str | None,
         flags.extend(("ssh_key", _quoted(key)) for key in _ssh_keys(path))
     if wifi is not None:
         if _LINE_BREAK.search(wifi):
-            raise BuildError(f"--wifi {wifi!r}: an SSID with a line break cannot be "
+            raise UsageError(f"--wifi {wifi!r}: an SSID with a line break cannot be "
                              f"written to a preseed file")
         flags.append(("wifi_ssid", _quoted(_checked("--wifi", wifi, check_ssid))))
         key = _ask_wifi_key(wifi)
@@ -104,7 +104,7 @@ def check_preseed(*, preseed_file: Path | None, hostname: str | None,
     # The very lines the card will get, read back as the wizard will read them.
     _, problems = parse_preseed(preseed.text(), Path("/"), Settings())
     if problems:
-        raise BuildError(f"this card's preseed would not be accepted by the wizard: "
+        raise UsageError(f"this card's preseed would not be accepted by the wizard: "
                          f"{problems[0]}")
     return preseed
 
@@ -118,7 +118,7 @@ def _checked(flag: str, value: str, check: Callable[[str], str], *,
         return check(value)
     except ValueError as exc:
         shown = "" if secret else f" {value!r}"
-        raise BuildError(f"{flag}{shown}: {exc}") from None
+        raise UsageError(f"{flag}{shown}: {exc}") from None
 
 
 def _quoted(value: str) -> str:
@@ -133,14 +133,14 @@ def _ssh_keys(path: Path) -> list[str]:
     try:
         text = path.read_text(errors="replace")
     except OSError as exc:
-        raise BuildError(f"--ssh-key {path}: {exc.strerror}") from None
+        raise UsageError(f"--ssh-key {path}: {exc.strerror}") from None
     if "PRIVATE KEY" in text:
-        raise BuildError(f"--ssh-key {path} is a private key: give the public one "
+        raise UsageError(f"--ssh-key {path} is a private key: give the public one "
                          f"({path}.pub), and keep this one off every card")
     keys = [_checked(f"--ssh-key {path}: a line", line.strip(), check_ssh_key)
             for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not keys:
-        raise BuildError(f"--ssh-key {path}: no key in it (give a .pub file)")
+        raise UsageError(f"--ssh-key {path}: no key in it (give a .pub file)")
     return keys
 
 
