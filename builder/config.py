@@ -257,6 +257,43 @@ def _check_keys(data: Mapping[str, Any], prefix: str, source: str) -> None:
             _check_keys(value, f"{prefix}{key}.", source)
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping. Plain YAML loaders keep the last and say nothing,
+    so a setting changed near the top of a file is silently undone by its old line further
+    down."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"{key!r} twice")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice at one level (lines counted from 1)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[tuple[type, Any], int] = {}
+        for key_node, _ in node.value:
+            # `<<: *anchor` merges keys that the mapping may then override: YAML allows that.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            # By type too: YAML's `1` and `true` are different keys that Python finds equal.
+            try:
+                first = seen.get((type(key), key))
+            except TypeError:
+                continue            # an unhashable key: SafeLoader itself refuses it below
+            if first is not None:
+                raise DuplicateKey(key, key_node.start_mark.line + 1, first + 1)
+            seen[(type(key), key)] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as users write it: safe tags only, and a key given twice at one level refused
+    (DuplicateKey) rather than the last one silently taken."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)   # a SafeLoader: no arbitrary objects
+
+
 def read_yaml_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -266,7 +303,11 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise BuildError(f"config file {path} cannot be read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKey as exc:
+        raise BuildError(f"config file {path}: line {exc.line}: {exc.key!r} is given twice at "
+                         f"one level (first at line {exc.first_line}; the last would win "
+                         f"silently): keep one") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -293,7 +334,9 @@ def parse_override(text: str) -> dict[str, Any]:
     # The value is YAML so that numbers, booleans, null and [lists] work, but only a scalar or
     # a [flow] / {flow} collection: "::" or "a: b" mean the string the user typed.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as exc:
+        raise BuildError(f"--set {text!r}: {exc.key!r} is given twice: keep one") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, dict | list) and not raw.strip().startswith(("[", "{")):
@@ -312,7 +355,7 @@ def load_config(
     """
     layers = _Layers()
     defaults = resources.files("builder").joinpath(DEFAULTS_NAME).read_text(encoding="utf-8")
-    layers.merge(yaml.safe_load(defaults), DEFAULTS_NAME)
+    layers.merge(load_yaml(defaults), DEFAULTS_NAME)
     for file in files:
         layers.merge(read_yaml_file(file), str(file))
     for text in overrides:

@@ -297,3 +297,11 @@ def test_preseed_needs_the_builtin_wizard(tmp_path: Path) -> None:
     result = preseed_plan(tmp_path, "hostname = lab\n", "--set", "customize.builtin=false")
     assert result.returncode == 1
     assert "the first-boot wizard is part of the built-in customize.d" in error_line(result)
+
+
+def test_a_key_given_twice_in_a_config_file_stops_the_build(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  port: 9000\n\n  port: 8888\n")
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path))
+    assert line == (f"build-image: error: config file {path}: line 4: 'port' is given twice at "
+                    f"one level (first at line 2; the last would win silently): keep one")

@@ -220,3 +220,45 @@ def test_to_dict_is_plain_data() -> None:
                                             ("7MiB", 7 << 20), (42, 42)])
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
+
+
+# A key written twice at one level: YAML loaders keep the last and say nothing.
+
+
+@pytest.mark.parametrize(("text", "line", "key", "first"), [
+    ("jupyter:\n  port: 9000\n  user: jupyter\n  port: 8888\n", 4, "port", 2),
+    ("jupyter:\n  port: 9000\nbase:\n  release: noble\njupyter:\n  ip: '*'\n", 5, "jupyter", 1),
+    ("jupyter: {port: 9000, port: 8888}\n", 1, "port", 1),
+])
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path: Path, text: str, line: int, key: str,
+                                                first: int) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(BuildError) as error:
+        load_config([path])
+    assert str(error.value) == (
+        f"config file {path}: line {line}: {key!r} is given twice at one level (first at line "
+        f"{first}; the last would win silently): keep one")
+
+
+def test_the_same_key_in_different_sections_or_merged_is_no_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    # `dir` twice, but in two sections; `<<` merges keys the mapping may override.
+    path.write_text("output:\n  dir: o\ncache:\n  dir: c\n"
+                    "jupyter:\n  <<: {port: 9000, user: lab}\n  port: 9001\n")
+    config = load_config([path])
+    assert (config.jupyter.port, config.jupyter.user) == (9001, "lab")
+
+
+def test_a_key_given_twice_in_a_set_value_is_refused() -> None:
+    with pytest.raises(BuildError, match=r"^--set 'jupyter=\{port: 1, port: 2\}': 'port' is "
+                                         r"given twice: keep one$"):
+        load_config(overrides=["jupyter={port: 1, port: 2}"])
+
+
+def test_the_defaults_have_no_key_twice() -> None:
+    from importlib import resources
+
+    from builder.config import load_yaml
+    text = resources.files("builder").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    assert load_yaml(text)["jupyter"]["port"] == 8888
