@@ -14,11 +14,39 @@ from builder.run import spawn
 # File suffix → decompressing command (reads stdin, writes stdout). Separate processes, not
 # Python's lzma: xz decompresses the multi-block files Armbian publishes on every core.
 COMPRESSIONS: dict[str, list[str]] = {
+    ".img": ["cat"],
     ".img.xz": ["xz", "--decompress", "--stdout", "--threads=0"],
     ".img.gz": ["gzip", "--decompress", "--stdout"],
     ".img.zst": ["zstd", "--decompress", "--stdout", "--quiet"],
-    ".img": ["cat"],
 }
+
+
+def listed(suffixes: list[str]) -> str:
+    """".img, .img.xz or .img.zst": what is accepted, for messages, from the table."""
+    return suffixes[0] if len(suffixes) == 1 else f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
+
+
+# Every kind of image file this project reads, for messages: ".img, .img.xz, ... or .img.zst".
+KINDS = listed(list(COMPRESSIONS))
+
+
+# How each compressed format's files start. Checked before a decompressor is started: a file
+# named for another format, or no compressed file at all, is refused as such, not as "corrupt
+# or truncated" by the decompressor. zstd's may begin with a skippable frame (magic
+# 0x184D2A50 to 0x184D2A5F, little-endian) instead of a data frame.
+MAGIC: dict[str, tuple[bytes, ...]] = {
+    ".img.xz": (b"\xfd7zXZ\x00",),
+    ".img.gz": (b"\x1f\x8b",),
+    ".img.zst": (b"\x28\xb5\x2f\xfd", *(bytes([0x50 + i, 0x2A, 0x4D, 0x18]) for i in range(16))),
+}
+
+
+def format_of(head: bytes) -> str | None:
+    """The suffix of the compressed format whose magic bytes `head` starts with."""
+    for suffix, magics in MAGIC.items():
+        if head.startswith(magics):
+            return suffix
+    return None
 
 
 def image_suffix(name: str) -> str:
@@ -27,7 +55,7 @@ def image_suffix(name: str) -> str:
         if lowered.endswith(suffix):
             return suffix
     raise BuildError(
-        f"base image {name!r} is not an .img, .img.xz, .img.gz or .img.zst file: "
+        f"base image {name!r} is not an {KINDS} file: "
         f"give --base armbian, or a path or URL to a disk image"
     )
 

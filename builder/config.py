@@ -36,16 +36,18 @@ BASE_VERIFY_LEVELS = ("signature", "sha256", "none")
 
 @dataclass(frozen=True)
 class BaseConfig:
-    source: Annotated[str, Rule(allowed.source)]
+    source: Annotated[str, Rule(allowed.source, path=allowed.FILE,
+                                not_paths=allowed.SOURCE_WORDS)]
     sha256: Annotated[str | None, Rule(allowed.sha256)]
     release: Annotated[str, Rule(allowed.name)]
     branch: Annotated[str, Rule(allowed.name)]
     variant: Annotated[str, Rule(allowed.name)]
-    armbian_index: Annotated[str, Rule(allowed.url_or_path)]
+    armbian_index: Annotated[str, Rule(allowed.url_or_path, path=allowed.FILE)]
     armbian_mirror: Annotated[str | None, Rule(allowed.http_url)]
     debian_mirror: Annotated[str, Rule(allowed.http_url)]
     verify: Annotated[str, Rule(allowed.choice(*BASE_VERIFY_LEVELS))]
-    gpg_keyring: Annotated[tuple[str, ...], Rule(allowed.local_paths, one_or_list=True)]
+    gpg_keyring: Annotated[tuple[str, ...], Rule(allowed.local_paths, one_or_list=True,
+                                                 path=allowed.FILE)]
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class FirstbootConfig:
     answer_timeout: Annotated[float, Rule(allowed.positive, "a number of seconds")]
     unattended: Annotated[str, Rule(allowed.choice("wait", "token"))]
     unattended_after: Annotated[float, Rule(allowed.positive, "a number of seconds")]
-    preseed: Annotated[str | None, Rule(allowed.local_path)]
+    preseed: Annotated[str | None, Rule(allowed.local_path, path=allowed.FILE)]
     ssh_passwords: Annotated[str, Rule(allowed.choice("off_with_key", "keep"))]
     consoles: Annotated[tuple[str, ...], Rule(allowed.console_words, one_or_list=True)]
 
@@ -99,15 +101,15 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: Annotated[str, Rule(allowed.non_empty)]
+    dir: Annotated[str, Rule(allowed.non_empty, path=allowed.NEW_DIRECTORY)]
     product: Annotated[str, Rule(allowed.name)]
 
 
 @dataclass(frozen=True)
 class CustomizeConfig:
     builtin: bool
-    scripts: tuple[str, ...]
-    overlays: tuple[str, ...]
+    scripts: Annotated[tuple[str, ...], Rule(allowed.local_paths, path=allowed.DIRECTORY)]
+    overlays: Annotated[tuple[str, ...], Rule(allowed.local_paths, path=allowed.DIRECTORY)]
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    dir: str | None
+    dir: Annotated[str | None, Rule(allowed.as_given, path=allowed.NEW_DIRECTORY)]
     stages_size: ByteSize
     stage_days: Annotated[float, Rule(allowed.positive, "a number of days")]
 
@@ -149,11 +151,33 @@ class Config:
     emulation: EmulationConfig
     download: DownloadConfig
     cache: CacheConfig
+    # Not a setting: where each key path was set last (a --config file's name, "--set",
+    # "command line" or defaults.yaml), for messages about a value found wrong later.
+    origins: Mapping[str, str] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False, metadata={"setting": False})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples) for the JSON handed to customize.d scripts."""
         plain: dict[str, Any] = _plain(dataclasses.asdict(self))
+        del plain["origins"]
         return plain
+
+    def given_as(self, key: str, flag: str) -> str:
+        """Where the value of `key` was given, as the user wrote it: "site.yaml: key",
+        "--set key", or `flag` (the dedicated option) when it came from the command line."""
+        origin = self.origins.get(key)
+        if origin == "command line":
+            return flag
+        if origin == "--set":
+            return f"--set {key}"
+        if origin in (None, DEFAULTS_NAME):
+            return key
+        return f"{origin}: {key}"
+
+
+def _settings(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    """The fields of a settings dataclass that are settings (Config.origins is not)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("setting", True)]
 
 
 def _plain(value: Any) -> Any:
@@ -197,6 +221,9 @@ class _Layers:
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
         self.origins: dict[str, str] = {}
+        # The directory of each --config file, by its layer's name: what a relative path
+        # written in it is relative to.
+        self.directories: dict[str, Path] = {}
 
     def merge(self, overlay: Mapping[str, Any], source: str, prefix: str = "") -> None:
         _check_keys(overlay, prefix, source)
@@ -246,7 +273,7 @@ def _check_keys(data: Mapping[str, Any], prefix: str, source: str) -> None:
     cls = _schema_at(prefix)
     if cls is None:
         return
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in _settings(cls)]
     for key, value in data.items():
         if not isinstance(key, str) or key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
@@ -255,6 +282,43 @@ def _check_keys(data: Mapping[str, Any], prefix: str, source: str) -> None:
             raise BuildError(f"{where}{prefix}{key}: unknown key ({hint})")
         if isinstance(value, Mapping):
             _check_keys(value, f"{prefix}{key}.", source)
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A key written twice in one mapping. Plain YAML loaders keep the last and say nothing,
+    so a setting changed near the top of a file is silently undone by its old line further
+    down."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"{key!r} twice")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice at one level (lines counted from 1)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[tuple[type, Any], int] = {}
+        for key_node, _ in node.value:
+            # `<<: *anchor` merges keys that the mapping may then override: YAML allows that.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            # By type too: YAML's `1` and `true` are different keys that Python finds equal.
+            try:
+                first = seen.get((type(key), key))
+            except TypeError:
+                continue            # an unhashable key: SafeLoader itself refuses it below
+            if first is not None:
+                raise DuplicateKey(key, key_node.start_mark.line + 1, first + 1)
+            seen[(type(key), key)] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as users write it: safe tags only, and a key given twice at one level refused
+    (DuplicateKey) rather than the last one silently taken."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)   # a SafeLoader: no arbitrary objects
 
 
 def read_yaml_file(path: Path) -> dict[str, Any]:
@@ -266,7 +330,11 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise BuildError(f"config file {path} cannot be read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
+    except DuplicateKey as exc:
+        raise BuildError(f"config file {path}: line {exc.line}: {exc.key!r} is given twice at "
+                         f"one level (first at line {exc.first_line}; the last would win "
+                         f"silently): keep one") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -293,7 +361,9 @@ def parse_override(text: str) -> dict[str, Any]:
     # The value is YAML so that numbers, booleans, null and [lists] work, but only a scalar or
     # a [flow] / {flow} collection: "::" or "a: b" mean the string the user typed.
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as exc:
+        raise BuildError(f"--set {text!r}: {exc.key!r} is given twice: keep one") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, dict | list) and not raw.strip().startswith(("[", "{")):
@@ -312,15 +382,19 @@ def load_config(
     """
     layers = _Layers()
     defaults = resources.files("builder").joinpath(DEFAULTS_NAME).read_text(encoding="utf-8")
-    layers.merge(yaml.safe_load(defaults), DEFAULTS_NAME)
+    layers.merge(load_yaml(defaults), DEFAULTS_NAME)
     for file in files:
         layers.merge(read_yaml_file(file), str(file))
+        # The directory, not the file, is resolved: a config file that is a symlink is read
+        # beside the link, where its user sees it.
+        layers.directories[str(file)] = file.expanduser().absolute().parent.resolve()
     for text in overrides:
         layers.merge(parse_override(text), "--set")
     for path, value in (flags or {}).items():
         if value is not None:
             layers.merge(_nested(path, value), "command line")
     config: Config = _build(Config, layers.data, "", layers)
+    config = dataclasses.replace(config, origins=dict(layers.origins))
     _check_across_keys(config, layers.origin)
     return config
 
@@ -349,7 +423,7 @@ def _build(cls: type[Any], data: Any, prefix: str, layers: _Layers) -> Any:
         )
     values: dict[str, Any] = {}
     hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
+    for f in _settings(cls):
         path = f"{prefix}{f.name}"
         if f.name not in data:
             raise BuildError(f"{path}: missing from the settings (is {DEFAULTS_NAME} intact?)")
@@ -378,11 +452,46 @@ def _convert(value: Any, hint: Any, path: str, rule: Rule | None, layers: _Layer
             if rule is not None and rule.expect:
                 raise ValueError(f"is not {rule.expect}") from None
             raise
-        return rule.check(converted) if rule else converted
+        checked = rule.check(converted) if rule else converted
+        if rule is not None and rule.path is not None:
+            checked = _host_paths(checked, path, rule, layers)
+        return checked
     except BadItem as exc:
         raise BuildError(f"{where}: {exc}") from None
     except ValueError as exc:
         raise BuildError(f"{where}: {_describe(value)} {exc}") from None
+
+
+def _host_paths(value: Any, key: str, rule: Rule, layers: _Layers) -> Any:
+    """A path written in a --config file is relative to that file's directory, wherever
+    build-image is started, and is checked now, while it is known which file and key it came
+    from (later a missing file could only be blamed on the option that sets it). A path from
+    the command line (a flag or --set) keeps meaning what the shell means: relative to the
+    current directory, and checked where it is used."""
+    origin = layers.origins.get(key, "")
+    directory = layers.directories.get(origin)
+    if directory is None:
+        return value
+    resolved = [_resolve(item, directory, f"{origin}: {key}", rule)
+                for item in (value if isinstance(value, tuple) else (value,))]
+    return tuple(resolved) if isinstance(value, tuple) else resolved[0]
+
+
+def _resolve(item: str, directory: Path, where: str, rule: Rule) -> str:
+    if not item or "://" in item or item in rule.not_paths:
+        return item
+    path = directory / Path(item).expanduser()   # an absolute one stays as it is
+    if rule.path == allowed.NEW_DIRECTORY:
+        return str(path)
+    exists = path.is_file() if rule.path == allowed.FILE else path.is_dir()
+    if not exists:
+        problem = ("is a directory, not a file" if path.is_dir() else
+                   "is not a directory" if path.exists() else "does not exist")
+        relative = "" if Path(item).expanduser().is_absolute() else \
+            " (a relative path in a config file is taken from the file's directory)"
+        raise BuildError(f"{where}: {item!r}: {path} {problem}{relative}: fix the path "
+                         f"to name a {rule.path}")
+    return str(path)
 
 
 def _convert_type(value: Any, hint: Any) -> Any:

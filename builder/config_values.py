@@ -31,6 +31,15 @@ class Rule:
     # For a list setting that used to hold one value: a single string (or null) is taken as
     # a list of one (or none), so settings files written for the old form keep working.
     one_or_list: bool = False
+    # For a setting that names something on this machine: FILE (read by the build), DIRECTORY
+    # (read by the build) or NEW_DIRECTORY (made when needed). config.py resolves a relative
+    # one written in a config file against that file's directory and checks it is there;
+    # `not_paths` are values that name no path (base.source's armbian and debian).
+    path: str | None = None
+    not_paths: tuple[str, ...] = ()
+
+
+FILE, DIRECTORY, NEW_DIRECTORY = "file", "directory", "new directory"
 
 
 # Sizes are written "3GiB", "512MiB" or as a number of bytes and kept as bytes.
@@ -109,8 +118,17 @@ def local_path(value: str) -> str:
     return value
 
 
+# The bases base.source names by a word rather than a path or URL.
+SOURCE_WORDS = ("armbian", "debian")
+
+
 def source(value: str) -> str:
-    return value if value in ("armbian", "debian") else url_or_path(value)
+    return value if value in SOURCE_WORDS else url_or_path(value)
+
+
+def as_given(value: Any) -> Any:
+    """Nothing to check beyond the type (for a Rule that exists for its `path`)."""
+    return value
 
 
 def sha256(value: str) -> str:

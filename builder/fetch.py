@@ -39,9 +39,16 @@ import requests
 from builder import log
 from builder.armbian import ArmbianImage
 from builder.cache import Cache, CachedImage, key_of
-from builder.compression import decompress_sparse, image_suffix
+from builder.compression import (
+    COMPRESSIONS,
+    KINDS,
+    decompress_sparse,
+    format_of,
+    image_suffix,
+)
 from builder.download import Http, HttpError, disk_full_error, forget_partial
 from builder.errors import BuildError
+from builder.image import MIN_IMAGE_SIZE, table_label
 from builder.verify import (
     ARMBIAN_KEYS,
     BadSignature,
@@ -112,14 +119,52 @@ def source_from_location(location: str, sha256: str | None) -> BaseSource:
                           sha256_url=None, signature_url=asc, size=None,
                           label=f"{name} from {parts.netloc}")
     path = Path(location).expanduser().absolute()
+    if path.is_dir():
+        # Before the suffix: a directory named x.img is still no image.
+        raise BuildError(f"base image {path} is a directory: give the image file itself (an "
+                         f"{KINDS} file)")
     suffix = image_suffix(path.name)
     if not path.is_file():
         raise BuildError(f"base image {path} not found: check the path given to --base")
     if not os.access(path, os.R_OK):
         raise BuildError(f"base image {path} is not readable: check its permissions")
+    check_local_image(path, suffix)
     return BaseSource(location=str(path), filename=path.name, suffix=suffix, sha256=sha256,
                       sha256_url=None, signature_url=str(path) + ".asc",
                       size=path.stat().st_size, label=f"local file {path}")
+
+
+def check_local_image(path: Path, suffix: str) -> None:
+    """Refuse, before anything is verified, decompressed or cached, a local file that cannot
+    be what its name says: a raw .img without a partition table (a text file, a partition
+    image, a truncated download), or a compressed one whose first bytes are not its format's.
+    A raw .img is used in place and was taken as it was; a wrong compressed one failed only
+    in its decompressor, as "corrupt"."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if suffix == ".img":
+        size = path.stat().st_size
+        if size < MIN_IMAGE_SIZE:
+            raise BuildError(f"base image {path} is not a disk image: {size} bytes cannot hold "
+                             f"a system: give the .img of a whole disk (such as Armbian's)")
+        if table_label(head) is None:
+            raise BuildError(f"base image {path} is not a disk image: it has no partition "
+                             f"table (no MBR signature at byte 510, no GPT header at 512): give "
+                             f"the .img of a whole disk (such as Armbian's), not of a partition")
+        return
+    found = format_of(head)
+    if found == suffix:
+        return
+    tool = COMPRESSIONS[suffix][0]
+    if found is not None:
+        stem = path.name[: -len(suffix)]
+        raise BuildError(f"base image {path} holds {COMPRESSIONS[found][0]} data, not {tool}: "
+                         f"rename it to {stem}{found}")
+    if table_label(head) is not None:
+        raise BuildError(f"base image {path} is an uncompressed disk image named {suffix}: "
+                         f"rename it to {path.name[: -len(suffix)]}.img")
+    raise BuildError(f"base image {path} is not {tool}-compressed (its first bytes are not "
+                     f"{tool}'s): give the image file itself, or download it again")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,22 @@ class Table:
         return max(self.partitions, key=lambda p: p.start)
 
 
+# Smaller than this, a file holds no bootable system: a kernel alone takes several MiB.
+MIN_IMAGE_SIZE = 1 << 20
+
+
+def table_label(head: bytes) -> str | None:
+    """What kind of partition table the first bytes of a disk show, without sfdisk (which a
+    host that only fetches need not have): "gpt" (its header in the second sector, after the
+    protective MBR; the fourth-KiB one of 4096-byte sectors too), "dos" (the MBR's boot
+    signature 0x55 0xAA at byte 510), or None."""
+    if head[SECTOR:SECTOR + 8] == b"EFI PART" or head[4096:4096 + 8] == b"EFI PART":
+        return "gpt"
+    if head[510:512] == b"\x55\xaa":
+        return "dos"
+    return None
+
+
 def read_table(image: Path) -> Table:
     proc = run(["sfdisk", "--json", image], capture=True, check=False)
     if proc.returncode != 0:

@@ -387,3 +387,29 @@ def test_usage_errors_exit_2_and_failures_1(tmp_path: Path, argv: list[str], cod
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr.splitlines()[-1], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_key_given_twice_in_a_config_file_stops_the_build(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("jupyter:\n  port: 9000\n\n  port: 8888\n")
+    line = error_line(run_cli("--board", "orangepi5", "--dry-run", "--config", path), code=2)
+    assert line == (f"build-image: error: config file {path}: line 4: 'port' is given twice at "
+                    f"one level (first at line 2; the last would win silently): keep one")
+
+
+def test_a_preseed_named_in_a_config_file_is_found_beside_it(tmp_path: Path) -> None:
+    """build-image runs in another directory (run_cli: the checkout) than the config's."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "answers.conf").write_text("hostname = lab\n")
+    (conf / "site.yaml").write_text("firstboot:\n  preseed: answers.conf\n")
+    result = run_cli("--board", "orangepipcplus", "--base", "debian", "--dry-run",
+                     "--cache-dir", tmp_path / "cache", "--config", conf / "site.yaml")
+    assert result.returncode == 0, result.stderr
+    (conf / "answers.conf").unlink()
+    line = error_line(run_cli("--board", "orangepipcplus", "--base", "debian", "--dry-run",
+                              "--cache-dir", tmp_path / "cache", "--config",
+                              conf / "site.yaml"), code=2)
+    assert line == (f"build-image: error: {conf}/site.yaml: firstboot.preseed: 'answers.conf': "
+                    f"{conf}/answers.conf does not exist (a relative path in a config file is "
+                    f"taken from the file's directory): fix the path to name a file")

@@ -220,3 +220,172 @@ def test_to_dict_is_plain_data() -> None:
                                             ("7MiB", 7 << 20), (42, 42)])
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
+
+
+# A key written twice at one level: YAML loaders keep the last and say nothing.
+
+
+@pytest.mark.parametrize(("text", "line", "key", "first"), [
+    ("jupyter:\n  port: 9000\n  user: jupyter\n  port: 8888\n", 4, "port", 2),
+    ("jupyter:\n  port: 9000\nbase:\n  release: noble\njupyter:\n  ip: '*'\n", 5, "jupyter", 1),
+    ("jupyter: {port: 9000, port: 8888}\n", 1, "port", 1),
+])
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path: Path, text: str, line: int, key: str,
+                                                first: int) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(BuildError) as error:
+        load_config([path])
+    assert str(error.value) == (
+        f"config file {path}: line {line}: {key!r} is given twice at one level (first at line "
+        f"{first}; the last would win silently): keep one")
+
+
+def test_the_same_key_in_different_sections_or_merged_is_no_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    # `dir` twice, but in two sections; `<<` merges keys the mapping may override.
+    path.write_text("output:\n  dir: o\ncache:\n  dir: c\n"
+                    "jupyter:\n  <<: {port: 9000, user: lab}\n  port: 9001\n")
+    config = load_config([path])
+    assert (config.jupyter.port, config.jupyter.user) == (9001, "lab")
+
+
+def test_a_key_given_twice_in_a_set_value_is_refused() -> None:
+    with pytest.raises(BuildError, match=r"^--set 'jupyter=\{port: 1, port: 2\}': 'port' is "
+                                         r"given twice: keep one$"):
+        load_config(overrides=["jupyter={port: 1, port: 2}"])
+
+
+def test_the_defaults_have_no_key_twice() -> None:
+    from importlib import resources
+
+    from builder.config import load_yaml
+    text = resources.files("builder").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    assert load_yaml(text)["jupyter"]["port"] == 8888
+
+
+# Paths in a --config file are relative to the file; on the command line, to the current
+# directory.
+
+
+# Every setting that names something on this machine, and what it must be there.
+HOST_PATHS = {"base.source": "file", "base.armbian_index": "file", "base.gpg_keyring": "file",
+              "firstboot.preseed": "file", "customize.scripts": "directory",
+              "customize.overlays": "directory", "output.dir": "new directory",
+              "cache.dir": "new directory"}
+
+
+def test_the_settings_that_are_paths() -> None:
+    import dataclasses
+    import typing
+
+    from builder.config import Config
+    from builder.config_values import Rule
+
+    found = {}
+    for section in dataclasses.fields(Config):
+        if not (isinstance(section.type, str) and section.type.endswith("Config")):
+            continue
+        cls = typing.get_type_hints(Config)[section.name]
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+            rule = next((a for a in getattr(hint, "__metadata__", ()) if isinstance(a, Rule)),
+                        None)
+            if rule is not None and rule.path is not None:
+                found[f"{section.name}.{name}"] = rule.path
+    assert found == HOST_PATHS
+
+
+def config_dir_with_files(tmp_path: Path) -> Path:
+    conf = tmp_path / "conf"
+    for directory in ("scripts", "overlay"):
+        (conf / directory).mkdir(parents=True)
+    for name in ("answers.conf", "key.gpg", "base.img.xz", "index.json"):
+        (conf / name).write_text("x")
+    return conf
+
+
+SETTINGS_WITH_PATHS = (
+    "base:\n  source: base.img.xz\n  armbian_index: index.json\n  gpg_keyring: [key.gpg]\n"
+    "firstboot:\n  preseed: answers.conf\n"
+    "customize:\n  scripts: [scripts]\n  overlays: [./overlay]\n"
+    "output:\n  dir: out\ncache:\n  dir: ../cache\n")
+
+
+def test_paths_in_a_config_file_are_relative_to_its_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = config_dir_with_files(tmp_path)
+    (conf / "site.yaml").write_text(SETTINGS_WITH_PATHS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config([Path("../conf/site.yaml")])
+    assert config.base.source == str(conf / "base.img.xz")
+    assert config.base.armbian_index == str(conf / "index.json")
+    assert config.base.gpg_keyring == (str(conf / "key.gpg"),)
+    assert config.firstboot.preseed == str(conf / "answers.conf")
+    assert config.customize.scripts == (str(conf / "scripts"),)
+    assert config.customize.overlays == (str(conf / "overlay"),)
+    assert config.output.dir == str(conf / "out")
+    assert Path(config.cache.dir or "") == conf / "../cache"
+    # What names no path is left alone; an absolute path stays what it is.
+    (conf / "words.yaml").write_text(
+        f"base:\n  source: debian\n  armbian_index: https://example.org/i.json\n"
+        f"firstboot:\n  preseed: {conf / 'answers.conf'}\n")
+    config = load_config([conf / "words.yaml"])
+    assert (config.base.source, config.base.armbian_index, config.firstboot.preseed) == \
+        ("debian", "https://example.org/i.json", str(conf / "answers.conf"))
+
+
+def test_paths_on_the_command_line_stay_relative_to_the_current_directory(
+        tmp_path: Path) -> None:
+    conf = config_dir_with_files(tmp_path)
+    (conf / "site.yaml").write_text(SETTINGS_WITH_PATHS)
+    config = load_config([conf / "site.yaml"], ["firstboot.preseed=mine.conf",
+                                                "customize.scripts=[here]"],
+                         {"base.source": "my.img", "output.dir": "build", "cache.dir": "c"})
+    assert (config.firstboot.preseed, config.customize.scripts, config.base.source,
+            config.output.dir, config.cache.dir) == \
+        ("mine.conf", ("here",), "my.img", "build", "c")
+    # The defaults' output directory is where build-image runs, as before.
+    assert load_config().output.dir == "out"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("firstboot:\n  preseed: answer.conf\n",
+     "{file}: firstboot.preseed: 'answer.conf': {conf}/answer.conf does not exist (a relative "
+     "path in a config file is taken from the file's directory): fix the path to name a file"),
+    ("base:\n  gpg_keyring: [key.gpg, scripts]\n",
+     "{file}: base.gpg_keyring: 'scripts': {conf}/scripts is a directory, not a file (a "
+     "relative path in a config file is taken from the file's directory): fix the path to "
+     "name a file"),
+    ("customize:\n  overlays: [answers.conf]\n",
+     "{file}: customize.overlays: 'answers.conf': {conf}/answers.conf is not a directory (a "
+     "relative path in a config file is taken from the file's directory): fix the path to "
+     "name a directory"),
+    ("base:\n  source: /nowhere/base.img\n",
+     "{file}: base.source: '/nowhere/base.img': /nowhere/base.img does not exist: fix the "
+     "path to name a file"),
+])
+def test_a_bad_path_in_a_config_file_names_the_file_and_key(tmp_path: Path, text: str,
+                                                            message: str) -> None:
+    conf = config_dir_with_files(tmp_path)
+    (conf / "site.yaml").write_text(text)
+    with pytest.raises(BuildError) as error:
+        load_config([conf / "site.yaml"])
+    assert str(error.value) == message.format(file=conf / "site.yaml", conf=conf)
+
+
+def test_where_a_value_was_given(tmp_path: Path) -> None:
+    conf = config_dir_with_files(tmp_path)
+    (conf / "site.yaml").write_text("firstboot:\n  preseed: answers.conf\n")
+    config = load_config([conf / "site.yaml"], ["jupyter.port=9000"], {"base.release": "noble"})
+    assert config.given_as("firstboot.preseed", "--preseed") == \
+        f"{conf / 'site.yaml'}: firstboot.preseed"
+    assert config.given_as("jupyter.port", "--port") == "--set jupyter.port"
+    assert config.given_as("base.release", "--release") == "--release"
+    assert config.given_as("base.branch", "--branch") == "base.branch"
+    # Not a setting: neither in the scripts' JSON nor a key a file may set.
+    assert "origins" not in config.to_dict()
+    (conf / "bad.yaml").write_text("origins: {}\n")
+    with pytest.raises(BuildError, match="origins: unknown key"):
+        load_config([conf / "bad.yaml"])

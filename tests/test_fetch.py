@@ -649,9 +649,17 @@ def test_how_the_base_was_verified_goes_into_the_manifest(armbian: FakeArmbian, 
 # Local files and other formats.
 
 
+def disk_image(seed: int) -> bytes:
+    """make_raw_image with an MBR's boot signature: a local raw .img must show a partition
+    table to be taken (test_a_local_base_that_is_no_image_is_refused)."""
+    data = bytearray(make_raw_image(seed))
+    data[510:512] = b"\x55\xaa"
+    return bytes(data)
+
+
 def test_local_xz_gz_zst_and_raw(tmp_path: Path, cache_dir: Path, gpg: Gpg) -> None:
     """Local files, each with its signature beside it (PATH.asc), checked by default."""
-    raw = make_raw_image(7)
+    raw = disk_image(7)
     xz = tmp_path / "base.img.xz"
     xz.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ, preset=0))
     gz = tmp_path / "base.img.gz"
@@ -681,7 +689,7 @@ def test_local_file_without_signature_or_digest(tmp_path: Path, cache_dir: Path,
                                                 gpg: Gpg) -> None:
     """Refused by default, before anything is read into the cache; taken with
     --base-verify none, and warned about."""
-    raw = make_raw_image(8)
+    raw = disk_image(8)
     for path in (tmp_path / "base.img.xz", tmp_path / "base.img"):
         path.write_bytes(lzma.compress(raw, preset=0) if path.suffix == ".xz" else raw)
         cache = cache_dir / path.name
@@ -793,3 +801,85 @@ def test_too_little_space_is_found_before_downloading(armbian: FakeArmbian,
     assert "not enough space in" in line and "--cache-dir" in line
     assert armbian.mirror.hits(pub.path) == []
     assert leftovers(tiny_cache) == []
+
+
+def gpt_image(path: Path) -> Path:
+    """A real GPT disk made by sfdisk (protective MBR, header at 512, one partition)."""
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=b"label: gpt\nstart=2048\n",
+                   check=True)
+    return path
+
+
+def test_a_local_base_that_is_no_image_is_refused(tmp_path: Path, cache_dir: Path) -> None:
+    """Before anything is verified, decompressed or cached: one line naming the file and what
+    to give instead; the user's file stays as it was."""
+    raw = disk_image(11)
+    (tmp_path / "x.img").mkdir()
+    cases: dict[str, tuple[bytes, str]] = {
+        "notes.img": (b"hello\n", "is not a disk image: 6 bytes cannot hold a system: give the "
+                                  ".img of a whole disk (such as Armbian's)"),
+        "noise.img": (make_raw_image(12), "is not a disk image: it has no partition table (no "
+                                          "MBR signature at byte 510, no GPT header at 512): "
+                                          "give the .img of a whole disk (such as Armbian's), "
+                                          "not of a partition"),
+        "gz.img.xz": (gzip.compress(raw, compresslevel=1), "holds gzip data, not xz: rename it "
+                                                           "to gz.img.gz"),
+        "xz.img.zst": (lzma.compress(raw, preset=0), "holds xz data, not zstd: rename it to "
+                                                     "xz.img.xz"),
+        "raw.img.gz": (raw, "is an uncompressed disk image named .img.gz: rename it to raw.img"),
+        "text.img.xz": (b"hello\n" * 100, "is not xz-compressed (its first bytes are not xz's): "
+                                          "give the image file itself, or download it again"),
+    }
+    for name, (data, _) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    cases["x.img"] = (b"", "is a directory: give the image file itself (an .img, .img.xz, "
+                           ".img.gz or .img.zst file)")
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        for mode in ("--fetch-only", "--dry-run"):
+            line = error_line(run_cli("--board", "orangepipc", mode, "--base", path,
+                                      "--cache-dir", cache_dir, *UNSIGNED_BASE))
+            assert line == f"build-image: error: base image {path} {message}", (mode, line)
+        assert path.is_dir() or path.read_bytes() == data
+        assert not cache_dir.exists() or leftovers(cache_dir) == []
+
+
+def test_a_gpt_disk_and_a_skippable_zstd_frame_are_taken(tmp_path: Path,
+                                                         cache_dir: Path) -> None:
+    """The checks above refuse only what cannot be an image: a GPT disk (no MBR signature
+    needed beyond its protective one) and zstd data behind a skippable frame pass."""
+    disk = gpt_image(tmp_path / "gpt.img")
+    data = bytearray(disk.read_bytes())
+    data[510:512] = b"\0\0"      # only the GPT header says what it is
+    disk.write_bytes(data)
+    result = run_cli("--board", "orangepipc", "--fetch-only", "--base", disk,
+                     "--cache-dir", cache_dir, *UNSIGNED_BASE)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[-1]) == disk
+    zst = tmp_path / "skip.img.zst"
+    frame = subprocess.run(["zstd", "-q", "-1", "-c", str(disk)], capture_output=True,
+                           check=True).stdout
+    zst.write_bytes(bytes([0x50, 0x2A, 0x4D, 0x18]) + (4).to_bytes(4, "little") + b"skip" +
+                    frame)
+    result = run_cli("--board", "orangepipc", "--fetch-only", "--base", zst,
+                     "--cache-dir", cache_dir, *UNSIGNED_BASE)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.splitlines()[-1]).read_bytes() == bytes(data)
+
+
+def test_every_compressed_format_is_known_by_its_first_bytes(tmp_path: Path) -> None:
+    """Each compressed suffix of the table, compressed by its own program, is recognised as
+    itself and as nothing else."""
+    from builder.compression import COMPRESSIONS, MAGIC, format_of
+    plain = tmp_path / "data"
+    plain.write_bytes(disk_image(13))
+    assert set(MAGIC) == set(COMPRESSIONS) - {".img"}
+    for suffix, argv in COMPRESSIONS.items():
+        if suffix == ".img":
+            assert format_of(plain.read_bytes()[:8192]) is None
+            continue
+        data = subprocess.run([argv[0], "-1", "-c", str(plain)], capture_output=True,
+                              check=True).stdout
+        assert format_of(data[:8192]) == suffix

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TRY_IMAGE, cli_env
 
-from builder import qemu
+from builder import output, qemu
 from builder.boards import load_catalog
 from builder.ext4 import find_root_fs
 
@@ -97,7 +97,8 @@ def test_not_an_image(tmp_path: Path, work: Path) -> None:
     assert missing.returncode == 1 and "no such image file" in error_of(missing)
     gz = tmp_path / "x.img.gz"
     gz.write_bytes(b"\x1f\x8b")
-    assert "reads .img, .img.xz and .img.zst" in error_of(try_image(gz))
+    assert "the file is corrupt or truncated" in error_of(try_image(gz, "--workdir", work))
+    assert_nothing_left(work)
 
 
 def test_bad_options_are_refused_before_anything_is_done(tmp_path: Path, work: Path) -> None:
@@ -616,3 +617,30 @@ def test_qemu_needs_nothing_but_what_setup_host_installs(tmp_path: Path, board: 
         old = [*argv[:nic], "-nic", "user,model=virtio-net-pci", *argv[nic + 4:]]
         started, errors = qemu_machine_starts(old, views)
         assert not started and 'failed to find romfile "efi-virtio.rom"' in errors, errors
+
+
+@pytest.mark.parametrize("compression", sorted(output.COMPRESSORS))
+def test_every_image_build_image_writes_is_read(tmp_path: Path, work: Path,
+                                                compression: str) -> None:
+    """Each kind of file build-image writes (output.COMPRESSORS, compressed by its own
+    command): try-image takes it and makes a trial disk of exactly the image's bytes, then goes
+    on up to the boot (here stopped by an image that does not say its board)."""
+    image = make_image(tmp_path / "t.img", "orangepizeroplus2-h5",
+                       {"etc/orangepi-jupyter-release": b"JUPYTER_USER=jupyter\n"})
+    raw = image.read_bytes()
+    suffix, argv = output.COMPRESSORS[compression]
+    written = tmp_path / f"written.img{suffix}"
+    with open(image, "rb") as src, open(written, "wb") as dst:
+        subprocess.run([*argv] if argv else ["cat"], stdin=src, stdout=dst, check=True)
+    from builder import tryimage
+    request = tryimage.check_request(tryimage.parser().parse_args([str(written)]))
+    assert request.image == written
+    disk = tmp_path / "disk.img"
+    qemu.make_trial_disk(request.image, disk)
+    assert disk.read_bytes() == raw
+    assert written.stat().st_size > 0 and (suffix == "" or written.read_bytes() != raw)
+    proc = try_image(written, "--workdir", work)
+    assert proc.returncode == 1
+    assert error_of(proc) == ("try-image: error: written.img" + suffix + " does not say which "
+                              "board it is for (no /etc/orangepi-jupyter-release): pass --board")
+    assert_nothing_left(work)
