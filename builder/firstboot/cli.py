@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="jupyter-setup",
         description="Set the passwords of this Jupyter workstation, make a new token, or "
-                    "show where Jupyter is. Run as root (sudo).")
+                    "show where Jupyter is. Changing anything needs root (sudo).")
     p.add_argument("--preseed", metavar="FILE", type=Path,
                    help="apply a preseed file (same keys as /boot/jupyter-firstboot.conf)")
     p.add_argument("--rotate-token", action="store_true",

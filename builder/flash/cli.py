@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
                     "and give the card its own settings for the first boot. Only the blocks "
                     "the .bmap beside the image lists are written. The card's first MiB is "
                     "written last, so an interrupted card does not look bootable.")
-    p.add_argument("image", type=Path, help="an .img, .img.xz or .img.zst made by build-image")
+    p.add_argument("image", type=Path,
+                   help="an .img, .img.xz, .img.zst or .img.gz made by build-image")
     p.add_argument("device", type=Path,
                    help="the whole card, e.g. /dev/sdb or /dev/mmcblk0 (`lsblk` lists disks)")
     p.add_argument("-y", "--yes", action="store_true",
@@ -61,22 +62,27 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--verify-only", action="store_true",
                        help="write nothing: compare the card with the image (a card that has "
                             "booted, or was personalised, differs)")
+    # A title, and what it means as the group's description: argparse wraps the description
+    # but prints a title as one line however long.
     card = p.add_argument_group(
-        "this card's settings (written into jupyter-firstboot.conf on the card's setup drive, "
-        "JUPYTER-CFG, which the card reads and wipes at its first boot; on an image without "
-        "that drive, into /boot/jupyter-firstboot.conf)")
+        "this card's settings",
+        "Written into jupyter-firstboot.conf on the card's setup drive, JUPYTER-CFG, which the "
+        "card reads and wipes at its first boot; on an image without that drive, into "
+        "/boot/jupyter-firstboot.conf.")
     card.add_argument("--hostname", help="the card's hostname")
     card.add_argument("--preseed", type=Path, metavar="FILE",
-                      help="a preseed file (passwords, time zone, ...); the flags above win "
-                           "over its lines, and both over what the image carries")
+                      help="a preseed file (passwords, time zone, ...); --hostname, --ssh-key "
+                           "and --wifi win over its lines of the same key, and all of these "
+                           "over the image's own preseed, key by key (its other lines stay; "
+                           "SSH keys add up)")
     card.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
                       help="public key(s) for jupyter's ~/.ssh/authorized_keys (repeatable)")
     card.add_argument("--wifi", metavar="SSID",
                       help="join this Wi-Fi network; its key is asked for (or read from "
                            "stdin when it is not a terminal; empty: an open network)")
     own = p.add_argument_group(
-        "this card's HTTPS certificate (both or neither; without them the card makes its "
-        "own, self-signed)")
+        "this card's HTTPS certificate",
+        "Both or neither; without them the card makes its own, self-signed.")
     own.add_argument("--tls-cert", type=Path, metavar="FILE",
                      help="a certificate of your own for Jupyter's HTTPS (PEM; a chain after "
                           "it is fine), valid now, best naming HOSTNAME.local; written as "
