@@ -14,7 +14,7 @@ from builder.boards import Board, format_markdown, format_table, load_catalog
 from builder.cache import Cache, default_cache_dir
 from builder.config import BASE_VERIFY_LEVELS, Config, load_config
 from builder.download import Http
-from builder.entry import add_common_options, run_reporting
+from builder.entry import HelpFormatter, add_common_options, run_reporting
 from builder.errors import BuildError
 from builder.ledger import clean_stale
 from builder.mount import is_root
@@ -41,13 +41,32 @@ FLAG_KEYS = {
 }
 # Repeatable flags that add to a list setting.
 LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = """\
+Settings: builder/defaults.yaml lists every key; --config, --set change them.
+
+Examples:
+  The Orange Pi PC Plus image from Armbian's trixie minimal, written to ./out:
+    sudo build-image --board orangepipcplus
+  The plan only (base image, sha256, steps), without root; a release, branch
+  or variant the board lacks is refused with the list of those it has:
+    build-image --board orangepi5 --branch vendor --dry-run
+  A base built from Debian's own packages instead of Armbian's image:
+    sudo build-image --board orangepipcplus --base debian
+  Scripts and overlay files of your own, and answers every card gets:
+    sudo build-image --board orangepizero3 --customize site/customize.d \\
+        --overlay site/overlays --preseed site-preseed.conf
+  The boards and their ids:
+    build-image --list-boards
+"""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build-image",
         description="Turn an Armbian image for an Orange Pi board into a Jupyter workstation.",
-        epilog="Settings: builder/defaults.yaml lists every key; --config and --set change them.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter,
     )
     p.add_argument("--board", metavar="ID", help="board id (see --list-boards); "
                    "'orangepi' means orangepi5")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from builder import log
 from builder.compression import COMPRESSIONS, built_image_suffix
-from builder.entry import add_common_options, run_reporting
+from builder.entry import HelpFormatter, add_common_options, run_reporting
 from builder.errors import BuildError, Interrupted
 from builder.flash.bmap import bmap_beside, read_bmap
 from builder.flash.certificate import GivenTls, check_given_tls, warn_about, warn_unnamed
@@ -33,6 +33,26 @@ from builder.log import human_size
 from builder.run import require_programs
 
 EXIT_MISMATCH = 2
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = """\
+Examples:
+  Write an image to the card at /dev/sdb, asking first, and name the card:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --hostname lab-pi-01
+  Passwords and time zone from a file, an SSH key and a Wi-Fi network (its
+  key is asked for), for this card only; --hostname wins over the file's:
+    sudo flash-image out/orangepi-jupyter-orangepi5-trixie-20261126.img.xz \\
+        /dev/mmcblk0 --preseed lab.conf --hostname lab-pi-02 \\
+        --ssh-key ~/.ssh/id_ed25519.pub --wifi LabNet
+  In a script, without asking, with a certificate of your own for Jupyter:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --yes --hostname lab-pi-07 --tls-cert lab-pi-07.crt \\
+        --tls-key lab-pi-07.key
+  Check a card against the image, writing nothing:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --verify-only
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
         description="Write an image made by build-image to an SD card or USB disk, verify it "
                     "and give the card its own settings for the first boot. Only the blocks "
                     "the .bmap beside the image lists are written. The card's first MiB is "
-                    "written last, so an interrupted card does not look bootable.")
+                    "written last, so an interrupted card does not look bootable.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("image", type=Path,
                    help="an .img, .img.xz, .img.zst or .img.gz made by build-image")
     p.add_argument("device", type=Path,
