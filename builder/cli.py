@@ -15,6 +15,7 @@ from builder.cache import Cache, default_cache_dir
 from builder.config import BASE_VERIFY_LEVELS, Config, load_config
 from builder.download import Http
 from builder.entry import (
+    HelpFormatter,
     add_common_options,
     checking_usage,
     quiet_on_closed_pipe,
@@ -49,13 +50,32 @@ FLAG_KEYS = {
 }
 # Repeatable flags that add to a list setting.
 LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = """\
+Settings: builder/defaults.yaml lists every key; --config, --set change them.
+
+Examples:
+  The Orange Pi PC Plus image from Armbian's trixie minimal, written to ./out:
+    sudo build-image --board orangepipcplus
+  The plan only (base image, sha256, steps), without root; a release, branch
+  or variant the board lacks is refused with the list of those it has:
+    build-image --board orangepi5 --branch vendor --dry-run
+  A base built from Debian's own packages instead of Armbian's image:
+    sudo build-image --board orangepipcplus --base debian
+  Scripts and overlay files of your own, and answers every card gets:
+    sudo build-image --board orangepizero3 --customize site/customize.d \\
+        --overlay site/overlays --preseed site-preseed.conf
+  The boards and their ids:
+    build-image --list-boards
+"""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build-image",
         description="Turn an Armbian image for an Orange Pi board into a Jupyter workstation.",
-        epilog="Settings: builder/defaults.yaml lists every key; --config and --set change them.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter,
     )
     p.add_argument("--board", metavar="ID", help="board id (see --list-boards); "
                    "'orangepi' means orangepi5")
@@ -67,12 +87,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
                    help="change one setting, e.g. --set jupyter.port=9000 (repeatable)")
     base = p.add_argument_group("base image")
-    base.add_argument("--base", metavar="armbian|PATH|URL",
-                      help="armbian (default), or a path/URL of .img, .img.xz, .img.gz, .img.zst")
+    base.add_argument("--base", metavar="armbian|debian|PATH|URL",
+                      help="armbian (default): the board's image from Armbian's index; debian: "
+                           "one built from Debian's packages (the boards Debian has U-Boot "
+                           "for); or a path/URL of an .img, .img.xz, .img.gz, .img.zst")
     base.add_argument("--base-sha256", metavar="HEX", help="expected sha256 of --base PATH/URL")
-    base.add_argument("--release", help="Armbian release, e.g. trixie (default), noble")
-    base.add_argument("--branch", help="kernel branch: current (default), vendor, edge")
-    base.add_argument("--variant", help="minimal (default), server, or a desktop")
+    base.add_argument("--release", help="Armbian release (default trixie). Which releases, "
+                      "branches and variants exist depends on the board: a build or --dry-run "
+                      "asking for one it lacks fails with the list Armbian's index has for it")
+    base.add_argument("--branch", help="kernel branch (default current; another, such as "
+                      "vendor or edge, where the board has it)")
+    base.add_argument("--variant", help="image variant (default minimal; a desktop, such as "
+                      "xfce or gnome, where the board has one)")
     base.add_argument("--armbian-index", metavar="URL|PATH", help="another Armbian index JSON")
     base.add_argument("--armbian-mirror", metavar="URL",
                       help="download dl.armbian.com files from this mirror instead")
@@ -83,7 +109,9 @@ def parser() -> argparse.ArgumentParser:
                       help="trust this keyring's keys too, besides Armbian's shipped key "
                            "(repeatable)")
     base.add_argument("--cache-dir", metavar="DIR",
-                      help=f"downloads and base images (default {default_cache_dir()})")
+                      help="downloads, base images and the step cache (default "
+                           "$XDG_CACHE_HOME/orangepi-jupyter, else ~/.cache/orangepi-jupyter; "
+                           "root's under sudo)")
     base.add_argument("--offline", action="store_true",
                       help="use only what the cache holds; no network")
     base.add_argument("--no-cache", action="store_true",
@@ -95,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
     image.add_argument("--compress", choices=("xz", "zstd", "gzip", "none"),
                        help="how the image is compressed (default xz, with every core)")
     image.add_argument("--customize", metavar="DIR", action="append", default=[],
-                       help="more customize.d scripts, after the built-in ones (repeatable)")
+                       help="more customize.d scripts, run in number order among the "
+                            "built-in ones; a script named like a built-in one (or an earlier "
+                            "--customize DIR's) replaces it (repeatable)")
     image.add_argument("--overlay", metavar="DIR", action="append", default=[],
                        help="more overlay files, after the built-in ones (repeatable)")
     image.add_argument("--preseed", metavar="FILE", type=_absolute,

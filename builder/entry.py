@@ -57,6 +57,17 @@ def shielded() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, except that a text with line breaks of its own (an epilog's examples)
+    is printed as written: wrapped, a command line would run into its explanation. The
+    descriptions, one long line each, are still wrapped to the terminal."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def add_common_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """-q, --debug and --version, the same on every command."""
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")

@@ -24,7 +24,7 @@ from pathlib import Path
 from builder import log, qemu, smoke, smoke_report, trial_settings
 from builder.boards import Board, load_catalog
 from builder.compression import COMPRESSIONS, built_image_suffix, image_suffix
-from builder.entry import add_common_options, quiet_on_closed_pipe, run_reporting
+from builder.entry import HelpFormatter, add_common_options, quiet_on_closed_pipe, run_reporting
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
 from builder.firstboot import armbian_preset
@@ -35,6 +35,23 @@ from builder.run import require_programs
 from builder.smoke import TIMEOUTS
 
 REPORTS = "try-image-reports"
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = f"""\
+Examples:
+  Boot an image; answer the setup wizard on this terminal, then open the
+  URL it prints (Ctrl-A X quits QEMU):
+    try-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz
+  The whole check, unattended; its report goes to {REPORTS}/latest:
+    try-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz --smoke
+  An arm64 image on QEMU's virt machine, with settings on its setup drive as
+  someone on Windows saves them:
+    try-image out/orangepi-jupyter-orangepizero3-trixie-20261126.img.xz \\
+        --smoke --preseed setup.conf
+  On a slow machine, more time from systemd's start to the setup wizard:
+    try-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        --smoke --timeout userspace=3000
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
                     "QEMU's orangepi-pc, an arm64 board on QEMU's virt machine. Without "
                     "--smoke, the serial console is this terminal (answer the setup wizard, "
                     "then open the URL printed here; Ctrl-A X quits QEMU). The image itself is "
-                    "never modified.")
+                    "never modified.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("image", help="an .img, .img.xz or .img.zst made by build-image")
     p.add_argument("--board", help="the board the image is for (default: read from the image)")
     p.add_argument("--smoke", action="store_true",

@@ -26,12 +26,41 @@ from builder.firstboot.session import (
 )
 from builder.firstboot.system import System
 
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = """\
+Examples:
+  Change the passwords, the hostname or the time zone (Enter keeps each):
+    sudo jupyter-setup
+  A new Jupyter token; the old one stops working:
+    sudo jupyter-setup --rotate-token
+  Jupyter's URLs, and its certificate's fingerprint to compare with the
+  browser's:
+    jupyter-setup --status
+  Check a preseed file, then apply it:
+    jupyter-setup --check lab.conf
+    sudo jupyter-setup --preseed lab.conf
+"""
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+class HelpFormatter(argparse.HelpFormatter):
+    """builder.entry.HelpFormatter's rule, here because the card's program carries nothing of
+    the host's commands: a text with line breaks of its own (the examples) is printed as
+    written, the description wrapped to the terminal."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options people use, and those only systemd and the image's units pass (hidden)."""
     p = argparse.ArgumentParser(
         prog="jupyter-setup",
         description="Set the passwords of this Jupyter workstation, make a new token, or "
-                    "show where Jupyter is. Run as root (sudo).")
+                    "show where Jupyter is. Changing anything needs root (sudo).",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--preseed", metavar="FILE", type=Path,
                    help="apply a preseed file (same keys as /boot/jupyter-firstboot.conf)")
     p.add_argument("--rotate-token", action="store_true",
@@ -53,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     p.add_argument("--settings", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--jupyter-python", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     # Ctrl-C starts the questions over, so it must arrive as KeyboardInterrupt even when the
     # wizard was started by something that ignores SIGINT (a background job of a shell
     # without job control, nohup): Python then leaves it ignored.

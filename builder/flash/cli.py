@@ -14,7 +14,13 @@ from pathlib import Path
 
 from builder import log
 from builder.compression import COMPRESSIONS, built_image_suffix
-from builder.entry import EXIT_NOT_SOUND, add_common_options, quiet_on_closed_pipe, run_reporting
+from builder.entry import (
+    EXIT_NOT_SOUND,
+    HelpFormatter,
+    add_common_options,
+    quiet_on_closed_pipe,
+    run_reporting,
+)
 from builder.errors import BuildError, Interrupted, UsageError
 from builder.flash.bmap import bmap_beside, read_bmap
 from builder.flash.certificate import GivenTls, check_given_tls, warn_about, warn_unnamed
@@ -33,6 +39,26 @@ from builder.log import human_size
 from builder.run import require_programs
 
 EXIT_MISMATCH = EXIT_NOT_SOUND
+# The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
+# parses every command line here): an explanation, then its command, indented further.
+EXAMPLES = """\
+Examples:
+  Write an image to the card at /dev/sdb, asking first, and name the card:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --hostname lab-pi-01
+  Passwords and time zone from a file, an SSH key and a Wi-Fi network (its
+  key is asked for), for this card only; --hostname wins over the file's:
+    sudo flash-image out/orangepi-jupyter-orangepi5-trixie-20261126.img.xz \\
+        /dev/mmcblk0 --preseed lab.conf --hostname lab-pi-02 \\
+        --ssh-key ~/.ssh/id_ed25519.pub --wifi LabNet
+  In a script, without asking, with a certificate of your own for Jupyter:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --yes --hostname lab-pi-07 --tls-cert lab-pi-07.crt \\
+        --tls-key lab-pi-07.key
+  Check a card against the image, writing nothing:
+    sudo flash-image out/orangepi-jupyter-orangepipc-trixie-20261126.img.xz \\
+        /dev/sdb --verify-only
+"""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,8 +67,10 @@ def parser() -> argparse.ArgumentParser:
         description="Write an image made by build-image to an SD card or USB disk, verify it "
                     "and give the card its own settings for the first boot. Only the blocks "
                     "the .bmap beside the image lists are written. The card's first MiB is "
-                    "written last, so an interrupted card does not look bootable.")
-    p.add_argument("image", type=Path, help="an .img, .img.xz or .img.zst made by build-image")
+                    "written last, so an interrupted card does not look bootable.",
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("image", type=Path,
+                   help="an .img, .img.xz, .img.zst or .img.gz made by build-image")
     p.add_argument("device", type=Path,
                    help="the whole card, e.g. /dev/sdb or /dev/mmcblk0 (`lsblk` lists disks)")
     p.add_argument("-y", "--yes", action="store_true",
@@ -61,22 +89,27 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--verify-only", action="store_true",
                        help="write nothing: compare the card with the image (a card that has "
                             "booted, or was personalised, differs)")
+    # A title, and what it means as the group's description: argparse wraps the description
+    # but prints a title as one line however long.
     card = p.add_argument_group(
-        "this card's settings (written into jupyter-firstboot.conf on the card's setup drive, "
-        "JUPYTER-CFG, which the card reads and wipes at its first boot; on an image without "
-        "that drive, into /boot/jupyter-firstboot.conf)")
+        "this card's settings",
+        "Written into jupyter-firstboot.conf on the card's setup drive, JUPYTER-CFG, which the "
+        "card reads and wipes at its first boot; on an image without that drive, into "
+        "/boot/jupyter-firstboot.conf.")
     card.add_argument("--hostname", help="the card's hostname")
     card.add_argument("--preseed", type=Path, metavar="FILE",
-                      help="a preseed file (passwords, time zone, ...); the flags above win "
-                           "over its lines, and both over what the image carries")
+                      help="a preseed file (passwords, time zone, ...); --hostname, --ssh-key "
+                           "and --wifi win over its lines of the same key, and all of these "
+                           "over the image's own preseed, key by key (its other lines stay; "
+                           "SSH keys add up)")
     card.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
                       help="public key(s) for jupyter's ~/.ssh/authorized_keys (repeatable)")
     card.add_argument("--wifi", metavar="SSID",
                       help="join this Wi-Fi network; its key is asked for (or read from "
                            "stdin when it is not a terminal; empty: an open network)")
     own = p.add_argument_group(
-        "this card's HTTPS certificate (both or neither; without them the card makes its "
-        "own, self-signed)")
+        "this card's HTTPS certificate",
+        "Both or neither; without them the card makes its own, self-signed.")
     own.add_argument("--tls-cert", type=Path, metavar="FILE",
                      help="a certificate of your own for Jupyter's HTTPS (PEM; a chain after "
                           "it is fine), valid now, best naming HOSTNAME.local; written as "
