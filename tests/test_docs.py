@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO, cli_env, run_cli
 
-from builder import manual
+from builder import cli, manual
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
@@ -218,3 +218,13 @@ def test_the_contents_list_every_chapter() -> None:
     assert set(re.findall(r"\]\(([a-z-]+\.md)\)", contents)) == chapters
     readme = README.read_text(encoding="utf-8")
     assert set(re.findall(r"\]\(docs/([a-z-]+\.md)\)", readme)) >= chapters
+
+
+def test_each_settings_flag_is_named_in_its_keys_meaning() -> None:
+    """configuration.md says the flags that set a key are named in its row."""
+    found, _ = manual.settings(DEFAULTS_TEXT)
+    meaning = {setting.key: setting.meaning for setting in found}
+    missing = [f"{key}: --{attr.replace('_', '-')}"
+               for attr, key in {**cli.FLAG_KEYS, **cli.LIST_FLAGS}.items()
+               if f"--{attr.replace('_', '-')}" not in meaning[key]]
+    assert missing == [], "say in defaults.yaml's comment which flag sets each of these"
