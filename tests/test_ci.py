@@ -418,9 +418,10 @@ def test_in_container_help_shows_the_docker_run_line() -> None:
     assert line in bare.stdout
 
 
-def test_readme_shows_the_docker_run_line() -> None:
+def test_manual_shows_the_docker_run_line() -> None:
     line = docker_run_line()
-    assert line in (REPO / "README.md").read_text(), f"README.md does not show: {line}"
+    building = REPO / "docs" / "building.md"
+    assert f"\n    {line}\n" in building.read_text(), f"docs/building.md does not show: {line}"
 
 
 FAKE_DOCKER = """#!/bin/sh
