@@ -150,7 +150,7 @@ def load_catalog() -> Catalog:
 
 
 # The columns --list-boards can show, by heading: the plain table has them all, the Markdown
-# one (README's board table) those a newcomer picks a board by.
+# one (the board table in docs/boards.md) those a newcomer picks a board by.
 _COLUMNS: dict[str, Callable[[Board], str]] = {
     "board": lambda b: b.id,
     "name": lambda b: b.name,
@@ -187,7 +187,7 @@ def format_table(catalog: Catalog) -> str:
 
 def format_markdown(catalog: Catalog,
                     extra: Mapping[str, Callable[[Board], str]] | None = None) -> str:
-    """The catalog as a Markdown table (--list-boards --markdown), which README carries
+    """The catalog as a Markdown table (--list-boards --markdown), which docs/boards.md carries
     verbatim. `extra` adds columns the catalog cannot fill itself (how try-image boots a
     board is known to qemu.py, which imports this module)."""
     rows = _rows(catalog, MARKDOWN_COLUMNS, extra or {})

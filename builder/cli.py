@@ -81,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                    "'orangepi' means orangepi5")
     p.add_argument("--list-boards", action="store_true", help="print the board catalog and exit")
     p.add_argument("--markdown", action="store_true",
-                   help="with --list-boards: as the Markdown table README carries")
+                   help="with --list-boards: as the Markdown table docs/boards.md carries")
     p.add_argument("--config", metavar="FILE", type=Path, action="append", default=[],
                    help="YAML file merged over the defaults (repeatable)")
     p.add_argument("--set", metavar="KEY=VALUE", dest="overrides", action="append", default=[],
@@ -130,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
                        help="more overlay files, after the built-in ones (repeatable)")
     image.add_argument("--preseed", metavar="FILE", type=_absolute,
                        help="answers for the first-boot wizard, put into the image as "
-                            "/boot/jupyter-firstboot.conf (every card gets them: see README)")
+                            "/boot/jupyter-firstboot.conf (every card gets them: see "
+                            "docs/first-boot.md)")
     image.add_argument("--apt-proxy", metavar="URL",
                        help="apt proxy for the image's apt during the build, e.g. "
                             "http://127.0.0.1:3142")

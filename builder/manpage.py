@@ -325,7 +325,8 @@ def render(command: Command) -> str:
     out += [".SH SEE ALSO",
             ",\n".join(f".BR {escape(name)} ({SECTION})" for name in others),
             ".PP",
-            line(escape("README.md of orangepi-jupyter: the whole of what each command does."))]
+            line(escape("docs/README.md of orangepi-jupyter: the manual, with what each "
+                        "command does in full."))]
     return "\n".join(out) + "\n"
 
 

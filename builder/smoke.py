@@ -70,7 +70,7 @@ from builder.serial_console import ConsoleError, ConsoleTimeout, SerialConsole, 
 from builder.smoke_report import Report, last_serial_log, summary, write_report
 
 EXIT_FAILED = EXIT_NOT_SOUND
-# Generous, because emulation is slow (measured figures are in README "Trying an image").
+# Generous, because emulation is slow (measured figures are in docs/trying.md).
 TIMEOUTS: dict[str, float] = {
     "u-boot": 180,          # QEMU start to "Starting kernel"
     "kernel": 600,          # to systemd's welcome

@@ -533,3 +533,50 @@ def test_dockerfile_builds_and_in_container_runs_build_image() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "orangepi5" in result.stdout
     assert "alias: orangepi = orangepi5" in result.stdout
+
+
+# ci/link-commands: `sudo build-image` from anywhere, as the manual writes the commands.
+
+LINK_COMMANDS = REPO / "ci" / "link-commands"
+COMMANDS = ("build-image", "try-image", "flash-image")
+
+
+def test_the_commands_are_linked_where_sudo_finds_them_and_others_files_are_kept(
+        tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    done = subprocess.run([str(LINK_COMMANDS), str(bin_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in COMMANDS:
+        assert os.readlink(bin_dir / name) == str(REPO / ".venv" / "bin" / name)
+    # An older clone's link is moved here; a file or a link of someone else's is kept.
+    (bin_dir / "build-image").unlink()
+    (bin_dir / "build-image").symlink_to("/srv/old-clone/.venv/bin/build-image")
+    (bin_dir / "try-image").unlink()
+    (bin_dir / "try-image").write_text("#!/bin/sh\necho mine\n")
+    (bin_dir / "flash-image").unlink()
+    (bin_dir / "flash-image").symlink_to("/opt/vendor/flash-image")
+    again = subprocess.run([str(LINK_COMMANDS), str(bin_dir)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert os.readlink(bin_dir / "build-image") == str(REPO / ".venv" / "bin" / "build-image")
+    assert "pointed at /srv/old-clone/.venv/bin/build-image" in again.stdout
+    assert (bin_dir / "try-image").read_text() == "#!/bin/sh\necho mine\n"
+    assert os.readlink(bin_dir / "flash-image") == "/opt/vendor/flash-image"
+    assert f"{bin_dir}/try-image exists and is not a link: left as it is" in again.stderr
+    assert f"{bin_dir}/flash-image links to /opt/vendor/flash-image" in again.stderr
+    # A third run changes nothing and says nothing about what is already right.
+    third = subprocess.run([str(LINK_COMMANDS), str(bin_dir)], capture_output=True, text=True)
+    assert third.returncode == 0 and third.stdout == ""
+
+
+def test_setup_host_links_the_commands_unless_told_not_to() -> None:
+    text = (REPO / "ci" / "setup-host").read_text()
+    assert "./ci/link-commands" in text and "--no-links) links=0" in text
+    # This machine was set up by ci/setup-host (as .ci/run does): sudo finds the checkout's
+    # build-image by its bare name.
+    linked = Path("/usr/local/bin/build-image")
+    if not linked.is_symlink() or Path(os.readlink(linked)).parent.parent.parent != REPO:
+        pytest.skip("this checkout's ci/setup-host did not link /usr/local/bin/build-image "
+                    "(another checkout did, or --no-links)")
+    found = subprocess.run(["sudo", "-n", "build-image", "--version"], capture_output=True,
+                           text=True)
+    assert found.returncode == 0 and found.stdout.startswith("build-image "), found.stderr

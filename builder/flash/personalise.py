@@ -283,7 +283,7 @@ def _boot_location(device: Path, table: Table, root: Ext4) -> _Boot:
                     return _Boot(fs, separate=True)
             raise BuildError(f"the image mounts /boot from {fields[0]}, which is not an ext4 "
                              f"partition on {device}: write jupyter-firstboot.conf (and "
-                             f"jupyter-tls.crt/.key) onto it by hand (see README)")
+                             f"jupyter-tls.crt/.key) onto it by hand (docs/flashing.md)")
     return _Boot(root, separate=False)
 
 
