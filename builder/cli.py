@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,16 +230,16 @@ def _main(args: argparse.Namespace) -> int:
                    else "nothing to clean up")
         return 0
     flags = {key: getattr(args, attr) for attr, key in FLAG_KEYS.items()}
-    overrides = list(args.overrides)
-    for attr, key in LIST_FLAGS.items():
-        if getattr(args, attr):
-            overrides.append(f"{key}={json.dumps(getattr(args, attr))}")
+    flags.update({key: getattr(args, attr) or None for attr, key in LIST_FLAGS.items()})
+    names = {key: "--" + attr.replace("_", "-") for attr, key in {**FLAG_KEYS,
+                                                                  **LIST_FLAGS}.items()}
     with checking_usage():
-        config = load_config(args.config, overrides, flags)
+        config = load_config(args.config, args.overrides, flags, names)
     if args.check_preseed:
         return _check_preseed(args.check_preseed, config)
     if config.firstboot.preseed:
-        # A path from a --config file, relative to where build-image was started.
+        # A path from --set, relative to where build-image was started (one from a --config
+        # file was made absolute against its directory when the file was read).
         firstboot = dataclasses.replace(config.firstboot,
                                         preseed=_absolute(config.firstboot.preseed))
         config = dataclasses.replace(config, firstboot=firstboot)

@@ -152,7 +152,8 @@ class Config:
     download: DownloadConfig
     cache: CacheConfig
     # Not a setting: where each key path was set last (a --config file's name, "--set",
-    # "command line" or defaults.yaml), for messages about a value found wrong later.
+    # the dedicated option such as "--release", or defaults.yaml), for messages about a
+    # value found wrong later and for the dry run's plan.
     origins: Mapping[str, str] = dataclasses.field(
         default_factory=dict, compare=False, repr=False, metadata={"setting": False})
 
@@ -168,6 +169,8 @@ class Config:
         origin = self.origins.get(key)
         if origin == "command line":
             return flag
+        if origin is not None and origin.startswith("--") and origin != "--set":
+            return origin              # the dedicated option that gave it
         if origin == "--set":
             return f"--set {key}"
         if origin in (None, DEFAULTS_NAME):
@@ -375,10 +378,12 @@ def load_config(
     files: Iterable[Path] = (),
     overrides: Iterable[str] = (),
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Config:
     """Merge defaults.yaml, the --config files in order, --set overrides and flags, then check.
 
-    `flags` maps key paths ("base.release") to values given by dedicated command-line options.
+    `flags` maps key paths ("base.release") to values given by dedicated command-line options,
+    `flag_names` key paths to those options ("--release"): what origins and errors name.
     """
     layers = _Layers()
     defaults = resources.files("builder").joinpath(DEFAULTS_NAME).read_text(encoding="utf-8")
@@ -392,7 +397,7 @@ def load_config(
         layers.merge(parse_override(text), "--set")
     for path, value in (flags or {}).items():
         if value is not None:
-            layers.merge(_nested(path, value), "command line")
+            layers.merge(_nested(path, value), (flag_names or {}).get(path, "command line"))
     config: Config = _build(Config, layers.data, "", layers)
     config = dataclasses.replace(config, origins=dict(layers.origins))
     _check_across_keys(config, layers.origin)

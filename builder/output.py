@@ -9,6 +9,7 @@ finished.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import json
 import os
@@ -38,6 +39,17 @@ COMPRESSORS: dict[str, tuple[str, list[str]]] = {
 # The software bill of materials: ".cdx.json" is the name CycloneDX's specification recognises
 # for its JSON documents; ".sbom" before it says what it is to whoever does not know that.
 SBOM_SUFFIX = ".sbom.cdx.json"
+
+
+def build_name(product: str, board: str, release: str, day: datetime.date) -> str:
+    """The outputs' common name: what, for which board, from which release, built when."""
+    return f"{product}-{board}-{release}-{day.strftime('%Y%m%d')}"
+
+
+def output_suffixes(compression: str) -> list[str]:
+    """Every file a build publishes, as suffixes of build_name: the image first."""
+    image = ".img" + COMPRESSORS[compression][0]
+    return [image, image + ".sha256", ".img.bmap", ".manifest.json", SBOM_SUFFIX, ".build.log"]
 
 
 @dataclass
@@ -70,7 +82,7 @@ class Outputs:
 
     @property
     def image_suffix(self) -> str:
-        return ".img" + COMPRESSORS[self.compression][0]
+        return output_suffixes(self.compression)[0]
 
     def publish(self) -> list[Path]:
         """Rename every temporary file to its final name; the image itself last but one and
@@ -107,8 +119,7 @@ def outputs(ledger: Ledger, directory: Path, name: str, compression: str) -> Ite
                                           wait=False)):
             raise BuildError(f"another build is writing {name} in {directory} right now: "
                              f"wait for it, or use another --output") from None
-        for suffix in (result.image_suffix, result.image_suffix + ".sha256", ".img.bmap",
-                       ".manifest.json", SBOM_SUFFIX, ".build.log"):
+        for suffix in output_suffixes(compression):
             stack.enter_context(work_path(ledger, result.temporary(suffix)))
         result.cleanup = lambda path: stack.enter_context(work_path(ledger, path))
         yield result

@@ -43,6 +43,7 @@ from builder import (
     image,
     log,
     output,
+    plan,
     stages,
 )
 from builder.boards import Board
@@ -50,6 +51,7 @@ from builder.cache import Cache, CachedImage
 from builder.chroot import Chroot, chroot_session
 from builder.config import Config
 from builder.download import Http
+from builder.errors import BuildError
 from builder.files import locked, sha256_of
 from builder.ledger import Ledger
 from builder.mount import loop_device, mounted, mounts_under, remove_path, work_path
@@ -59,7 +61,6 @@ from builder.preflight import (
     check_free_space,
     check_host,
     customize_order,
-    print_plan,
     resolve_base,
     user_dir,
 )
@@ -135,7 +136,7 @@ def run_build(ctx: Context) -> None:
     with step(ctx, "resolve-base-image"):
         source = resolve_base(ctx)
     if ctx.options.dry_run:
-        print_plan(ctx, checked, source, planned_steps(ctx.config))
+        dry_run(ctx, checked, source)
         return
     with step(ctx, "fetch-base-image"):
         base = fetch_base_image(ctx, checked, source)
@@ -143,6 +144,55 @@ def run_build(ctx: Context) -> None:
         log.result(str(base.path))
         return
     build_image(ctx, checked, source, base)
+
+
+def dry_run(ctx: Context, checked: Checked, source: fetch.BaseSource) -> None:
+    """The plan, then the one check a plan can fail after it is shown: room on the disks."""
+    entry = plan.cached_base(ctx, source)
+    # What a build would copy into its workspace: the cache's entry, or a raw image read in
+    # place.
+    base = entry.path if entry else Path(source.location) if source.used_in_place else None
+    rooms = plan.print_plan(ctx, checked, source, planned_steps(ctx.config), entry,
+                            forecast_stages(ctx, checked, base))
+    for room in rooms:
+        if not room.enough:
+            raise BuildError(f"not enough space for the {room.what} in {room.path}: it needs "
+                             f"about {log.human_size(room.need)}, {log.human_size(room.free)} "
+                             f"is free; free some or use {room.fix} on a larger disk")
+
+
+def forecast_stages(ctx: Context, checked: Checked, base: Path | None) -> plan.StageForecast:
+    """Where a build would start among the scripts, from the step cache: the lookup a build
+    makes before its first script, with the cached base's contents (read, not copied) and an
+    empty work directory. Nothing in the cache is changed."""
+    cfg = ctx.config
+    if cfg.cache.stages_size <= 0:
+        return plan.StageForecast(note="off (cache.stages_size is 0): every script runs")
+    if ctx.options.no_cache:
+        return plan.StageForecast(note="not used (--no-cache): every script runs, and the "
+                                       "new stages are kept")
+    if base is None:
+        return plan.StageForecast(note="not looked up: its keys start from the base image's "
+                                       "contents, which are not in the cache yet")
+    cache = stage_cache_of(ctx.cache, cfg)
+    if not cache.root.is_dir() or not any(cache.root.iterdir()):
+        return plan.StageForecast(note=f"empty ({cache.root}): every script runs")
+    log.info(f"reading {base} for the step cache's keys")
+    key = stages.key_of_base(
+        stages.image_digest(base), customize.template_context(cfg, ctx.board)["board"],
+        cfg.base.release, cfg.image.headroom, cfg.to_dict()["emulation"])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "output").mkdir()
+        hit = _cached_ahead(ctx, cache, StageKeys(ctx, checked, work),
+                            customize_order(checked.scripts), 0, key)
+    if hit is None:
+        return plan.StageForecast(note=f"no stage in {cache.root} matches: every script runs")
+    _, _, entry = hit
+    return plan.StageForecast(
+        script=entry.script,
+        note=f"the build starts after {entry.script}, from {entry.path} (a script that reads "
+             f"what earlier ones wrote may find a later stage once they ran)")
 
 
 def fetch_base_image(ctx: Context, checked: Checked, source: fetch.BaseSource) -> CachedImage:
@@ -163,8 +213,8 @@ def build_image(ctx: Context, checked: Checked, source: fetch.BaseSource,
                 base: CachedImage) -> None:
     cfg = ctx.config
     check_free_space(ctx, base)
-    date = datetime.date.today().strftime("%Y%m%d")
-    name = f"{cfg.output.product}-{ctx.board.id}-{cfg.base.release}-{date}"
+    name = output.build_name(cfg.output.product, ctx.board.id, cfg.base.release,
+                             datetime.date.today())
     with output.outputs(ctx.ledger, user_dir(cfg.output.dir), name,
                         cfg.image.compression) as out, ExitStack() as build:
         with log.build_log(out.temporary(".build.log")):

@@ -1,17 +1,18 @@
-"""Before the first download: everything a build can check, the base image it starts from,
-and the plan a dry run prints.
+"""Before the first download: everything a build can check, and the base image it starts
+from.
 
 check_host       how the base will be verified (base.verify: plain http, gpg, the keys),
                  host tools, root, emulation, the scripts and templates (each rendered
                  once), the preseed, free space, wheels for packages.pip
 resolve_base     which file the build starts from: Armbian's index, --base debian, a path
                  or URL
-print_plan       what a build would do, from facts only (the index and the checksum are
-                 read; nothing is downloaded or written)
+
+What a dry run prints from these is in plan.py.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from builder import armbian, compression, customize, debian, fetch, log, output, verify, wheels
 from builder.cache import CachedImage
-from builder.chroot import QEMU, Emulation, binfmt_status, choose_emulation, static_qemu
+from builder.chroot import Emulation, binfmt_status, choose_emulation, static_qemu
 from builder.config import Config
-from builder.errors import BuildError
+from builder.entry import checking_usage
+from builder.errors import BuildError, UsageError
 from builder.firstboot.card import Settings
 from builder.mount import is_root
 from builder.preseed import load_preseed
@@ -61,8 +63,12 @@ def check_host(ctx: Context) -> Checked:
             require_programs("mkfs.ext4", "dpkg-deb", "sfdisk", "mount", "chroot", "unshare")
             emulation = _emulation(ctx)
     else:
-        suffix = (".img.xz" if base.source == "armbian"
-                  else compression.image_suffix(fetch.location_name(base.source)))
+        suffix = ".img.xz"
+        if base.source != "armbian":
+            # What --base names is part of the command line: a directory or a file that is
+            # no disk image is a usage error, said in the words that fit it.
+            with checking_usage():
+                suffix = fetch.source_from_location(base.source, base.sha256).suffix
         require_programs(compression.COMPRESSIONS[suffix][0])
     if ctx.board.support in ("eos", "wip", "tvbox"):
         log.warn(f"{ctx.board.id} has support status '{ctx.board.support}' at Armbian: "
@@ -83,6 +89,19 @@ def check_host(ctx: Context) -> Checked:
                                           customize.template_context(cfg, ctx.board))
     if cfg.firstboot.preseed:
         check_preseed(cfg)
+    # The board's arch before any download: a dry run of a board no build can make is no plan.
+    if ctx.board.arch not in BUILDABLE:
+        raise UsageError(f"{ctx.board.id} is {ctx.board.arch}: this builder makes images for "
+                         f"{' and '.join(BUILDABLE)} boards only (the ARCH column of "
+                         f"`build-image --list-boards`)")
+    if ctx.options.dry_run:
+        binfmt = binfmt_status(ctx.board.arch)
+        if not binfmt.usable and (binfmt.interpreter is None
+                                  or static_qemu(ctx.board.arch) is None):
+            log.warn(f"a build on this host would stop: cannot run {ctx.board.arch} programs "
+                     f"({binfmt.problem})")
+    if not ctx.options.fetch_only:
+        check_output_dir(cfg)
     checked = Checked(tuple(scripts), overlay_dirs, rendered, trust, emulation)
     if not ctx.options.builds_image:
         return checked
@@ -96,9 +115,6 @@ def check_host(ctx: Context) -> Checked:
                      "dpkg-query", *(output.COMPRESSORS[cfg.image.compression][1][:1]))
     if cfg.image.setup_partition and cfg.customize.builtin:
         require_programs("mkfs.fat", "mcopy")
-    if ctx.board.arch not in QEMU:
-        raise BuildError(f"{ctx.board.id} is {ctx.board.arch}: this builder emulates only "
-                         f"{', '.join(QEMU)}")
     binfmt = binfmt_status(ctx.board.arch)
     if not binfmt.usable:
         if binfmt.interpreter is None or static_qemu(ctx.board.arch) is None:
@@ -112,6 +128,11 @@ def check_host(ctx: Context) -> Checked:
         wheels.check_requested(cfg.packages.pip, cfg.base.release, ctx.board.arch,
                                ctx.cache.root / "host" / "wheels", ctx.options.offline)
     return replace(checked, emulation=emulation or _emulation(ctx))
+
+
+# The arches a build makes images for: those whose images are tested here end to end
+# (arm64 and armhf, booted by try-image). The catalog also lists Armbian's riscv64 boards.
+BUILDABLE = ("arm64", "armhf")
 
 
 # What a lowered base.verify leaves unchecked, said on every build.
@@ -161,12 +182,14 @@ def _emulation(ctx: Context) -> Emulation:
 def check_preseed(cfg: Config) -> None:
     """The preseed file is checked by the same code the card runs at first boot, so a bad
     value stops the build now rather than a wizard on some card later."""
-    flag = f"--preseed {cfg.firstboot.preseed}"
+    option = cfg.given_as("firstboot.preseed", "--preseed")
+    flag = f"{option} {cfg.firstboot.preseed}"
     if not cfg.customize.builtin:
         raise BuildError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
                          f"drop --preseed or customize.builtin=false")
     settings = Settings(min_password_length=cfg.firstboot.min_password_length)
-    _, answers = load_preseed(Path(cfg.firstboot.preseed or ""), cfg.firstboot.preseed, settings)
+    _, answers = load_preseed(Path(cfg.firstboot.preseed or ""), cfg.firstboot.preseed, settings,
+                              option=option)
     if answers.login_password or answers.jupyter_password or answers.wifi_key:
         log.warn(f"{flag} holds plain passwords: every card flashed from this image carries "
                  f"them until its first boot; login_password_hash and jupyter_password_hash "
@@ -180,27 +203,66 @@ def user_dir(value: str) -> Path:
     return Path(value).expanduser().absolute()
 
 
+# What a base image's raw size is guessed to be before it is downloaded: Armbian's minimal
+# images are 1.5-2.5 GiB.
+GUESSED_RAW_SIZE = 2 << 30
+
+
+@dataclass(frozen=True)
+class Room:
+    """Space a build needs on one disk, and what is free there."""
+
+    what: str          # "build" or "output"
+    path: Path
+    need: int
+    free: int
+    fix: str           # the option that moves it elsewhere
+
+    @property
+    def enough(self) -> bool:
+        return self.free >= self.need
+
+
+def room_needed(cfg: Config, cache_root: Path, raw_size: int | None) -> list[Room]:
+    """The working copy with its headroom in the cache, and the compressed output (rarely
+    more than half the raw image) in the output directory."""
+    size = raw_size or GUESSED_RAW_SIZE
+    out = user_dir(cfg.output.dir)
+    return [
+        Room("build", cache_root, size + cfg.image.headroom,
+             shutil.disk_usage(_existing(cache_root / "work")).free, "--cache-dir"),
+        Room("output", out, size if cfg.image.compression == "none" else size // 2,
+             shutil.disk_usage(_existing(out)).free, "--output"),
+    ]
+
+
 def check_free_space(ctx: Context, base: CachedImage | None) -> None:
     """Room for the working copy, the headroom, and the compressed output. Checked before
-    the download with a guess of the base's size (Armbian's minimal images are 1.5-2.5 GiB)
-    and again once it is known."""
-    cfg = ctx.config
-    size = base.raw_size if base else 2 << 30
-    work = ctx.cache.root / "work"
-    need = size + cfg.image.headroom
-    free = shutil.disk_usage(_existing(work)).free
-    if free < need:
-        raise BuildError(f"not enough space for the build in {ctx.cache.root}: it needs about "
-                         f"{log.human_size(need)}, {log.human_size(free)} is free; free some "
-                         f"or use --cache-dir on a larger disk")
-    # The compressed image is rarely more than half the raw one.
+    the download with a guess of the base's size and again once it is known."""
+    for room in room_needed(ctx.config, ctx.cache.root, base.raw_size if base else None):
+        if not room.enough:
+            raise BuildError(f"not enough space for the {room.what} in {room.path}: it needs "
+                             f"about {log.human_size(room.need)}, {log.human_size(room.free)} "
+                             f"is free; free some or use {room.fix} on a larger disk")
+
+
+def check_output_dir(cfg: Config) -> None:
+    """The output directory can be made and written, known before a download of minutes: a
+    file in its place, or a directory that is not writable, is refused now. A dry run as
+    another user than root checks what that user may write; a build as root may write more,
+    so there it is only said."""
     out = user_dir(cfg.output.dir)
-    need = size if cfg.image.compression == "none" else size // 2
-    free = shutil.disk_usage(_existing(out)).free
-    if free < need:
-        raise BuildError(f"not enough space for the output in {out}: it needs about "
-                         f"{log.human_size(need)}, {log.human_size(free)} is free; free some "
-                         f"or use --output on a larger disk")
+    given = cfg.given_as("output.dir", "--output")
+    existing = _existing(out)
+    if not existing.is_dir():
+        raise UsageError(f"{given} {cfg.output.dir}: {existing} is not a directory: give a "
+                         f"directory for the image and its files")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if is_root():
+            raise UsageError(f"{given} {cfg.output.dir}: {existing} is not writable (a "
+                             f"read-only filesystem?): give a writable directory")
+        log.warn(f"{given} {cfg.output.dir}: {existing} is not writable by this user; a build "
+                 f"as root may still write it")
 
 
 def _existing(path: Path) -> Path:
@@ -237,91 +299,6 @@ def resolve_base(ctx: Context) -> fetch.BaseSource:
     fetch.check_source(source, base.verify)
     log.info(f"base image: {image.label}")
     return source
-
-
-def _plan_sha256(ctx: Context,
-                 source: fetch.BaseSource) -> tuple[str | None, str, CachedImage | None]:
-    """The digest the plan shows, where it comes from, and the cache entry if there is one.
-    A checksum that cannot be fetched is shown as such: a plan still helps without it."""
-    if source.kind == "debian":
-        key = debian.cache_key(ctx.board, ctx.config.base.release,
-                               ctx.config.base.debian_mirror)
-        return key, "cache key of the Debian base's recipe", ctx.cache.image(key)
-    if source.used_in_place:
-        note = "given with --base-sha256" if source.sha256 else "not checked (read in place)"
-        return source.sha256, note, None
-    entry = fetch.cached_image(source, ctx.cache) if source.is_remote else None
-    if entry is not None:
-        return entry.sha256, "as verified before, from the cache", entry
-    if source.sha256:
-        return source.sha256, "given with --base-sha256", None
-    if source.sha256_url:
-        try:
-            return fetch.publisher_sha256(source, ctx.http), f"from {source.sha256_url}", None
-        except BuildError as exc:
-            return None, f"could not be read: {exc}", None
-    return None, "computed on use; nothing to check it against (pass --base-sha256)", None
-
-
-def _plan_verification(trust: fetch.Trust, source: fetch.BaseSource) -> tuple[str, str]:
-    """The plan's `verify` and `signature` rows: the level and what it will check."""
-    if source.kind == "debian":
-        return ("base.verify does not apply: built here by debootstrap from Debian's archive",
-                "not applicable")
-    keys = trust.signer_keys()
-    if keys is not None:
-        return ("signature: a good OpenPGP signature by a trusted key is required; the "
-                "sha256 is compared too when known",
-                f"{source.signature_url}, checked against {keys.describe()}")
-    if trust.level == "sha256":
-        return ("sha256 (lowered): only the sha256 is compared; the signature is not checked",
-                "not checked (base.verify is sha256)")
-    return ("none (lowered): nothing is required; a digest given or published is still "
-            "compared", "not checked (base.verify is none)")
-
-
-def _cache_status(ctx: Context, source: fetch.BaseSource, entry: CachedImage | None) -> str:
-    if source.used_in_place:
-        return "not used: the local raw image is read in place"
-    if source.kind == "debian" and entry is None:
-        return f"not cached: will build it (debootstrap, kernel; minutes) into {ctx.cache.root}"
-    if entry is not None:
-        return f"cached: {entry.path} (no download)"
-    size = f" {log.human_size(source.size)}" if source.size else ""
-    if source.is_remote:
-        return f"not cached: will download{size} into {ctx.cache.root}"
-    return f"not cached: will decompress{size} into {ctx.cache.root}"
-
-
-def print_plan(ctx: Context, checked: Checked, source: fetch.BaseSource,
-               steps: Sequence[tuple[str, str]]) -> None:
-    """What a build would do: the facts, then every step in the order it runs, with the
-    scripts and where the overlays go among them."""
-    board = ctx.board
-    sha256, sha_note, entry = _plan_sha256(ctx, source)
-    level, signature = _plan_verification(checked.trust, source)
-    rows = [
-        ("board", f"{board.id}: {board.name}, {board.soc}, {board.arch}, family {board.family}, "
-                  f"{board.support} support"),
-        ("consoles", ", ".join(f"{c.device} at {c.baud} baud" for c in board.consoles)),
-        ("base image", source.label),
-        ("from", source.location),
-        ("size", log.human_size(source.size) if source.size else "unknown"),
-        ("sha256", f"{sha256 or 'unknown'} ({sha_note})"),
-        ("verify", level),
-        ("signature", signature),
-        ("cache", _cache_status(ctx, source, entry)),
-    ]
-    width = max(len(k) for k, _ in rows)
-    log.result("Plan (dry run: nothing is downloaded or changed)")
-    for key, value in rows:
-        log.result(f"  {key.ljust(width)}  {value}")
-    log.result("  steps:")
-    for number, (name, summary) in enumerate(steps, 1):
-        log.result(f"    {number}. {name.ljust(20)} {summary}")
-        if name == "customize-image":
-            for item in customize_order(checked.scripts):
-                log.result(f"         {item if isinstance(item, str) else item.name}")
 
 
 # Where the overlays go among the scripts.

@@ -141,22 +141,37 @@ def copy_image(source: Path, target: Path) -> str:
     the same for a file and its copy however their holes lie."""
     digest = hashlib.sha256()
     with open(source, "rb") as src, open(target, "wb") as dst:
-        size = os.fstat(src.fileno()).st_size
-        dst.truncate(size)
-        done = -1
-        for start, end in _data_ranges(src.fileno(), size):
-            for offset in range(start - start % CHUNK, end, CHUNK):
-                if offset <= done:
-                    continue
-                done = offset
-                piece = os.pread(src.fileno(), CHUNK, offset)
-                if piece == ZEROS[:len(piece)]:
-                    continue
-                digest.update(offset.to_bytes(8, "little") + piece)
-                os.pwrite(dst.fileno(), piece, offset)
+        dst.truncate(os.fstat(src.fileno()).st_size)
+        for offset, piece in _pieces(src.fileno()):
+            digest.update(offset.to_bytes(8, "little") + piece)
+            os.pwrite(dst.fileno(), piece, offset)
     # Not synced: an entry the disk lost part of (a power cut) fails its digest when it is
     # read back and is redone; waiting for gigabytes to reach the disk costs more.
     return digest.hexdigest()
+
+
+def image_digest(source: Path) -> str:
+    """What copy_image would return for `source`, without writing a copy: a dry run's way
+    to the step cache's keys."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src:
+        for offset, piece in _pieces(src.fileno()):
+            digest.update(offset.to_bytes(8, "little") + piece)
+    return digest.hexdigest()
+
+
+def _pieces(fd: int) -> Iterator[tuple[int, bytes]]:
+    """The file's 1 MiB pieces that are not all zeros, with their offsets, in order."""
+    size = os.fstat(fd).st_size
+    done = -1
+    for start, end in _data_ranges(fd, size):
+        for offset in range(start - start % CHUNK, end, CHUNK):
+            if offset <= done:
+                continue
+            done = offset
+            piece = os.pread(fd, CHUNK, offset)
+            if piece != ZEROS[:len(piece)]:
+                yield offset, piece
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import os
 import pty
+import re
 import shutil
 import signal
 import struct
@@ -28,6 +30,8 @@ from conftest import (
     require_nobody_can_run,
     run_cli,
 )
+
+from builder.boards import load_catalog
 
 
 def test_dry_run_prints_the_plan(armbian: FakeArmbian, cache_dir: Path) -> None:
@@ -192,13 +196,13 @@ def test_bad_value_is_reported_before_any_network(armbian: FakeArmbian) -> None:
 def test_base_that_is_not_an_image(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    line = error_line(run_cli("--board", "orangepipc", "--dry-run", "--base", path))
+    line = error_line(run_cli("--board", "orangepipc", "--dry-run", "--base", path), code=2)
     assert "is not an .img, .img.xz, .img.gz or .img.zst file" in line
 
 
 def test_missing_local_base(tmp_path: Path) -> None:
     line = error_line(run_cli("--board", "orangepipc", "--dry-run", "--base",
-                              tmp_path / "gone.img.xz"))
+                              tmp_path / "gone.img.xz"), code=2)
     assert "gone.img.xz not found" in line
 
 
@@ -413,3 +417,66 @@ def test_a_preseed_named_in_a_config_file_is_found_beside_it(tmp_path: Path) -> 
     assert line == (f"build-image: error: {conf}/site.yaml: firstboot.preseed: 'answers.conf': "
                     f"{conf}/answers.conf does not exist (a relative path in a config file is "
                     f"taken from the file's directory): fix the path to name a file")
+
+
+# The dry run's plan: what the build would make, from what, with which settings.
+
+
+def test_the_plan_shows_settings_outputs_preseed_and_room(armbian: FakeArmbian, cache_dir: Path,
+                                                          tmp_path: Path) -> None:
+    armbian.publish("orangepi5")
+    preseed = tmp_path / "lab.conf"
+    preseed.write_text('hostname = lab-07\njupyter_password = "correct horse battery"\n')
+    site = tmp_path / "site.yaml"
+    site.write_text("jupyter:\n  cull_idle_minutes: 30\n")
+    out = tmp_path / "images"
+    common = ("--board", "orangepi5", "--dry-run", *armbian.args, "--cache-dir", cache_dir)
+    result = run_cli(*common, "--output", out, "--compress", "zstd", "--set",
+                     "jupyter.port=9000", "--preseed", preseed, "--config", site)
+    assert result.returncode == 0, result.stderr
+    plan = result.stdout
+    # Each setting that differs from defaults.yaml, and where it was given.
+    assert "jupyter.port = 9000  (--set)" in plan
+    assert "image.compression = zstd  (--compress)" in plan
+    assert f"output.dir = {out}  (--output)" in plan
+    assert f"jupyter.cull_idle_minutes = 30  ({site})" in plan
+    assert "jupyter.user" not in plan                    # as in defaults.yaml: not listed
+    # The preseed by its keys only.
+    assert f"  preseed     {preseed}: jupyter_password, hostname (values not shown" in plan
+    assert "correct horse" not in plan + result.stderr
+    today = datetime.date.today().strftime("%Y%m%d")
+    assert f"  output      {out}/orangepi-jupyter-orangepi5-trixie-{today}.img.zst\n" in plan
+    assert ".img.zst.sha256, .img.bmap, .manifest.json, .sbom.cdx.json, .build.log" in plan
+    assert re.search(r"  compressed  zstd, level \d+, on every core", plan)
+    assert re.search(rf"  disk space  build: about [\d.]+ GiB in {cache_dir}, [\d.]+ \w+ free",
+                     plan)
+    assert re.search(r"  download    [\d.]+ \w+ \(\.img\.xz as published, compressed\)", plan)
+    assert "step cache: not looked up: its keys start from the base image's contents" in plan
+    assert not out.exists()                      # a dry run makes nothing
+    # Without those options the plan says so: it is not the same plan whatever is asked.
+    plain = run_cli(*common)
+    assert plain.returncode == 0, plain.stderr
+    assert "jupyter.port" not in plain.stdout and ".img.xz\n" in plain.stdout
+    assert "  preseed     none in the image" in plain.stdout
+
+
+def test_a_dry_run_refuses_what_a_build_would_refuse(armbian: FakeArmbian, cache_dir: Path,
+                                                     tmp_path: Path) -> None:
+    armbian.publish("orangepi5")
+    common = ("--dry-run", *armbian.args, "--cache-dir", cache_dir)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    line = error_line(run_cli("--board", "orangepi5", *common, "--output", a_file / "out"),
+                      code=2)
+    assert line.endswith(f"--output {a_file}/out: {a_file} is not a directory: give a "
+                         f"directory for the image and its files")
+    riscv = next(board.id for board in load_catalog().boards if board.arch == "riscv64")
+    line = error_line(run_cli("--board", riscv, *common), code=2)
+    assert f"{riscv} is riscv64: this builder makes images for arm64 and armhf boards only" \
+        in line
+    # Room is checked against the disks once the plan is shown.
+    big = run_cli("--board", "orangepi5", *common, "--set", "image.headroom=900000GiB")
+    assert big.returncode == 1, big.stderr
+    assert "NOT ENOUGH, free some or use --cache-dir" in big.stdout
+    assert big.stderr.splitlines()[-1].startswith(
+        f"build-image: error: not enough space for the build in {cache_dir}: it needs about")

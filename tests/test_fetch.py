@@ -839,8 +839,9 @@ def test_a_local_base_that_is_no_image_is_refused(tmp_path: Path, cache_dir: Pat
     for name, (data, message) in cases.items():
         path = tmp_path / name
         for mode in ("--fetch-only", "--dry-run"):
+            # What --base names is part of the command line: a usage error.
             line = error_line(run_cli("--board", "orangepipc", mode, "--base", path,
-                                      "--cache-dir", cache_dir, *UNSIGNED_BASE))
+                                      "--cache-dir", cache_dir, *UNSIGNED_BASE), code=2)
             assert line == f"build-image: error: base image {path} {message}", (mode, line)
         assert path.is_dir() or path.read_bytes() == data
         assert not cache_dir.exists() or leftovers(cache_dir) == []
