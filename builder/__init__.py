@@ -6,7 +6,8 @@ build-image (cli.py), its steps in order in pipeline.py:
   config.py, defaults.yaml   settings: defaults, --config files, --set, validated up front
   config_values.py           what each setting's value may be
   boards.py, boards.yaml     the Orange Pi board catalog
-  preflight.py               everything checked before the first download; the dry run's plan
+  preflight.py               everything checked before the first download
+  plan.py                    the dry run's plan
   armbian.py, download.py    which Armbian image to start from (Armbian's index), HTTP
   fetch.py, verify.py,       where the base image is downloaded, verified (keys/: Armbian's
   cache.py, debian.py        signing key), decompressed and cached; a Debian base made with
@@ -27,6 +28,8 @@ try-image (tryimage.py): qemu.py; the smoke in smoke.py with serial_console.py,
 flash-image: flash/ (its __init__ is the map)
 The floor: entry.py (errors, signals, exit codes), errors.py, log.py, run.py (host programs),
   files.py (sha256, locks), compression.py, preseed.py (a --preseed file, checked)
+The manual's generated parts: manual.py (docs/: the settings and board tables), manpage.py
+  (docs/man/: a page per command, from its parser)
 """
 
 __version__ = "0.1.0"

@@ -484,7 +484,8 @@ def test_plain_http_base_url_is_refused_before_any_request(
     assert not connected(sock)
     # sha256 without a digest of the user's: a .sha from the same server proves nothing.
     assert "needs the digest" in error_line(run_cli(
-        "--board", "orangepi5", "--dry-run", "--base", url, "--base-verify", "sha256"))
+        "--board", "orangepi5", "--dry-run", "--base", url, "--base-verify", "sha256"),
+        code=2)
     assert not connected(sock)
     # Lowered far enough, the build goes there (and finds nothing that speaks HTTP).
     lowered = run_cli("--board", "orangepi5", "--fetch-only", "--cache-dir", cache_dir,
