@@ -176,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "download is kept and resumes on the next run)")
 
 
+def boards_markdown() -> str:
+    """The board catalog as the Markdown table docs/boards.md carries (--list-boards
+    --markdown), with the machine try-image boots each board's images on."""
+    return format_markdown(load_catalog(), {"try-image on": _emulated_on})
+
+
 def _emulated_on(board: Board) -> str:
     """The QEMU machine try-image boots the board's images on, if any."""
     try:
@@ -218,7 +224,7 @@ def _main(args: argparse.Namespace) -> int:
     catalog = load_catalog()
     if args.list_boards:
         if args.markdown:
-            log.result(format_markdown(catalog, {"try-image on": _emulated_on}))
+            log.result(boards_markdown())
         else:
             log.result(format_table(catalog))
         return 0

@@ -136,10 +136,9 @@ def settings_markdown(text: str) -> str:
 
 
 def boards_markdown() -> str:
-    """What `build-image --list-boards --markdown` prints, made the way it makes it."""
-    from builder.boards import format_markdown, load_catalog
-    from builder.cli import _emulated_on
-    return format_markdown(load_catalog(), {"try-image on": _emulated_on})
+    """What `build-image --list-boards --markdown` prints: made by the same function."""
+    from builder.cli import boards_markdown as made_by_the_cli
+    return made_by_the_cli()
 
 
 GENERATORS: dict[str, Callable[[], str]] = {

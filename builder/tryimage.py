@@ -24,7 +24,13 @@ from pathlib import Path
 from builder import log, qemu, smoke, smoke_report, trial_settings
 from builder.boards import Board, load_catalog
 from builder.compression import COMPRESSIONS, built_image_suffix, image_suffix
-from builder.entry import HelpFormatter, add_common_options, quiet_on_closed_pipe, run_reporting
+from builder.entry import (
+    HelpFormatter,
+    add_common_options,
+    checking_usage,
+    quiet_on_closed_pipe,
+    run_reporting,
+)
 from builder.errors import BuildError
 from builder.ext4 import Ext4, find_root_fs
 from builder.firstboot import armbian_preset
@@ -119,9 +125,28 @@ class Request:
 
 
 def check_request(args: argparse.Namespace) -> Request:
+    """What the command line asks for (a usage error when it cannot be), then what this host
+    needs to do it: the programs, and QEMU for the board's machine."""
+    with checking_usage():
+        request = _read_request(args)
+    # The decompressor from the table every command reads images by: whatever build-image
+    # writes, try-image reads, with no list of its own to fall behind.
+    require_programs("debugfs", "dumpe2fs", "sfdisk", "cp",
+                     COMPRESSIONS[image_suffix(request.image.name)][0])
+    # The board from --board or the manifest build-image wrote beside the image: its machine
+    # and QEMU are checked now, before minutes of decompressing.
+    board = args.board or _manifest_board(request.image)
+    if board:
+        with checking_usage():
+            found = load_catalog().lookup(board)[0]
+        qemu.require_qemu(qemu.machine_for(found, args.memory))
+    return request
+
+
+def _read_request(args: argparse.Namespace) -> Request:
     image = args.image.expanduser().absolute() if isinstance(args.image, Path) else \
         Path(args.image).expanduser().absolute()
-    suffix = built_image_suffix(image)
+    built_image_suffix(image)
     timeouts = dict(TIMEOUTS)
     for item in args.timeout:
         name, _, value = item.partition("=")
@@ -157,14 +182,6 @@ def check_request(args: argparse.Namespace) -> Request:
     report = args.report.expanduser().absolute()
     if args.smoke:
         _check_writable(report, "--report")
-    # The decompressor from the table every command reads images by: whatever build-image
-    # writes, try-image reads, with no list of its own to fall behind.
-    require_programs("debugfs", "dumpe2fs", "sfdisk", "cp", COMPRESSIONS[suffix][0])
-    # The board from --board or the manifest build-image wrote beside the image: its machine
-    # and QEMU are checked now, before minutes of decompressing.
-    board = args.board or _manifest_board(image)
-    if board:
-        qemu.require_qemu(qemu.machine_for(load_catalog().lookup(board)[0], args.memory))
     return Request(image=image, board=args.board, smoke=args.smoke, preseed=preseed,
                    armbian_preset=preset, port=args.port, memory=args.memory,
                    timeouts=timeouts,

@@ -548,6 +548,10 @@ def test_the_commands_are_linked_where_sudo_finds_them_and_others_files_are_kept
     assert done.returncode == 0, done.stderr
     for name in COMMANDS:
         assert os.readlink(bin_dir / name) == str(REPO / ".venv" / "bin" / name)
+        # `man build-image` finds the page: share/man/man1 beside the bin directory.
+        page = tmp_path / "share" / "man" / "man1" / f"{name}.1"
+        assert os.readlink(page) == str(REPO / "docs" / "man" / f"{name}.1")
+        assert "\n.TH " in page.read_text()
     # An older clone's link is moved here; a file or a link of someone else's is kept.
     (bin_dir / "build-image").unlink()
     (bin_dir / "build-image").symlink_to("/srv/old-clone/.venv/bin/build-image")
@@ -566,6 +570,12 @@ def test_the_commands_are_linked_where_sudo_finds_them_and_others_files_are_kept
     # A third run changes nothing and says nothing about what is already right.
     third = subprocess.run([str(LINK_COMMANDS), str(bin_dir)], capture_output=True, text=True)
     assert third.returncode == 0 and third.stdout == ""
+    # Pages of an older clone are moved here too.
+    page = tmp_path / "share" / "man" / "man1" / "flash-image.1"
+    page.unlink()
+    page.symlink_to("/srv/old-clone/docs/man/flash-image.1")
+    fourth = subprocess.run([str(LINK_COMMANDS), str(bin_dir)], capture_output=True, text=True)
+    assert fourth.returncode == 0 and os.readlink(page) == str(REPO / "docs/man/flash-image.1")
 
 
 def test_setup_host_links_the_commands_unless_told_not_to() -> None:

@@ -94,7 +94,7 @@ def test_not_an_image(tmp_path: Path, work: Path) -> None:
     assert "has no partition table" in error_of(proc)
     assert_nothing_left(work)
     missing = try_image(tmp_path / "missing.img.xz")
-    assert missing.returncode == 1 and "no such image file" in error_of(missing)
+    assert missing.returncode == 2 and "no such image file" in error_of(missing)   # usage
     gz = tmp_path / "x.img.gz"
     gz.write_bytes(b"\x1f\x8b")
     assert "the file is corrupt or truncated" in error_of(try_image(gz, "--workdir", work))
@@ -131,7 +131,7 @@ def test_bad_options_are_refused_before_anything_is_done(tmp_path: Path, work: P
     cases[("--armbian-preset", tmp_path / "nothing.txt")] = "No such file"
     for args, message in cases.items():
         proc = try_image(image, "--workdir", work, *args)
-        assert proc.returncode == 1, (args, proc.stderr)
+        assert proc.returncode == 2, (args, proc.stderr)        # a usage error, as argparse's
         assert message in error_of(proc), (args, proc.stderr)
         assert_nothing_left(work)
 
