@@ -52,7 +52,8 @@ LIST_FLAGS = {"customize": "customize.scripts", "overlay": "customize.overlays"}
 # The end of --help and the man page's EXAMPLES (builder/manpage.py; tests/test_manpages.py
 # parses every command line here): an explanation, then its command, indented further.
 EXAMPLES = """\
-Settings: builder/defaults.yaml lists every key; --config, --set change them.
+Settings: docs/configuration.md (and builder/defaults.yaml) lists every
+key; --config and --set change them.
 
 Examples:
   The Orange Pi PC Plus image from Armbian's trixie minimal, written to ./out:
@@ -138,7 +139,11 @@ def parser() -> argparse.ArgumentParser:
                        help="keep the working copy of the image for debugging")
     run = p.add_argument_group("what to do")
     run.add_argument("--dry-run", action="store_true",
-                     help="print the plan (board, base image, sha256, cache, steps) and stop")
+                     help="print the plan and stop: the base image and how it is verified, "
+                          "the settings that differ from the defaults and where each was "
+                          "given, the preseed's keys, the outputs, the room needed, the steps "
+                          "and the step cache; every check a build makes before its download "
+                          "is made, without root")
     run.add_argument("--fetch-only", action="store_true",
                      help="stop once the verified base image is in the cache; print its path")
     run.add_argument("--check-preseed", metavar="FILE", type=Path,
