@@ -178,6 +178,17 @@ class Config:
         return f"{origin}: {key}"
 
 
+def leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: the settings as --set names them (lists are values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _settings(cls: type[Any]) -> list[dataclasses.Field[Any]]:
     """The fields of a settings dataclass that are settings (Config.origins is not)."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("setting", True)]

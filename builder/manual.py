@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from builder.config import leaves
+
 DEFAULTS = Path(__file__).resolve().with_name("defaults.yaml")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BEGIN = re.compile(r"<!-- generated: ([a-z-]+) -->")
@@ -64,17 +66,6 @@ def key_comments(text: str) -> dict[str, str]:
         found[path] = " ".join(word for word in words if word)
         above = []
     return found
-
-
-def leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}: the settings, as --set names them (lists are values)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(leaves(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def settings(text: str) -> tuple[list[Setting], dict[str, str]]:

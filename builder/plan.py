@@ -11,14 +11,14 @@ the build start.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from builder import customize, debian, fetch, log, output
 from builder.cache import CachedImage
-from builder.config import DEFAULTS_NAME, Config, load_config
+from builder.config import DEFAULTS_NAME, Config, leaves, load_config
 from builder.errors import BuildError
 from builder.firstboot.answers import KEYS, preseed_keys
 from builder.preflight import Checked, Room, customize_order, room_needed, user_dir
@@ -81,9 +81,9 @@ def print_plan(ctx: Context, checked: Checked, source: fetch.BaseSource,
 
 def settings_rows(cfg: Config) -> list[str]:
     """Each setting whose value is not defaults.yaml's, with where it was given last."""
-    defaults = _flat(load_config().to_dict())
+    defaults = leaves(load_config().to_dict())
     rows = []
-    for key, value in _flat(cfg.to_dict()).items():
+    for key, value in leaves(cfg.to_dict()).items():
         if key in defaults and defaults[key] == value:
             continue
         origin = cfg.origins.get(key, DEFAULTS_NAME)
@@ -158,16 +158,6 @@ def _script_lines(checked: Checked, forecast: StageForecast) -> list[str]:
         lines.append(f"{name}{'  (' + '; '.join(notes) + ')' if notes else ''}")
     lines.append(f"step cache: {forecast.note}")
     return lines
-
-
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _show(value: Any) -> str:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO, cli_env, run_cli
 
-from builder import cli, manual
+from builder import cli, config, manual
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
@@ -55,7 +55,7 @@ def test_settings_reference_has_every_key_with_its_default() -> None:
     reference = block((DOCS / "configuration.md").read_text(encoding="utf-8"), "settings")
     rows = {m[1]: m[2] for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| (.*?) \| ", reference,
                                            re.M)}
-    flat = manual.leaves(yaml.safe_load(DEFAULTS_TEXT))
+    flat = config.leaves(yaml.safe_load(DEFAULTS_TEXT))
     assert list(rows) == list(flat)
     assert rows["jupyter.port"] == "`8888`"
     assert rows["apt.proxy"] == "none"
