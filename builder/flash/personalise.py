@@ -44,6 +44,7 @@ from builder.preseed import load_preseed
 from builder.setup_partition import (
     find_setup_drive,
     read_setup_file,
+    setup_file_text,
     write_setup_file,
 )
 
@@ -226,17 +227,22 @@ def _merged(old: str, preseed: Preseed) -> str:
     return text
 
 
+# The heading of this card's lines in the setup drive's file, under the template's comments.
+DRIVE_HEADING = ("this card's own settings (change a value here, not above: a key given twice "
+                 "is an error)")
+
+
 def _write_on_setup_drive(card: Path, start: int, preseed: Preseed) -> None:
+    write_setup_file(card, start, _setup_file(read_setup_file(card, start),
+                                              preseed.text(DRIVE_HEADING)))
+
+
+def _setup_file(template: bytes | None, lines: str) -> bytes:
     """This card's lines after the template's comments in the setup drive's file, so that
     whoever opens the drive still reads what each key does; the whole file with Notepad's
-    line ends, UTF-8 without a byte-order mark."""
-    template = (read_setup_file(card, start) or b"").decode("utf-8-sig", errors="replace")
-    # Merged, not appended: a key the template gave (it gives none now) would otherwise be
-    # there twice, which the card refuses.
-    text = merge_preseed(template.replace("\r\n", "\n"), preseed.text(
-        "this card's own settings (change a value here, not above: a key given twice is "
-        "an error)"))
-    write_setup_file(card, start, text.replace("\n", "\r\n").encode())
+    line ends, UTF-8 without a byte-order mark (try-image's, with one, differs in that only:
+    tests/test_trial_settings.py)."""
+    return setup_file_text(template, lines, bom=False)
 
 
 def _check_serves_https(root: Ext4) -> None:
