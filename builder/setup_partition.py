@@ -165,6 +165,22 @@ def write_setup_file(disk: Path, start: int, data: bytes) -> None:
                          f"as written: the disk may be failing (write it again)")
 
 
+def setup_file_text(template: bytes | None, lines: str, *, bom: bool) -> bytes:
+    """jupyter-firstboot.conf as flash-image and try-image write it: the template's comments
+    (and blank lines), so that whoever opens the drive still reads what each key does, a
+    blank line, then `lines`; every line end CRLF, as Notepad expects. The template's own
+    settings (it gives none) are dropped: `lines` are the card's settings, and a key given
+    twice is refused at first boot. `bom`: a UTF-8 byte-order mark first, as Windows'
+    Notepad saves the file (try-image imitates that person); flash-image writes none."""
+    text = (template or b"").decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+    kept = [line for line in text.splitlines()
+            if not line.strip() or line.lstrip().startswith("#")]
+    if kept and kept[-1].strip():
+        kept.append("")
+    body = [*kept, *lines.replace("\r\n", "\n").splitlines()]
+    return ("\ufeff" if bom else "").encode() + "".join(f"{line}\r\n" for line in body).encode()
+
+
 def _on(disk: Path, start: int) -> str:
     """mtools' name for the filesystem at byte `start` of `disk`."""
     return f"{disk}@@{start}"

@@ -22,7 +22,12 @@ from builder.firstboot.armbian_preset import PRESET_FILE
 from builder.firstboot.card import PRESEED, Settings
 from builder.firstboot.setup_drive import SETUP_FILE, assemble, drive_settings, presets_from
 from builder.guest_shell import Credentials
-from builder.setup_partition import find_setup_drive, read_setup_file, write_setup_file
+from builder.setup_partition import (
+    find_setup_drive,
+    read_setup_file,
+    setup_file_text,
+    write_setup_file,
+)
 
 PRESEED_PATH = "/" + PRESEED
 PRESET_PATH = "/" + PRESET_FILE
@@ -68,12 +73,8 @@ def place(disk: Path, fs: Ext4, work: Path, user: str, preseed: bytes | None,
 
 def _as_notepad_saves(template: bytes | None, preseed: bytes) -> bytes:
     """The drive's file with its comments kept and its settings replaced by the preseed's
-    lines (a key given twice would be refused), as Windows' Notepad saves it."""
-    text = (template or b"").decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
-    comments = [line for line in text.splitlines() if not line.strip() or
-                line.lstrip().startswith("#")]
-    lines = [*comments, "", *preseed.decode("utf-8-sig").replace("\r\n", "\n").splitlines()]
-    return "\ufeff".encode() + "\r\n".join(lines).encode() + b"\r\n"
+    lines (a key given twice would be refused), as Windows' Notepad saves it: with a BOM."""
+    return setup_file_text(template, preseed.decode("utf-8-sig"), bom=True)
 
 
 def assembled(disk: Path, fs: Ext4, drive: tuple[int, int] | None, user: str) -> Answers:

@@ -385,6 +385,34 @@ def test_the_setup_file_is_read_and_replaced_at_the_partitions_offset(
         setup_partition.read_setup_file(disk, start)
 
 
+def test_with_a_setup_drive_the_card_is_checked_as_its_first_boot_assembles_it(
+        drive_image: tuple[Path, str], tmp_path: Path, cards: Cards) -> None:
+    """flash-image puts this card's lines over the image's preseed by the card's own rule
+    (setup_drive.assemble), read back from the very file it is about to write: the hostname
+    it speaks of is the image's when the card gives none, and a result the wizard would
+    refuse is said before the drive is written."""
+    image, _ = drive_image
+    cert, key = own_pair(tmp_path, "lab")
+    keys = tmp_path / "id_ed25519.pub"
+    keys.write_text(f"{KEY_B}\n")
+    device, _ = cards.new(40)
+    proc = flash(f"{image}.zst", device, "--yes", "--force", "--ssh-key", keys,
+                 "--tls-cert", cert, "--tls-key", key)
+    assert proc.returncode == 0, proc.stderr
+    assert ("not from-the-image.local or from-the-image (the image's hostname)"
+            in proc.stderr), proc.stderr
+    refused = make_image(tmp_path, "refused", setup_drive=True,
+                         files={"boot/jupyter-firstboot.conf": b"colour = blue\n"})
+    device, backing = cards.new(40)
+    proc = flash(f"{refused}.zst", device, "--yes", "--force", "--ssh-key", keys)
+    assert proc.returncode != 0
+    assert "the preseed for the card does not check out (line 1: 'colour': unknown key" in \
+        error_of(proc)
+    # The card is left unable to boot (its table is gone); the drive is still at 24 MiB.
+    assert setup_partition.read_setup_file(backing, 24 * MIB) == \
+        template_files()["jupyter-firstboot.conf"], "the drive as the image has it"
+
+
 def test_a_separate_boot_partition_gets_the_preseed(tmp_path: Path, cards: Cards) -> None:
     image = make_image(tmp_path, "two", boot_partition=True,
                        files={"etc/fstab": b"LABEL=armbi_root / ext4 defaults 0 1\n"

@@ -19,7 +19,8 @@ from builder.errors import BuildError
 from builder.ext4 import find_root_fs
 from builder.firstboot.answers import hash_login_password, parse_preseed
 from builder.firstboot.card import Settings
-from builder.firstboot.setup_drive import decode
+from builder.firstboot.setup_drive import SETUP_FILE, decode, drive_settings
+from builder.flash import personalise
 from builder.image import read_table
 
 BOARD = "orangepizeroplus2-h5"
@@ -128,3 +129,33 @@ def test_settings_the_smoke_cannot_use_are_refused(tmp_path: Path, preseed: byte
     disk = disk_with(tmp_path)
     with pytest.raises(BuildError, match=message):
         place(disk, tmp_path, preseed)
+
+
+@functools.cache
+def drive_template() -> bytes:
+    board, _ = load_catalog().lookup(BOARD)
+    return setup_partition.contents(template_context(load_config(), board))[
+        "jupyter-firstboot.conf"]
+
+
+@pytest.mark.parametrize("template", [
+    "built", None, b"", b"# one\n\n# two\n", b"\xef\xbb\xbf# one\r\n#hostname =\r\n\r\n",
+    b"# explained\r\nhostname = from-the-template\r\n# more\r\n", b"# lone\rCR\r\n"],
+    ids=["built", "none", "empty", "lf", "bom-blank-end", "a-setting", "lone-cr"])
+def test_flash_image_and_try_image_write_the_drive_alike_but_for_the_bom(
+        template: bytes | str | None) -> None:
+    """One rule for the drive's file (setup_partition.setup_file_text): what flash-image
+    writes and what try-image writes from the same template and lines differ in try-image's
+    BOM alone, and the card reads the same settings from either."""
+    data = drive_template() if template == "built" else template
+    assert not isinstance(data, str)
+    lines = (f"# flash-image 0, 2024-01-01 00:00: this card's own settings\n"
+             f"hostname = lab-pi-01\nlogin_password = {LOGIN}\njupyter_password = {JUPYTER}\n")
+    flashed = personalise._setup_file(data, lines)
+    tried = trial_settings._as_notepad_saves(data, lines.encode())
+    assert tried == b"\xef\xbb\xbf" + flashed and not flashed.startswith(b"\xef\xbb\xbf")
+    assert flashed.endswith(b"\r\n") and flashed.count(b"\n") == flashed.count(b"\r\n")
+    assert b"from-the-template" not in flashed, "the template's settings give way to the lines"
+    taken, _ = drive_settings(SETUP_FILE, tried)
+    answers, problems = parse_preseed(taken or "", Path("/"), Settings())
+    assert problems == [] and (answers.hostname, answers.login_password) == ("lab-pi-01", LOGIN)

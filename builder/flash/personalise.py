@@ -26,7 +26,6 @@ from builder.firstboot.answers import (
     check_ssh_key,
     check_ssid,
     check_wifi_key,
-    merge_preseed,
     parse_preseed,
     replaced_by,
 )
@@ -37,13 +36,14 @@ from builder.firstboot.card import (
     TLS_GIVEN_KEY,
     Settings,
 )
-from builder.firstboot.setup_drive import SETUP_FILE
+from builder.firstboot.setup_drive import SETUP_FILE, assemble, drive_settings
 from builder.flash.certificate import GivenTls
 from builder.image import Table, read_table
 from builder.preseed import load_preseed
 from builder.setup_partition import (
     find_setup_drive,
     read_setup_file,
+    setup_file_text,
     write_setup_file,
 )
 
@@ -174,6 +174,9 @@ class Personalised:
 
 # Where the settings are when they go onto the setup drive, as the log says it.
 ON_SETUP_DRIVE = f"{SETUP_FILE} on the card's setup drive ({SETUP_LABEL})"
+# The heading of this card's lines in the setup drive's file, under the template's comments.
+DRIVE_HEADING = ("this card's own settings (change a value here, not above: a key given twice "
+                 "is an error)")
 
 
 def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = None
@@ -194,16 +197,18 @@ def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = 
     drive = find_setup_drive(card, root.partition.number) if preseed else None
     where = None
     with tempfile.TemporaryDirectory(prefix="flash-image.") as work:
-        if preseed:
-            # Merged here either way: checked as the card will have it after its own merge, and
-            # for the hostname the card will have.
-            text = _merged(text, preseed)
-            if drive is not None:
-                _write_on_setup_drive(card, drive[0], preseed)
-                where = ON_SETUP_DRIVE
-            else:
-                boot.fs.write(boot.path(PRESEED), text.encode(), 0o600, Path(work))
-                where = "/" + PRESEED
+        # Assembled here either way, before anything is written: checked as the card's wizard
+        # will read it after the card's own merge, and for the hostname the card will have.
+        if drive is not None:
+            data = _setup_file(read_setup_file(card, drive[0]), preseed.text(DRIVE_HEADING))
+            # The drive's lines as the card's first boot reads them from the very file.
+            text = _assembled(text, drive_settings(SETUP_FILE, data)[0])
+            write_setup_file(card, drive[0], data)
+            where = ON_SETUP_DRIVE
+        elif preseed:
+            text = _assembled(text, preseed.text())
+            boot.fs.write(boot.path(PRESEED), text.encode(), 0o600, Path(work))
+            where = "/" + PRESEED
         if given_tls is not None:
             # The key last, so that no card holds a key without its certificate.
             boot.fs.write(boot.path(TLS_GIVEN_CERT), given_tls.cert_pem, 0o644, Path(work))
@@ -216,9 +221,11 @@ def personalise_card(card: Path, preseed: Preseed, given_tls: GivenTls | None = 
                         hostname=hostname, on_setup_drive=drive is not None)
 
 
-def _merged(old: str, preseed: Preseed) -> str:
-    """The image's preseed with this card's lines after it, each replacing the image's."""
-    text = merge_preseed(old, preseed.text())
+def _assembled(old: str, lines: str | None) -> str:
+    """The preseed the card's wizard will read: the image's preseed with this card's lines
+    over it, merged by the card's own rule (setup_drive.assemble, as try-image assembles
+    it). Without Armbian's presets: flash-image writes none."""
+    text, _ = assemble(old, None, lines)
     _, problems = parse_preseed(text.encode(), Path("/"), Settings())
     if problems:
         raise BuildError(f"the preseed for the card does not check out ({problems[0]}); the "
@@ -226,17 +233,12 @@ def _merged(old: str, preseed: Preseed) -> str:
     return text
 
 
-def _write_on_setup_drive(card: Path, start: int, preseed: Preseed) -> None:
+def _setup_file(template: bytes | None, lines: str) -> bytes:
     """This card's lines after the template's comments in the setup drive's file, so that
     whoever opens the drive still reads what each key does; the whole file with Notepad's
-    line ends, UTF-8 without a byte-order mark."""
-    template = (read_setup_file(card, start) or b"").decode("utf-8-sig", errors="replace")
-    # Merged, not appended: a key the template gave (it gives none now) would otherwise be
-    # there twice, which the card refuses.
-    text = merge_preseed(template.replace("\r\n", "\n"), preseed.text(
-        "this card's own settings (change a value here, not above: a key given twice is "
-        "an error)"))
-    write_setup_file(card, start, text.replace("\n", "\r\n").encode())
+    line ends, UTF-8 without a byte-order mark (try-image's, with one, differs in that only:
+    tests/test_trial_settings.py)."""
+    return setup_file_text(template, lines, bom=False)
 
 
 def _check_serves_https(root: Ext4) -> None:
