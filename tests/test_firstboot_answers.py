@@ -87,3 +87,19 @@ def test_truncated_hashes_are_refused() -> None:
     assert check_jupyter_hash(jupyter) == jupyter
     with pytest.raises(ValueError):
         check_jupyter_hash(jupyter[:jupyter.rindex("$") + 4])
+
+
+def test_a_value_with_a_break_the_drive_reader_splits_at_is_refused() -> None:
+    """The setup drive's file is read with str.splitlines (a lone CR ends a line there), so
+    every other break splitlines knows is refused inside a value, not read as two lines."""
+    splits = {chr(c) for c in range(0x110000)
+              if chr(c) not in "\n\r" and len(f"a{chr(c)}b".splitlines()) > 1}
+    assert splits == {"\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"}
+    for char in sorted(splits):
+        for line in (f"wifi_ssid = Lab{char}Net", f"login_password = a long{char}password"):
+            answers, problems = parse_preseed(f"{line}\nhostname = lab\n", Path("/"),
+                                              Settings())
+            assert problems == [f"line 1: '{line.split(' =')[0]}': holds a line break or page "
+                                f"break inside the value (e.g. U+2028, form feed): remove it"]
+            assert "password" not in problems[0].split(":", 2)[2]   # the value is not shown
+            assert answers.hostname == "lab" and answers.wifi_ssid is None

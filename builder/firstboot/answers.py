@@ -311,6 +311,10 @@ def unquote(value: str) -> str:
     return value
 
 
+# What str.splitlines breaks lines at besides \n and \r, which cannot be inside a value here.
+_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def parse_preseed(data: str | bytes, root: Path,
                   settings: Settings) -> tuple[Answers, list[str]]:
     """`key = value` lines; `#` starts a comment only at the beginning of a line, so a
@@ -345,6 +349,13 @@ def parse_preseed(data: str | bytes, root: Path,
                             f"on its own line, or the value in quotes if ' #' belongs to it)")
             continue
         value = unquote(value)
+        if _BREAKS.search(value):
+            # The setup drive's reader takes a lone CR (old Mac editors) as a line end, so it
+            # splits lines as str.splitlines does: a value with any of those breaks would be
+            # read there as two lines.
+            problems.append(f"{where}: holds a line break or page break inside the value "
+                            f"(e.g. U+2028, form feed): remove it")
+            continue
         if key not in KEYS:
             problems.append(f"{where}: unknown key (known: {', '.join(KEYS)})")
             continue
