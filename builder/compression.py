@@ -64,13 +64,13 @@ def built_image_suffix(image: Path) -> str:
     """The suffix of an image build-image wrote, named on try-image's or flash-image's command
     line; a missing file or one that is no image is refused with one line."""
     if not image.is_file():
-        raise BuildError(f"{image}: no such image file (give the .img, .img.xz or .img.zst "
-                         f"build-image wrote)")
+        raise BuildError(f"{image}: no such image file (give the {KINDS} file build-image "
+                         f"wrote)")
     try:
         return image_suffix(image.name)
     except BuildError:
-        raise BuildError(f"{image.name}: not an .img, .img.xz or .img.zst file (give the image "
-                         f"build-image wrote)") from None
+        raise BuildError(f"{image.name}: not an {KINDS} file (give the image build-image "
+                         f"wrote)") from None
 
 
 ZEROS = bytes(1 << 20)

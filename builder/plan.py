@@ -111,8 +111,10 @@ def output_rows(cfg: Config, board: str) -> list[str]:
     name = output.build_name(cfg.output.product, board, cfg.base.release,
                              datetime.date.today())
     image, *others = output.output_suffixes(cfg.image.compression)
+    handed = " (the built-in scripts: .requirements.txt)" if cfg.customize.builtin else ""
     return [f"{directory / name}{image}",
-            f"with {', '.join(others)} beside it (dated the day it is built)"]
+            f"with {', '.join(others)} beside it (dated the day it is built), and the files "
+            f"the scripts hand over{handed}"]
 
 
 def compression_row(cfg: Config) -> str:

@@ -76,17 +76,20 @@ def check_host(ctx: Context) -> Checked:
     try:
         ctx.board.wizard_consoles(cfg.firstboot.consoles)
     except ValueError as exc:
-        raise BuildError(f"firstboot.consoles: {exc}") from None
-    # What customizing needs, checked now rather than after a 10-minute download.
+        raise UsageError(f"firstboot.consoles: {exc}") from None
+    # What customizing needs, checked now rather than after a 10-minute download. The
+    # directories, scripts and templates are the user's (--customize, --overlay): a problem
+    # in them is a usage error.
     builtin = cfg.customize.builtin
-    scripts = customize.find_scripts([*([customize.BUILTIN_CUSTOMIZE] if builtin else []),
-                                      *map(user_dir, cfg.customize.scripts)])
-    for script in scripts:       # the settings each declares exist
-        customize.settings_for(script, cfg.to_dict())
-    overlay_dirs = (*([customize.BUILTIN_OVERLAYS] if builtin else []),
-                    *map(user_dir, cfg.customize.overlays))
-    rendered = customize.render_templates(overlay_dirs,
-                                          customize.template_context(cfg, ctx.board))
+    with checking_usage():
+        scripts = customize.find_scripts([*([customize.BUILTIN_CUSTOMIZE] if builtin else []),
+                                          *map(user_dir, cfg.customize.scripts)])
+        for script in scripts:       # the settings each declares exist
+            customize.settings_for(script, cfg.to_dict())
+        overlay_dirs = (*([customize.BUILTIN_OVERLAYS] if builtin else []),
+                        *map(user_dir, cfg.customize.overlays))
+        rendered = customize.render_templates(overlay_dirs,
+                                              customize.template_context(cfg, ctx.board))
     if cfg.firstboot.preseed:
         check_preseed(cfg)
     # The board's arch before any download: a dry run of a board no build can make is no plan.
@@ -156,21 +159,26 @@ def check_verification(ctx: Context) -> fetch.Trust:
         # own keys (debian.py); base.verify is about images made elsewhere.
         return fetch.Trust(level)
     user_sha256 = bool(base.sha256)
-    if base.source == "armbian":
-        fetch.check_transport(base.armbian_index, "the Armbian index (--armbian-index)", level,
-                              user_sha256)
-        if base.armbian_mirror:
-            fetch.check_transport(base.armbian_mirror, "the Armbian mirror (--armbian-mirror)",
+    # Plain http where the level forbids it, and keyrings that are missing or hold no key:
+    # what the command line asks for cannot be, a usage error.
+    with checking_usage():
+        if base.source == "armbian":
+            fetch.check_transport(base.armbian_index, "the Armbian index (--armbian-index)",
                                   level, user_sha256)
-    else:
-        fetch.check_transport(base.source, "the base image at", level, user_sha256)
+            if base.armbian_mirror:
+                fetch.check_transport(base.armbian_mirror,
+                                      "the Armbian mirror (--armbian-mirror)", level,
+                                      user_sha256)
+        else:
+            fetch.check_transport(base.source, "the base image at", level, user_sha256)
     if level != "signature":
         log.warn(LOWERED[level])
         if base.gpg_keyring:
             log.info(f"--gpg-keyring is not used: base.verify is {level}")
         return fetch.Trust(level)
     require_programs("gpg", "gpgv")
-    return fetch.Trust(level, verify.Keys.load([user_dir(k) for k in base.gpg_keyring]))
+    with checking_usage():
+        return fetch.Trust(level, verify.Keys.load([user_dir(k) for k in base.gpg_keyring]))
 
 
 def _emulation(ctx: Context) -> Emulation:
@@ -185,7 +193,7 @@ def check_preseed(cfg: Config) -> None:
     option = cfg.given_as("firstboot.preseed", "--preseed")
     flag = f"{option} {cfg.firstboot.preseed}"
     if not cfg.customize.builtin:
-        raise BuildError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
+        raise UsageError(f"{flag}: the first-boot wizard is part of the built-in customize.d: "
                          f"drop --preseed or customize.builtin=false")
     settings = Settings(min_password_length=cfg.firstboot.min_password_length)
     _, answers = load_preseed(Path(cfg.firstboot.preseed or ""), cfg.firstboot.preseed, settings,
@@ -289,9 +297,11 @@ def resolve_base(ctx: Context) -> fetch.BaseSource:
         assets = armbian.read_index(base.armbian_index, http=ctx.http, cache=ctx.cache,
                                     offline=ctx.options.offline,
                                     remember=not ctx.options.dry_run)
-    image = armbian.find_image(assets, board=ctx.board.id, release=base.release,
-                               branch=base.branch, variant=base.variant,
-                               mirror=base.armbian_mirror)
+    # A release, branch or variant the index has no image for is asked for in vain: usage.
+    with checking_usage():
+        image = armbian.find_image(assets, board=ctx.board.id, release=base.release,
+                                   branch=base.branch, variant=base.variant,
+                                   mirror=base.armbian_mirror)
     source = fetch.source_from_armbian(image)
     if base.sha256:
         source = fetch.BaseSource(**{**source.__dict__, "sha256": base.sha256})

@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
                     "then open the URL printed here; Ctrl-A X quits QEMU). The image itself is "
                     "never modified.",
         epilog=EXAMPLES, formatter_class=HelpFormatter)
-    p.add_argument("image", help="an .img, .img.xz or .img.zst made by build-image")
+    p.add_argument("image", help="an .img, .img.xz, .img.zst or .img.gz made by build-image")
     p.add_argument("--board", help="the board the image is for (default: read from the image)")
     p.add_argument("--smoke", action="store_true",
                    help="answer the wizard, check Jupyter, the stack, a browser, a second "

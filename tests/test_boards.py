@@ -71,7 +71,7 @@ def test_a_wrong_console_setting_is_refused_before_anything_is_fetched() -> None
     result = run_cli("--board", "orangepizero", "--dry-run", "--set",
                      "firstboot.consoles=[local, ttyS5]")
     assert result.returncode != 0
-    assert error_line(result) == ("build-image: error: firstboot.consoles: ttyS5 is not a "
+    assert error_line(result, code=2) == ("build-image: error: firstboot.consoles: ttyS5 is not a "
                                   "console of the Orange Pi Zero (its consoles: ttyS0, tty1, "
                                   "ttyGS0; or the words local, gadget)")
 

@@ -320,8 +320,8 @@ def test_preseed_example_passes_check_preseed(document: Path, line: int, text: s
 @pytest.mark.parametrize(("old", "new"), [
     ("sudo build-image --board orangepi5 --branch vendor",
      "sudo build-image --board orangepi5 --release noble --branch vendor"),
-    ("sudo try-image out/orangepi-jupyter-orangepipcplus-trixie-20261126.img.xz",
-     "sudo try-image out/orangepi-jupyter-orangepipcplus-trixie-20261126.img.zst"),
+    ("try-image out/orangepi-jupyter-orangepipcplus-trixie-20261126.img.xz",
+     "try-image out/orangepi-jupyter-orangepipcplus-trixie-20261126.img.zst"),
     ("sudo build-image --board orangepipcplus --customize",
      "sudo build-image --board orangepipcplus --customise"),
 ])

@@ -365,7 +365,7 @@ def test_bad_script_is_found_before_anything_runs(base: BaseImage, tmp_path: Pat
     script.write_text("echo hi\n" if problem == "no shebang" else
                       f"#!/bin/sh\n{header}echo hi\n")
     script.chmod(0o644 if problem == "not executable" else 0o755)
-    line = error_line(build(base, tmp_path, "--customize", scripts))
+    line = error_line(build(base, tmp_path, "--customize", scripts), code=2)   # the user's
     expected = {"not executable": "is not executable: chmod +x",
                 "no kind": "name must be NN-name.chroot (runs in the image)",
                 "no shebang": "has no #! line",
@@ -381,7 +381,7 @@ def test_template_with_an_unknown_variable(base: BaseImage, tmp_path: Path) -> N
     overlay = tmp_path / "ov"
     (overlay / "etc").mkdir(parents=True)
     (overlay / "etc/x.conf.j2").write_text("line one\n{{ config.jupyter.nope }}\n")
-    line = error_line(build(base, tmp_path, "--overlay", overlay, "--dry-run"))
+    line = error_line(build(base, tmp_path, "--overlay", overlay, "--dry-run"), code=2)
     assert f"overlay template {overlay}/etc/x.conf.j2:2:" in line and "nope" in line
 
 

@@ -56,10 +56,11 @@ def plan(armbian: FakeArmbian, cache: Path, *extra: str | Path,
     return run_cli("--board", "orangepi5", "--dry-run", *trust, "--cache-dir", cache, *extra)
 
 
-def refused(result: subprocess.CompletedProcess[str], cache: Path) -> str:
-    """A build the verification stopped: one line, exit status 1, nothing in the cache that
-    looks finished or half-made, no loop device or mount left behind."""
-    line = error_line(result)
+def refused(result: subprocess.CompletedProcess[str], cache: Path, code: int = 1) -> str:
+    """A build the verification stopped: one line, exit status 1 (2 when what the command line
+    asks for cannot be), nothing in the cache that looks finished or half-made, no loop device
+    or mount left behind."""
+    line = error_line(result, code)
     assert leftovers(cache) == []
     assert not list((cache / "partial").glob("*.part")) if (cache / "partial").exists() else True
     assert leftover_resources(cache.parent) == []
@@ -476,7 +477,7 @@ def test_plain_http_base_url_is_refused_before_any_request(
     sock, port = listener
     url = f"http://0.0.0.0:{port}/base.img.xz"
     line = refused(run_cli("--board", "orangepi5", "--fetch-only", "--cache-dir", cache_dir,
-                           "--base", url), cache_dir)
+                           "--base", url), cache_dir, code=2)
     assert line == (f"build-image: error: the base image at {url} is plain http, which anyone "
                     f"on the way can change: use https (or a server on this machine), or give "
                     f"the image's digest with --base-sha256 HEX and --base-verify sha256, or "
@@ -502,10 +503,11 @@ def test_plain_http_index_and_mirror_are_refused(armbian: FakeArmbian,
     sock, port = listener
     index = f"http://0.0.0.0:{port}/armbian-images.json"
     line = refused(run_cli("--board", "orangepi5", "--dry-run", "--armbian-index", index,
-                           "--cache-dir", cache_dir), cache_dir)
+                           "--cache-dir", cache_dir), cache_dir, code=2)
     assert line.startswith(f"build-image: error: the Armbian index (--armbian-index) {index} "
                            f"is plain http")
-    line = error_line(fetch(armbian, cache_dir, "--armbian-mirror", "http://10.0.0.5/armbian"))
+    line = error_line(fetch(armbian, cache_dir, "--armbian-mirror", "http://10.0.0.5/armbian"),
+                      code=2)
     assert "the Armbian mirror (--armbian-mirror) http://10.0.0.5/armbian is plain http" in line
     assert armbian.mirror.requests == [] and not connected(sock)
     # An index on loopback that points elsewhere over plain http: refused once read, before
@@ -587,7 +589,7 @@ def test_a_file_that_is_not_a_keyring(armbian: FakeArmbian, cache_dir: Path,
     armbian.publish("orangepi5")
     bogus = tmp_path / "armbian.gpg"
     bogus.write_text("not a key\n")
-    line = error_line(fetch(armbian, cache_dir, "--gpg-keyring", bogus))
+    line = error_line(fetch(armbian, cache_dir, "--gpg-keyring", bogus), code=2)
     assert "holds no OpenPGP public key" in line
     assert armbian.mirror.requests == [], "the keyring is checked before any download"
 
@@ -615,7 +617,7 @@ def test_default_without_gpg_installed_fails_before_download(armbian: FakeArmbia
 def test_missing_keyring_file(armbian: FakeArmbian, cache_dir: Path, tmp_path: Path) -> None:
     armbian.publish("orangepi5")
     result = fetch(armbian, cache_dir, "--gpg-keyring", tmp_path / "nope.gpg")
-    assert f"GPG keyring {tmp_path / 'nope.gpg'} not found" in error_line(result)
+    assert f"GPG keyring {tmp_path / 'nope.gpg'} not found" in error_line(result, code=2)
     assert armbian.mirror.requests == []
 
 

@@ -637,7 +637,7 @@ def test_bad_input_is_refused_before_the_card_is_touched(image: Path, tmp_path: 
     cases = [
         ((image, "/dev/no-such-card"), "no such device"),
         ((tmp_path / "missing.img.zst", device), "no such image file"),
-        ((f"{image}.bmap", device), "not an .img, .img.xz or .img.zst file"),
+        ((f"{image}.bmap", device), "not an .img, .img.xz, .img.gz or .img.zst file"),
         ((f"{image}.zst", backing, "--yes"), "is a regular file, not a card: pass --force"),
         ((f"{image}.zst", device, "--yes"), "is not a removable, USB or MMC disk (loop)"),
         ((f"{image}.zst", device, "--force"), "no terminal to confirm on: pass --yes"),
@@ -651,7 +651,8 @@ def test_bad_input_is_refused_before_the_card_is_touched(image: Path, tmp_path: 
         ((f"{image}.zst", device, "--yes", "--force", "--bmap", damaged), "is damaged"),
         ((corrupt, device, "--yes", "--force"), "does not match corrupt.img.zst.sha256"),
     ]
-    usage = ("--hostname", "is a private key", "writes nothing", "no terminal to confirm on")
+    usage = ("--hostname", "is a private key", "writes nothing", "no terminal to confirm on",
+             "no such image file", "not an .img", "is damaged", "no such device")
     for args, message in cases:
         proc = flash(*args)
         # A flag's value, or flags that do not go together: a usage error, as argparse's own.

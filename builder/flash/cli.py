@@ -18,6 +18,7 @@ from builder.entry import (
     EXIT_NOT_SOUND,
     HelpFormatter,
     add_common_options,
+    checking_usage,
     quiet_on_closed_pipe,
     run_reporting,
 )
@@ -156,12 +157,15 @@ def check_request(args: argparse.Namespace) -> Request:
     """The image, its .bmap, the per-card settings (the exact preseed lines, read by the
     wizard's parser) and the programs needed."""
     image: Path = args.image
-    suffix = built_image_suffix(image)
-    bmap = None
-    if not args.no_bmap:
-        path = args.bmap or bmap_beside(image)
-        if path is not None:
-            bmap = read_bmap(path)
+    # The files the command line names: missing, or not an image or a bmap, is a usage error;
+    # a bmap found beside the image that is damaged is not.
+    with checking_usage():
+        suffix = built_image_suffix(image)
+        bmap = read_bmap(args.bmap) if args.bmap else None
+    if bmap is None and not args.no_bmap:
+        beside = bmap_beside(image)
+        if beside is not None:
+            bmap = read_bmap(beside)
     size = raw_size(image, suffix)
     if bmap is not None and size is not None and size != bmap.image_size:
         raise BuildError(f"{bmap.path} is for an image of {bmap.image_size} bytes, but "

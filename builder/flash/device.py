@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
-from builder.errors import BuildError
+from builder.errors import BuildError, UsageError
 from builder.files import try_lock
 from builder.log import human_size
 from builder.mount import mount_table, probe
@@ -67,7 +67,8 @@ def inspect_target(path: Path, *, force: bool, writing: bool) -> Target:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise BuildError(f"{path}: no such device (`lsblk -d -o NAME,SIZE,MODEL,TRAN` lists "
+        # DEVICE as typed names nothing: the command line is wrong (exit 2).
+        raise UsageError(f"{path}: no such device (`lsblk -d -o NAME,SIZE,MODEL,TRAN` lists "
                          f"the disks; give the whole card, e.g. /dev/sdb)") from None
     if stat.S_ISREG(info.st_mode):
         if writing and path.resolve().is_relative_to("/dev"):
@@ -78,7 +79,7 @@ def inspect_target(path: Path, *, force: bool, writing: bool) -> Target:
                              f"image into a file")
         return Target(path, False, info.st_size)
     if not stat.S_ISBLK(info.st_mode):
-        raise BuildError(f"{path} is not a block device: give the whole card, e.g. /dev/sdb")
+        raise UsageError(f"{path} is not a block device: give the whole card, e.g. /dev/sdb")
     sysfs = Path(f"/sys/dev/block/{os.major(info.st_rdev)}:{os.minor(info.st_rdev)}").resolve()
     name = sysfs.name
     if (sysfs / "partition").exists():
