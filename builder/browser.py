@@ -226,7 +226,7 @@ def _start(program: str, profile: Path, log_path: Path,
                                 preexec_fn=die_with_parent())
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def _stop(process: subprocess.Popen[bytes], profile: Path) -> None:
     def signal_group(signum: int) -> None:
         # The group id is Chromium's pid, still ours while it is unreaped.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -241,6 +241,31 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
     # Helpers that outlived the browser (they notice its death only at their next read).
     signal_group(signal.SIGKILL)
+    _reap_helpers(profile)
+
+
+def _reap_helpers(profile: Path, timeout: float = 5.0) -> None:
+    """Wait until no process of this Chromium is left, killing what still runs. Its crash
+    handler leaves the process group, and a helper signalled a moment ago may still be
+    there: each one carries the HOME this Chromium was given, inside its own profile."""
+    mark = f"HOME={profile / 'home'}".encode() + b"\0"
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if mark in (proc / "environ").read_bytes():
+                    left.append(int(proc.name))
+            except OSError:
+                continue        # gone meanwhile, or not ours to read
+        if not left or time.monotonic() > deadline:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def _remove_singleton_dir(user_data_dir: Path) -> None:
@@ -453,6 +478,6 @@ def check_jupyterlab(base_url: str, token: str, screenshot: Path, *, timeout: fl
             cdp.close()
     finally:
         if process is not None:
-            _stop(process)
+            _stop(process, profile)
         _remove_singleton_dir(profile / "chromium")
         shutil.rmtree(profile, ignore_errors=True)

@@ -50,6 +50,10 @@ def check_host(ctx: Context) -> Checked:
     cfg = ctx.config
     base = cfg.base
     emulation = None
+    if ctx.options.builds_image and not is_root():
+        # First: nothing else a build checks matters while it cannot run at all.
+        raise BuildError("building an image needs root (loop devices, mounts, chroot): run it "
+                         "with sudo, or use --dry-run / --fetch-only, which do not")
     trust = check_verification(ctx)
     if base.source == "debian":
         debian.supported(ctx.board, base.release)
@@ -108,9 +112,6 @@ def check_host(ctx: Context) -> Checked:
     checked = Checked(tuple(scripts), overlay_dirs, rendered, trust, emulation)
     if not ctx.options.builds_image:
         return checked
-    if not is_root():
-        raise BuildError("building an image needs root (loop devices, mounts, chroot): run it "
-                         "with sudo, or use --dry-run / --fetch-only, which do not")
     require_programs("losetup", "sfdisk", "blkid", "blockdev", "e2fsck", "resize2fs",
                      "dumpe2fs", "debugfs", "mount", "umount", "chroot", "unshare", "fstrim",
                      "sync",
