@@ -86,10 +86,7 @@ def run_reporting(program: str, body: Callable[[], int], *, debug: bool,
     except BrokenPipeError as exc:
         if not stdout_reader_gone():
             return report_os_error(program, exc, debug=debug)
-        # `build-image --list-boards | head`: the reader has all it wanted. Python would
-        # complain again when it flushes stdout at exit, so stdout goes nowhere from here.
-        quiet_stdout()
-        return EXIT_BROKEN_PIPE
+        raise           # the reader went away: quiet_on_closed_pipe ends the command
     except BuildError as exc:
         if debug:
             raise
@@ -146,6 +143,8 @@ def quiet_on_closed_pipe(main: Main) -> Main:
         except BrokenPipeError:
             if not stdout_reader_gone():
                 raise
+            # `build-image --list-boards | head`: the reader has all it wanted. Python would
+            # complain again when it flushes stdout at exit, so stdout goes nowhere from here.
             quiet_stdout()
             return EXIT_BROKEN_PIPE
 
